@@ -1,0 +1,157 @@
+"""The `apifast` command: dev, serve, meter, migrate and keys."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import sys
+from collections.abc import Sequence
+from decimal import Decimal
+
+from apifast.settings import Settings
+
+
+def _configure_logging(settings: Settings) -> None:
+    logging.basicConfig(
+        level=settings.log_level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+
+
+def _run_uvicorn(app: object, settings: Settings) -> None:
+    import uvicorn
+
+    uvicorn.run(
+        app,  # type: ignore[arg-type]
+        host=settings.host,
+        port=settings.port,
+        loop="uvloop",
+        http="httptools",
+        # Access logs would write client IPs; IPs are never persisted.
+        access_log=False,
+        log_level=settings.log_level.lower(),
+        h11_max_incomplete_event_size=settings.max_header_bytes,
+        timeout_graceful_shutdown=30,
+    )
+
+
+def cmd_serve(settings: Settings, args: argparse.Namespace) -> int:
+    from router.app import create_app
+
+    _require(settings, "database_url", "nats_url")
+    _run_uvicorn(create_app(settings), settings)
+    return 0
+
+
+def cmd_meter(settings: Settings, args: argparse.Namespace) -> int:
+    from metering.run import run_meter
+
+    _require(settings, "database_url", "nats_url", "clickhouse_url")
+    asyncio.run(run_meter(settings))
+    return 0
+
+
+def cmd_migrate(settings: Settings, args: argparse.Namespace) -> int:
+    from apifast.db import migrate
+
+    settings = _with_dev_urls(settings)
+    _require(settings, "database_url")
+    applied = asyncio.run(migrate(settings.database_url))
+    print("applied: " + ", ".join(applied) if applied else "database is up to date")
+    if settings.clickhouse_url and not settings.clickhouse_url.startswith("chdb"):
+        from metering.clickhouse import ClickHouseStore
+
+        async def ch() -> list[str]:
+            store = ClickHouseStore(settings.clickhouse_url, settings.clickhouse_database)
+            try:
+                return await store.start()
+            finally:
+                await store.close()
+
+        ch_applied = asyncio.run(ch())
+        print("clickhouse applied: " + ", ".join(ch_applied) if ch_applied else "clickhouse is up to date")
+    return 0
+
+
+def cmd_dev(settings: Settings, args: argparse.Namespace) -> int:
+    from apifast.devserver import run_dev
+
+    return run_dev(settings)
+
+
+def cmd_keys_create(settings: Settings, args: argparse.Namespace) -> int:
+    from apifast.key_admin import create_key
+    from apifast.money import MoneyError, format_usd, parse_usd
+
+    try:
+        credit = parse_usd(args.credit, field="--credit")
+    except MoneyError as exc:
+        print(f"apifast: {exc}", file=sys.stderr)
+        return 2
+    settings = _with_dev_urls(settings)
+    _require(settings, "database_url")
+    from router.app import secret_bytes
+
+    key, balance = asyncio.run(create_key(settings.database_url, secret_bytes(settings), credit))
+    if args.json:
+        print(json.dumps({"key": key, "balance_usd": format_usd(balance)}))
+    else:
+        print(key)
+        print(f"balance: ${format_usd(balance)}  (the key is shown only once; keep it safe)",
+              file=sys.stderr)  # fmt: skip
+    return 0
+
+
+def _with_dev_urls(settings: Settings) -> Settings:
+    """Fill in the URLs of a running `apifast dev` (or its data dir) when none are set."""
+    if settings.database_url and settings.secret_key:
+        return settings
+    from apifast.embedded import resolve_dev_settings
+
+    return resolve_dev_settings(settings)
+
+
+def _require(settings: Settings, *names: str) -> None:
+    missing = [f"APIFAST_{n.upper()}" for n in names if not getattr(settings, n)]
+    if missing:
+        raise SystemExit(f"apifast: set {', '.join(missing)} (or use `apifast dev`)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="apifast", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("dev", help="run the router and the meter on embedded engines (no services needed)")
+    sub.add_parser("serve", help="run the router against APIFAST_DATABASE_URL and APIFAST_NATS_URL")
+    sub.add_parser("meter", help="run the metering consumer (NATS -> ClickHouse + Postgres)")
+    sub.add_parser("migrate", help="apply pending database migrations")
+    keys = sub.add_parser("keys", help="manage API keys").add_subparsers(dest="keys_command", required=True)
+    create = keys.add_parser("create", help="create a key and print it once")
+    create.add_argument("--credit", default="0", help="initial balance in USD, e.g. 5.00")
+    create.add_argument("--json", action="store_true", help='print {"key": ..., "balance_usd": ...}')
+    return parser
+
+
+COMMANDS = {
+    ("dev", None): cmd_dev,
+    ("serve", None): cmd_serve,
+    ("meter", None): cmd_meter,
+    ("migrate", None): cmd_migrate,
+    ("keys", "create"): cmd_keys_create,
+}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    settings = Settings()
+    _configure_logging(settings)
+    handler = COMMANDS[(args.command, getattr(args, f"{args.command}_command", None))]
+    return handler(settings, args)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
+
+
+__all__ = ["Decimal", "main"]

@@ -1,0 +1,2 @@
+SELECT id, balance_usd, reserved_usd, spent_usd, created_at, rpm_limit, tpm_limit, disabled
+FROM api_keys WHERE key_hash = $1

@@ -1,0 +1,30 @@
+-- Debit a batch of metered requests exactly once: the ledger's UNIQUE (kind, ref) drops
+-- events already counted, and each event's reservation is released with its debit.
+-- $1 generation ids, $2 key hashes, $3 costs. Returns the generation ids newly counted.
+WITH ev AS (
+    SELECT * FROM unnest($1::text[], $2::bytea[], $3::numeric[]) AS e(generation_id, key_hash, cost)
+), ins AS (
+    INSERT INTO ledger (key_id, kind, ref, amount_usd)
+    SELECT k.id, 'usage', ev.generation_id, -ev.cost
+    FROM ev JOIN api_keys k ON k.key_hash = ev.key_hash
+    ORDER BY k.id
+    ON CONFLICT (kind, ref) DO NOTHING
+    RETURNING key_id, ref, amount_usd
+), rel AS (
+    DELETE FROM reservations r USING ins WHERE r.generation_id = ins.ref
+    RETURNING r.key_id, r.amount_usd
+), per_key AS (
+    SELECT key_id, sum(debit) AS debit, sum(held) AS held FROM (
+        SELECT key_id, -amount_usd AS debit, 0::numeric AS held FROM ins
+        UNION ALL
+        SELECT key_id, 0::numeric, amount_usd FROM rel
+    ) x GROUP BY key_id
+), upd AS (
+    UPDATE api_keys k
+    SET balance_usd = k.balance_usd - per_key.debit,
+        spent_usd = k.spent_usd + per_key.debit,
+        reserved_usd = greatest(k.reserved_usd - per_key.held, 0)
+    FROM per_key WHERE k.id = per_key.key_id
+    RETURNING k.id
+)
+SELECT ref AS generation_id FROM ins

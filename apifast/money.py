@@ -1,0 +1,70 @@
+"""Exact money: USD amounts are `Decimal`, stored as NUMERIC(30,12), never floats.
+
+Prices are per million tokens with at most 6 decimal places, so a token count times a
+price divided by 10**6 is exact at 12 decimal places.
+"""
+
+from __future__ import annotations
+
+from decimal import ROUND_CEILING, Context, Decimal, InvalidOperation
+
+USD_PLACES = 12
+_QUANTUM = Decimal(1).scaleb(-USD_PLACES)
+_CTX = Context(prec=40)
+_MTOK = Decimal(1_000_000)
+ZERO = Decimal(0)
+
+
+class MoneyError(ValueError):
+    """A value that is not an exact, finite, non-negative USD amount."""
+
+
+def parse_usd(value: object, *, field: str, max_places: int = USD_PLACES) -> Decimal:
+    """Parse a price or amount given as a string or int; floats are refused outright."""
+    if isinstance(value, bool) or isinstance(value, float):
+        raise MoneyError(f"{field} must be a decimal string such as \"0.50\", not a float")
+    try:
+        amount = Decimal(str(value).strip()) if isinstance(value, (str, int, Decimal)) else None
+    except InvalidOperation:
+        amount = None
+    if amount is None or not amount.is_finite():
+        raise MoneyError(f"{field} must be a decimal string such as \"0.50\"")
+    if amount < 0:
+        raise MoneyError(f"{field} must not be negative")
+    exponent = amount.as_tuple().exponent
+    if isinstance(exponent, int) and -exponent > max_places:
+        raise MoneyError(f"{field} has more than {max_places} decimal places")
+    return amount
+
+
+def per_mtok(tokens: int, usd_per_mtok: Decimal) -> Decimal:
+    """Exact cost of `tokens` at a per-million-token price."""
+    if not tokens or not usd_per_mtok:
+        return ZERO
+    return _CTX.divide(_CTX.multiply(Decimal(tokens), usd_per_mtok), _MTOK)
+
+
+def quantize_up(amount: Decimal) -> Decimal:
+    """Round up to storage precision (only estimates need it; exact costs already fit)."""
+    return amount.quantize(_QUANTUM, rounding=ROUND_CEILING, context=_CTX)
+
+
+def format_usd(amount: Decimal) -> str:
+    """A decimal string with no trailing zeros beyond the cents: 5 -> "5.00", 0.0000015 -> "0.0000015"."""
+    normalized = amount.normalize(_CTX)
+    if normalized == 0:
+        return "0.00"
+    text = format(normalized, "f")
+    whole, _, frac = text.partition(".")
+    frac = frac.rstrip("0")
+    if len(frac) < 2:
+        frac = frac.ljust(2, "0")
+    return f"{whole}.{frac}"
+
+
+def json_number(amount: Decimal) -> str:
+    """The same digits as `format_usd` minus padding, for writing as a raw JSON number."""
+    normalized = amount.normalize(_CTX)
+    if normalized == 0:
+        return "0"
+    return format(normalized, "f")

@@ -1,0 +1,134 @@
+"""The provider contract: everything a provider plugin needs, and nothing of the router.
+
+A provider plugin implements the `register_provider_types` hook and registers a subclass of
+`Provider` under a type name. The catalog makes one instance per configured provider.
+Requests and responses use OpenAI's chat-completions wire format as plain dicts, so the
+common case (an OpenAI-compatible upstream) is a near pass-through.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+__all__ = [
+    "ChatRequest",
+    "ChatResponse",
+    "EmbeddingsRequest",
+    "EmbeddingsResponse",
+    "Provider",
+    "ProviderConfig",
+    "StreamItem",
+    "UpstreamError",
+    "UpstreamTimeout",
+    "Usage",
+]
+
+
+@dataclass(slots=True)
+class Usage:
+    """Token counts for one request. `cached_tokens` and `cache_write_tokens` are part of
+    `input_tokens`; `reasoning_tokens` is part of `output_tokens`."""
+
+    input_tokens: int = 0
+    output_tokens: int = 0
+    cached_tokens: int = 0
+    cache_write_tokens: int = 0
+    reasoning_tokens: int = 0
+
+
+@dataclass(slots=True)
+class ProviderConfig:
+    """One `[providers.NAME]` table of the catalog, with the API key already resolved."""
+
+    name: str
+    type: str
+    base_url: str = ""
+    api_key: str | None = None
+    connect_timeout_s: float = 10.0
+    read_timeout_s: float = 300.0
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(slots=True)
+class ChatRequest:
+    """An OpenAI chat-completions body. `body["model"]` is already the upstream model name,
+    and fields that identify the caller (`user`, ...) have been removed."""
+
+    body: dict[str, Any]
+    model: str
+    stream: bool = False
+
+
+@dataclass(slots=True)
+class ChatResponse:
+    """An OpenAI `chat.completion` object (its `usage` may be absent) and the parsed usage."""
+
+    body: dict[str, Any]
+    usage: Usage
+
+
+@dataclass(slots=True)
+class EmbeddingsRequest:
+    body: dict[str, Any]
+    model: str
+
+
+@dataclass(slots=True)
+class EmbeddingsResponse:
+    body: dict[str, Any]
+    usage: Usage
+
+
+# A stream yields OpenAI `chat.completion.chunk` dicts, and a `Usage` once it is known.
+StreamItem = dict[str, Any] | Usage
+
+
+class UpstreamError(Exception):
+    """The upstream failed. `status` is its HTTP status, or None when no response arrived.
+
+    `retryable` errors (connect errors, timeouts, 429, 5xx) let the router try the next
+    route. The message is for operators' logs only; it never reaches a client, so it must
+    not contain request or response content.
+    """
+
+    def __init__(self, status: int | None, message: str = "", *, retryable: bool | None = None):
+        super().__init__(message or f"upstream status {status}")
+        self.status = status
+        self.retryable = (
+            retryable if retryable is not None else status is None or status == 429 or status >= 500
+        )
+
+
+class UpstreamTimeout(UpstreamError):
+    def __init__(self, message: str = "upstream timed out"):
+        super().__init__(None, message, retryable=True)
+
+
+class Provider:
+    """Base class for provider types. Subclasses set `type` and override what they support."""
+
+    type: ClassVar[str] = ""
+    supports_embeddings: ClassVar[bool] = False
+
+    def __init__(self, config: ProviderConfig) -> None:
+        self.config = config
+
+    async def start(self) -> None:
+        """Open connection pools; called once from the application's lifespan."""
+
+    async def close(self) -> None:
+        """Close what `start` opened."""
+
+    async def chat(self, request: ChatRequest) -> ChatResponse:
+        raise NotImplementedError
+
+    def stream_chat(self, request: ChatRequest) -> AsyncIterator[StreamItem]:
+        raise NotImplementedError
+
+    async def embeddings(self, request: EmbeddingsRequest) -> EmbeddingsResponse:
+        raise UpstreamError(400, f"{self.type} does not support embeddings", retryable=False)
+
+    async def check(self) -> None:
+        """Raise `UpstreamError` if the upstream cannot be reached (the admin's test button)."""

@@ -1,0 +1,98 @@
+"""All configuration, read from `APIFAST_*` environment variables and `.env`."""
+
+from __future__ import annotations
+
+from decimal import Decimal
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="APIFAST_", env_file=".env", env_file_encoding="utf-8", extra="ignore"
+    )
+
+    # Where things are.
+    database_url: str = ""
+    nats_url: str = ""
+    clickhouse_url: str = ""
+    clickhouse_database: str = "apifast"
+    models_file: Path | None = None
+    data_dir: Path = Path(".apifast")
+    host: str = "127.0.0.1"
+    port: int = 8000
+    public_url: str = ""
+
+    # Secrets. HMAC key for API-key hashes; in `apifast dev` one is generated under data_dir.
+    secret_key: str = ""
+
+    # Request limits.
+    max_body_bytes: int = 4 * 1024 * 1024
+    max_header_bytes: int = 16 * 1024
+    upstream_connect_timeout_s: float = 10.0
+    upstream_read_timeout_s: float = 300.0
+
+    # Metering.
+    nats_stream: str = "APIFAST_USAGE"
+    nats_subject: str = "apifast.usage"
+    meter_durable: str = "apifast-meter"
+    meter_batch_size: int = 500
+    meter_batch_wait_s: float = 0.5
+    spool_max_events: int = 100_000
+
+    # Reservations: an unsettled hold is released after this many seconds.
+    reservation_ttl_s: int = 900
+    default_max_output_tokens: int = 4096
+
+    log_level: str = "INFO"
+    workers: int = Field(default=1, ge=1)
+
+    # Credit bounds for orders (issue #3 uses these); kept here so every part reads one class.
+    min_order_usd: Decimal = Decimal("1.00")
+    max_order_usd: Decimal = Decimal("10000.00")
+
+    # --- Payments, crediting and email recovery (issue #3) ---------------------------------
+    # NOWPayments: offered when both the API key and the IPN secret are set.
+    nowpayments_api_key: str = ""
+    nowpayments_ipn_secret: str = ""
+    nowpayments_base_url: str = "https://api.nowpayments.io/v1"
+    nowpayments_coins: str = "btc,eth,ltc,xmr,usdttrc20"  # comma-separated, NOWPayments' codes
+    nowpayments_fixed_rate: bool = False  # fixed-rate payments expire after 20 minutes
+    # BTCPay Server: offered when all four are set.
+    btcpay_url: str = ""
+    btcpay_api_key: str = ""
+    btcpay_store_id: str = ""
+    btcpay_webhook_secret: str = ""
+    btcpay_coins: str = "btc"  # shown in the options; the buyer picks on BTCPay's page
+    btcpay_invoice_minutes: int = Field(default=60, ge=1)
+    payment_http_timeout_s: float = 20.0
+    # What a partially_paid payment credits: "proportional" (the share of the price that
+    # arrived, rounded down) or "none" (nothing; the order stays for an operator to settle).
+    partially_paid_policy: Literal["proportional", "none"] = "proportional"
+    # Reconciliation: an order still open this long after its last update is re-fetched
+    # from its processor, every interval, until it closes or reaches the maximum age.
+    reconcile_delay_s: float = Field(default=600.0, ge=0)
+    reconcile_interval_s: float = Field(default=300.0, gt=0)
+    reconcile_max_age_s: float = Field(default=14 * 24 * 3600.0, gt=0)
+    # Per-IP limits (in memory only; IPs are never stored), requests per window.
+    rate_limit_window_s: float = Field(default=3600.0, gt=0)
+    recover_rate_limit: int = Field(default=5, ge=1)
+    order_rate_limit: int = Field(default=30, ge=1)
+    # Mail: smtp://user:pass@host:port (STARTTLS when offered), smtps:// for implicit TLS.
+    # Unset: orders refuse an email, and recovery answers as usual but sends nothing.
+    smtp_url: str = ""
+    smtp_from: str = "ApiFast <noreply@localhost>"
+    smtp_timeout_s: float = 30.0
+    mail_retry_attempts: int = Field(default=6, ge=1)
+    mail_retry_base_s: float = Field(default=30.0, ge=0)
+    # AES-256-GCM key ring for the key copies stored with emails: "kid:base64key,..." — the
+    # first key encrypts, all decrypt, so keys can be rotated. Unset: one key derived from
+    # APIFAST_SECRET_KEY.
+    encryption_keys: str = ""
+    # --- end of payments block ---------------------------------------------------------------
+
+    def resolved_data_dir(self) -> Path:
+        return self.data_dir.expanduser().resolve()

@@ -1,0 +1,141 @@
+"""ClickHouse through clickhouse-connect: the embedded chdb engine (`chdb:///path`) or a
+server (`http://host:8123`). The client is synchronous, so every call runs on one worker
+thread (chdb must not be used from two threads at once)."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from datetime import UTC, datetime
+from decimal import Decimal
+from typing import Any, TypeVar
+
+import clickhouse_connect
+
+from apifast.db.migrate import migration_files
+
+T = TypeVar("T")
+_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+EVENT_COLUMNS = (
+    "generation_id", "key_hash", "model", "provider", "upstream_model", "endpoint",
+    "input_tokens", "output_tokens", "cached_tokens", "cache_write_tokens", "reasoning_tokens",
+    "usage_estimated", "cost_usd", "upstream_cost_usd", "latency_ms", "ttft_ms", "status",
+    "outcome", "stream", "ts",
+)  # fmt: skip
+
+
+def event_row(event: dict[str, Any]) -> list[Any]:
+    """A usage event (as published) in EVENT_COLUMNS order; money stays Decimal."""
+    return [
+        event["generation_id"],
+        event["key_hash"],
+        event["model"],
+        event.get("provider", ""),
+        event.get("upstream_model", ""),
+        event.get("endpoint", "chat"),
+        int(event.get("input_tokens", 0)),
+        int(event.get("output_tokens", 0)),
+        int(event.get("cached_tokens", 0)),
+        int(event.get("cache_write_tokens", 0)),
+        int(event.get("reasoning_tokens", 0)),
+        bool(event.get("usage_estimated", False)),
+        Decimal(event.get("cost_usd", "0")),
+        Decimal(event.get("upstream_cost_usd", "0")),
+        int(event.get("latency_ms", 0)),
+        int(event.get("ttft_ms", 0)),
+        int(event.get("status", 200)),
+        event.get("outcome", "ok"),
+        bool(event.get("stream", False)),
+        datetime.fromtimestamp(int(event["ts"]) / 1000, tz=UTC),
+    ]
+
+
+class ClickHouseStore:
+    def __init__(self, url: str, database: str = "apifast") -> None:
+        if not _NAME.match(database):
+            raise ValueError(f"invalid ClickHouse database name: {database!r}")
+        self.url = url
+        self.database = database
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="clickhouse")
+        self._client: Any = None
+
+    async def _run(self, fn: Callable[..., T], *args: Any) -> T:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._executor, fn, *args)
+
+    def _connect(self) -> None:
+        admin = clickhouse_connect.get_client(dsn=self.url)
+        admin.command(f"CREATE DATABASE IF NOT EXISTS {self.database}")
+        self._client = clickhouse_connect.get_client(dsn=self.url, database=self.database)
+
+    def _migrate(self) -> list[str]:
+        c = self._client
+        c.command(
+            "CREATE TABLE IF NOT EXISTS schema_migrations (version UInt32, name String, "
+            "applied_at DateTime DEFAULT now()) ENGINE = MergeTree ORDER BY version"
+        )
+        done = {r[0] for r in c.query("SELECT version FROM schema_migrations").result_rows}
+        applied = []
+        for version, name, sql in migration_files("clickhouse"):
+            if version in done:
+                continue
+            for statement in _statements(sql):
+                c.command(statement)
+            c.insert("schema_migrations", [[version, name]], column_names=["version", "name"])
+            applied.append(name)
+        return applied
+
+    async def start(self) -> list[str]:
+        """Connect and apply pending ClickHouse migrations."""
+        await self._run(self._connect)
+        return await self._run(self._migrate)
+
+    async def close(self) -> None:
+        client, self._client = self._client, None
+        if client is not None:
+            await self._run(client.close)
+        self._executor.shutdown(wait=False)
+
+    # --- writes (the meter) ---
+
+    def _insert_new(self, events: Sequence[dict[str, Any]]) -> int:
+        ids = [e["generation_id"] for e in events]
+        existing = {
+            r[0]
+            for r in self._client.query(
+                "SELECT generation_id FROM usage_events WHERE generation_id IN {ids:Array(String)}",
+                parameters={"ids": ids},
+            ).result_rows
+        }
+        rows, seen = [], set(existing)
+        for event in events:
+            if event["generation_id"] not in seen:
+                seen.add(event["generation_id"])
+                rows.append(event_row(event))
+        if rows:
+            self._client.insert("usage_events", rows, column_names=EVENT_COLUMNS)
+        return len(rows)
+
+    async def insert_new_events(self, events: Sequence[dict[str, Any]]) -> int:
+        """Insert the events not already stored; returns how many were inserted."""
+        return await self._run(self._insert_new, events)
+
+    # --- reads ---
+
+    def _query(self, sql: str, parameters: dict[str, Any]) -> list[dict[str, Any]]:
+        result = self._client.query(sql, parameters=parameters)
+        return [dict(zip(result.column_names, row, strict=True)) for row in result.result_rows]
+
+    async def query(self, sql: str, parameters: dict[str, Any]) -> list[dict[str, Any]]:
+        return await self._run(self._query, sql, parameters)
+
+    async def command(self, sql: str) -> Any:
+        return await self._run(self._client.command, sql)
+
+
+def _statements(sql: str) -> list[str]:
+    lines = [line for line in sql.splitlines() if not line.strip().startswith("--")]
+    return [s.strip() for s in "\n".join(lines).split(";") if s.strip()]

@@ -1,0 +1,712 @@
+"""The `anthropic` provider: OpenAI chat completions served by Anthropic's Messages API.
+
+Request (OpenAI -> `POST {base_url}/v1/messages`, `anthropic-version: 2023-06-01`):
+- `system`/`developer` messages, wherever they occur, become the top-level `system` (a string,
+  or text blocks when a part carries `cache_control`). `cache_control` on content parts, on a
+  message (applied to its last block) and on tools passes through.
+- text parts -> text blocks; `image_url` -> image blocks (`data:` URLs as base64 sources,
+  http(s) as url sources); `file` parts with a PDF `data:` URL -> document blocks.
+- assistant `tool_calls` -> `tool_use` blocks (arguments parsed to an object); `tool` messages
+  -> `tool_result` blocks in a user turn. Consecutive same-role turns are merged, since
+  Anthropic wants user/assistant alternation, with tool results first in their turn.
+- `tools` -> {name, description, input_schema}; `tool_choice` auto/required/none/function ->
+  auto/any/none/tool; `parallel_tool_calls: false` -> `disable_parallel_tool_use`.
+- `max_completion_tokens`/`max_tokens` -> `max_tokens` (Anthropic requires it; default
+  `options.default_max_tokens`, 4096); `temperature` (clamped to Anthropic's 0..1), `top_p`
+  (dropped when `temperature` is set: newer models refuse both), `top_k`; `stop` ->
+  `stop_sequences` (whitespace-only sequences dropped).
+- `response_format` json_object/json_schema -> an instruction appended to `system`; with
+  `options.native_structured_outputs = true`, json_schema -> `output_config.format` instead.
+- `reasoning_effort` low/medium/high -> `thinking` with a 1024/4096/16384 token budget (kept
+  below `max_tokens`; skipped when a tool is forced or an earlier assistant turn called tools,
+  whose thinking blocks cannot be replayed; temperature/top_p/top_k are then dropped).
+- `n` > 1 fails with a non-retryable 400; all other OpenAI-only fields (`user`, `metadata`,
+  `seed`, penalties, `logprobs`, `stream_options`, ...) are dropped.
+
+Response (Anthropic -> OpenAI):
+- text blocks -> `message.content`; `tool_use` -> `message.tool_calls`; thinking text ->
+  `message.reasoning_content` (streamed as `delta.reasoning_content`).
+- stop_reason end_turn/stop_sequence/pause_turn -> "stop", max_tokens -> "length",
+  tool_use -> "tool_calls", refusal -> "content_filter".
+- Anthropic's `input_tokens` excludes cache reads and writes; `Usage.input_tokens` is the sum
+  of all three, `cached_tokens` = cache reads, `cache_write_tokens` = cache writes.
+- Errors: HTTP status and Anthropic error type only, never bodies. A stream's `error` event
+  maps its type to the status Anthropic would have answered with (overloaded_error -> 529).
+
+Provider options (extra keys of `[providers.NAME]`): `default_max_tokens` (4096),
+`native_structured_outputs` (false), `anthropic_beta` (a string or list, sent as the
+`anthropic-beta` header), `max_connections` (0 = unlimited).
+"""
+
+from __future__ import annotations
+
+import re
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import aiohttp
+import orjson
+
+from apifast import hookimpl
+from apifast.providers import (
+    ChatRequest,
+    ChatResponse,
+    Provider,
+    ProviderConfig,
+    StreamItem,
+    UpstreamError,
+    UpstreamTimeout,
+    Usage,
+)
+
+ANTHROPIC_VERSION = "2023-06-01"
+DEFAULT_BASE_URL = "https://api.anthropic.com"
+DEFAULT_MAX_TOKENS = 4096
+
+FINISH_REASONS = {
+    "end_turn": "stop",
+    "stop_sequence": "stop",
+    "pause_turn": "stop",
+    "max_tokens": "length",
+    "tool_use": "tool_calls",
+    "refusal": "content_filter",
+}
+# Status Anthropic answers each error type with; used for `error` events inside a stream.
+ERROR_STATUS = {
+    "invalid_request_error": 400,
+    "authentication_error": 401,
+    "billing_error": 402,
+    "permission_error": 403,
+    "not_found_error": 404,
+    "request_too_large": 413,
+    "rate_limit_error": 429,
+    "api_error": 500,
+    "timeout_error": 504,
+    "overloaded_error": 529,
+}
+THINKING_BUDGETS = {"low": 1024, "medium": 4096, "high": 16384}
+_MIN_THINKING_BUDGET = 1024
+_ERROR_TYPE_RE = re.compile(r"[a-z_]{1,40}")
+_DATA_URL_RE = re.compile(r"data:([\w.+-]+/[\w.+-]+)(?:;[^,]*)?;base64,(.*)", re.DOTALL)
+
+
+def _bad_request(message: str) -> UpstreamError:
+    # The request cannot be expressed for Anthropic; retrying elsewhere would not help.
+    return UpstreamError(400, message, retryable=False)
+
+
+# --- OpenAI request -> Anthropic request ---------------------------------------------------
+
+
+def _text_block(part: dict[str, Any]) -> dict[str, Any] | None:
+    text = part.get("text") or part.get("refusal") or ""
+    return {"type": "text", "text": text} if text else None
+
+
+def _image_block(part: dict[str, Any]) -> dict[str, Any]:
+    image = part.get("image_url")
+    url = image.get("url") if isinstance(image, dict) else image
+    if not isinstance(url, str):
+        raise _bad_request("image_url part without a url")
+    match = _DATA_URL_RE.match(url)
+    if match:
+        source = {"type": "base64", "media_type": match[1], "data": match[2]}
+    elif url.startswith(("https://", "http://")):
+        source = {"type": "url", "url": url}
+    else:
+        raise _bad_request("unsupported image_url scheme")
+    return {"type": "image", "source": source}
+
+
+def _document_block(part: dict[str, Any]) -> dict[str, Any]:
+    file = part.get("file") or {}
+    match = _DATA_URL_RE.match(file.get("file_data") or "")
+    if not match or match[1] != "application/pdf":
+        raise _bad_request("only PDF file parts given as data: URLs are supported")
+    return {
+        "type": "document",
+        "source": {"type": "base64", "media_type": match[1], "data": match[2]},
+    }
+
+
+_PART_CONVERTERS: dict[str, Callable[[dict[str, Any]], dict[str, Any] | None]] = {
+    "text": _text_block,
+    "refusal": _text_block,
+    "image_url": _image_block,
+    "file": _document_block,
+}
+
+
+def _content_blocks(content: Any) -> list[dict[str, Any]]:
+    """OpenAI message content (a string or content parts) as Anthropic content blocks."""
+    if content is None:
+        return []
+    if isinstance(content, str):
+        return [{"type": "text", "text": content}] if content else []
+    if not isinstance(content, list):
+        raise _bad_request("message content must be a string or a list of parts")
+    blocks = []
+    for part in content:
+        kind = part.get("type") if isinstance(part, dict) else None
+        convert = _PART_CONVERTERS.get(kind) if isinstance(kind, str) else None
+        if convert is None:
+            raise _bad_request("unsupported content part type")
+        block = convert(part)
+        if block is not None:
+            if "cache_control" in part:
+                block["cache_control"] = part["cache_control"]
+            blocks.append(block)
+    return blocks
+
+
+def _tool_use_block(call: Any) -> dict[str, Any]:
+    function = call.get("function") if isinstance(call, dict) else None
+    if not isinstance(function, dict):
+        raise _bad_request("tool_calls entry without a function")
+    arguments = function.get("arguments") or "{}"
+    try:
+        parsed = orjson.loads(arguments) if isinstance(arguments, str) else arguments
+    except orjson.JSONDecodeError:
+        parsed = None
+    if not isinstance(parsed, dict):
+        raise _bad_request("tool call arguments are not a JSON object")
+    return {"type": "tool_use", "id": call.get("id"), "name": function.get("name"), "input": parsed}
+
+
+def _tool_result_block(message: dict[str, Any]) -> dict[str, Any]:
+    block: dict[str, Any] = {"type": "tool_result", "tool_use_id": message.get("tool_call_id")}
+    content = message.get("content")
+    if isinstance(content, str):
+        if content:
+            block["content"] = content
+    elif content:
+        block["content"] = _content_blocks(content)
+    return block
+
+
+def _append_turn(turns: list[dict[str, Any]], role: str, blocks: list[dict[str, Any]]) -> None:
+    if turns and turns[-1]["role"] == role:
+        turns[-1]["content"].extend(blocks)
+    else:
+        turns.append({"role": role, "content": blocks})
+
+
+def _finish_turns(turns: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    for turn in turns:
+        blocks = turn["content"]
+        if turn["role"] == "user":
+            # Anthropic wants tool results before any other block of their turn.
+            blocks.sort(key=lambda b: b.get("type") != "tool_result")
+        if len(blocks) == 1 and blocks[0]["type"] == "text" and "cache_control" not in blocks[0]:
+            turn["content"] = blocks[0]["text"]
+    return turns
+
+
+def _convert_messages(
+    messages: Any,
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Returns (system text blocks, Anthropic messages)."""
+    if not isinstance(messages, list) or not messages:
+        raise _bad_request("messages must be a non-empty list")
+    system: list[dict[str, Any]] = []
+    turns: list[dict[str, Any]] = []
+    for message in messages:
+        if not isinstance(message, dict):
+            raise _bad_request("messages entries must be objects")
+        role = message.get("role")
+        if role in ("system", "developer"):
+            blocks = _content_blocks(message.get("content"))
+            if any(b["type"] != "text" for b in blocks):
+                raise _bad_request("system messages may contain text only")
+            system.extend(blocks)
+            continue
+        if role == "tool":
+            blocks = [_tool_result_block(message)]
+            role = "user"
+        elif role in ("user", "assistant"):
+            blocks = _content_blocks(message.get("content"))
+            if role == "assistant":
+                blocks.extend(_tool_use_block(c) for c in message.get("tool_calls") or ())
+                if not blocks:
+                    continue  # an empty assistant turn carries nothing and Anthropic rejects it
+        else:
+            raise _bad_request("unsupported message role")
+        if blocks and "cache_control" in message:
+            blocks[-1]["cache_control"] = message["cache_control"]
+        _append_turn(turns, role, blocks)
+    return system, _finish_turns(turns)
+
+
+def _convert_tools(tools: Any) -> list[dict[str, Any]]:
+    converted = []
+    for tool in tools or ():
+        function = tool.get("function") if isinstance(tool, dict) else None
+        if not isinstance(function, dict) or tool.get("type") != "function":
+            continue  # OpenAI-only tool kinds have no Anthropic counterpart
+        entry: dict[str, Any] = {"name": function.get("name")}
+        if function.get("description"):
+            entry["description"] = function["description"]
+        entry["input_schema"] = function.get("parameters") or {"type": "object", "properties": {}}
+        if "cache_control" in tool:
+            entry["cache_control"] = tool["cache_control"]
+        converted.append(entry)
+    return converted
+
+
+def _convert_tool_choice(choice: Any, parallel: Any) -> dict[str, Any] | None:
+    converted: dict[str, Any] | None
+    if choice is None:
+        converted = None
+    elif choice in ("auto", "required", "none"):
+        converted = {"type": {"auto": "auto", "required": "any", "none": "none"}[choice]}
+    elif isinstance(choice, dict) and isinstance(choice.get("function"), dict):
+        converted = {"type": "tool", "name": choice["function"].get("name")}
+    else:
+        raise _bad_request("unsupported tool_choice")
+    if parallel is False:
+        converted = converted or {"type": "auto"}
+        if converted["type"] != "none":
+            converted["disable_parallel_tool_use"] = True
+    return converted
+
+
+def _json_instruction(response_format: Any, native: bool) -> tuple[str | None, Any]:
+    """Returns (a system instruction, an `output_config.format`) for `response_format`."""
+    kind = response_format.get("type") if isinstance(response_format, dict) else None
+    if kind == "json_object":
+        return "Respond with a single valid JSON object and nothing else.", None
+    if kind == "json_schema":
+        schema = (response_format.get("json_schema") or {}).get("schema") or {}
+        if native:
+            return None, {"type": "json_schema", "schema": schema}
+        return (
+            "Respond with a single JSON value that conforms to this JSON Schema, and nothing "
+            "else:\n" + orjson.dumps(schema).decode()
+        ), None
+    return None, None
+
+
+def _thinking(body: dict[str, Any], max_tokens: int, tool_choice: Any) -> dict[str, Any] | None:
+    budget = THINKING_BUDGETS.get(body.get("reasoning_effort") or "")
+    if budget is None or (tool_choice and tool_choice["type"] in ("any", "tool")):
+        return None
+    if any(m.get("role") == "assistant" and m.get("tool_calls") for m in body["messages"]):
+        return None
+    budget = min(budget, max_tokens - 1)
+    if budget < _MIN_THINKING_BUDGET:
+        return None
+    return {"type": "enabled", "budget_tokens": budget}
+
+
+def to_anthropic_request(
+    body: dict[str, Any], *, default_max_tokens: int, native_structured_outputs: bool = False
+) -> dict[str, Any]:
+    """An Anthropic Messages request for an OpenAI chat-completions body."""
+    if (body.get("n") or 1) != 1:
+        raise _bad_request("n>1 unsupported")
+    system, messages = _convert_messages(body.get("messages"))
+    max_tokens = body.get("max_completion_tokens") or body.get("max_tokens") or default_max_tokens
+    if not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or max_tokens < 1:
+        raise _bad_request("max_tokens must be a positive integer")
+    out: dict[str, Any] = {"model": body.get("model"), "max_tokens": max_tokens}
+
+    instruction, output_format = _json_instruction(
+        body.get("response_format"), native_structured_outputs
+    )
+    if instruction:
+        system.append({"type": "text", "text": instruction})
+    if output_format:
+        out["output_config"] = {"format": output_format}
+    if any("cache_control" in b for b in system):
+        out["system"] = system
+    elif system:
+        out["system"] = "\n\n".join(b["text"] for b in system)
+    out["messages"] = messages
+
+    tools = _convert_tools(body.get("tools"))
+    tool_choice = _convert_tool_choice(body.get("tool_choice"), body.get("parallel_tool_calls"))
+    if tools:
+        out["tools"] = tools
+        if tool_choice:
+            out["tool_choice"] = tool_choice
+    else:
+        tool_choice = None
+
+    stop = body.get("stop")
+    stops = [stop] if isinstance(stop, str) else list(stop or ())
+    if stops := [s for s in stops if isinstance(s, str) and s.strip()]:
+        out["stop_sequences"] = stops
+
+    thinking = _thinking(body, out["max_tokens"], tool_choice)
+    if thinking:
+        out["thinking"] = thinking  # Anthropic rejects sampling parameters with thinking
+    elif body.get("temperature") is not None:
+        out["temperature"] = min(float(body["temperature"]), 1.0)
+    elif body.get("top_p") is not None:
+        out["top_p"] = body["top_p"]
+    if not thinking and isinstance(body.get("top_k"), int):
+        out["top_k"] = body["top_k"]
+    return out
+
+
+# --- Anthropic response -> OpenAI response -------------------------------------------------
+
+
+def usage_from_anthropic(raw: dict[str, Any]) -> Usage:
+    cache_read = raw.get("cache_read_input_tokens") or 0
+    cache_write = raw.get("cache_creation_input_tokens") or 0
+    return Usage(
+        input_tokens=(raw.get("input_tokens") or 0) + cache_read + cache_write,
+        output_tokens=raw.get("output_tokens") or 0,
+        cached_tokens=cache_read,
+        cache_write_tokens=cache_write,
+    )
+
+
+def openai_usage(usage: Usage) -> dict[str, Any]:
+    return {
+        "prompt_tokens": usage.input_tokens,
+        "completion_tokens": usage.output_tokens,
+        "total_tokens": usage.input_tokens + usage.output_tokens,
+        "prompt_tokens_details": {"cached_tokens": usage.cached_tokens},
+    }
+
+
+def _tool_call(block: dict[str, Any]) -> dict[str, Any]:
+    arguments = orjson.dumps(block.get("input") or {}).decode()
+    return {
+        "id": block.get("id"),
+        "type": "function",
+        "function": {"name": block.get("name"), "arguments": arguments},
+    }
+
+
+def to_openai_completion(message: dict[str, Any], model: str) -> ChatResponse:
+    """An OpenAI `chat.completion` for an Anthropic Message."""
+    texts: list[str] = []
+    reasoning: list[str] = []
+    tool_calls = []
+    for block in message.get("content") or ():
+        kind = block.get("type")
+        if kind == "text":
+            texts.append(block.get("text") or "")
+        elif kind == "tool_use":
+            tool_calls.append(_tool_call(block))
+        elif kind == "thinking":
+            reasoning.append(block.get("thinking") or "")
+    reply: dict[str, Any] = {
+        "role": "assistant",
+        "content": "".join(texts) if texts or not tool_calls else None,
+        "refusal": None,
+    }
+    if tool_calls:
+        reply["tool_calls"] = tool_calls
+    if reasoning:
+        reply["reasoning_content"] = "".join(reasoning)
+    usage = usage_from_anthropic(message.get("usage") or {})
+    body = {
+        "id": f"chatcmpl-{uuid.uuid4().hex}",
+        "object": "chat.completion",
+        "created": int(time.time()),
+        "model": model,
+        "choices": [
+            {
+                "index": 0,
+                "message": reply,
+                "finish_reason": FINISH_REASONS.get(message.get("stop_reason") or "", "stop"),
+                "logprobs": None,
+            }
+        ],
+        "usage": openai_usage(usage),
+    }
+    return ChatResponse(body=body, usage=usage)
+
+
+# --- Streaming -----------------------------------------------------------------------------
+
+
+class SseDecoder:
+    """Incremental server-sent-events parser: feed bytes, get complete (event, data) pairs."""
+
+    def __init__(self) -> None:
+        self._buffer = b""
+        self._event = ""
+        self._data: list[str] = []
+
+    def feed(self, chunk: bytes) -> list[tuple[str, str]]:
+        self._buffer += chunk
+        events = []
+        start = 0
+        while (end := self._buffer.find(b"\n", start)) >= 0:
+            line = self._buffer[start:end].rstrip(b"\r").decode(errors="replace")
+            start = end + 1
+            if not line:
+                if self._data:
+                    events.append((self._event, "\n".join(self._data)))
+                self._event, self._data = "", []
+            elif line.startswith("data:"):
+                self._data.append(line[6:] if line.startswith("data: ") else line[5:])
+            elif line.startswith("event:"):
+                self._event = line[6:].strip()
+            # Comments (":...") and other fields (id:, retry:) are ignored.
+        self._buffer = self._buffer[start:]
+        return events
+
+
+class StreamTranslator:
+    """Turns Anthropic stream events into OpenAI `chat.completion.chunk` dicts."""
+
+    def __init__(self, model: str) -> None:
+        self._base = {
+            "id": f"chatcmpl-{uuid.uuid4().hex}",
+            "object": "chat.completion.chunk",
+            "created": int(time.time()),
+            "model": model,
+        }
+        self._usage: dict[str, int] = {}
+        self._tools: dict[int, int] = {}  # Anthropic block index -> OpenAI tool call index
+        self._tools_with_args: set[int] = set()
+        self.started = False
+        self.finished = False
+
+    def usage(self) -> Usage:
+        return usage_from_anthropic(self._usage)
+
+    def _chunk(self, delta: dict[str, Any], finish_reason: str | None = None) -> dict[str, Any]:
+        choice = {"index": 0, "delta": delta, "finish_reason": finish_reason, "logprobs": None}
+        return {**self._base, "choices": [choice]}
+
+    def _tool_delta(self, block_index: int, call: dict[str, Any]) -> dict[str, Any]:
+        return self._chunk({"tool_calls": [{"index": self._tools[block_index], **call}]})
+
+    def _record_usage(self, raw: Any) -> None:
+        if isinstance(raw, dict):
+            self._usage.update((k, v) for k, v in raw.items() if isinstance(v, int))
+
+    def handle(self, event: dict[str, Any]) -> list[dict[str, Any]]:
+        kind = event.get("type")
+        index = event.get("index", 0)
+        if kind == "content_block_delta":
+            delta = event.get("delta") or {}
+            dtype = delta.get("type")
+            if dtype == "text_delta":
+                return [self._chunk({"content": delta.get("text", "")})]
+            if dtype == "input_json_delta" and index in self._tools:
+                partial = delta.get("partial_json") or ""
+                if not partial:
+                    return []
+                self._tools_with_args.add(index)
+                return [self._tool_delta(index, {"function": {"arguments": partial}})]
+            if dtype == "thinking_delta":
+                return [self._chunk({"reasoning_content": delta.get("thinking", "")})]
+            return []
+        if kind == "message_start":
+            self.started = True
+            self._record_usage((event.get("message") or {}).get("usage"))
+            return [self._chunk({"role": "assistant", "content": ""})]
+        if kind == "content_block_start":
+            block = event.get("content_block") or {}
+            if block.get("type") == "text" and block.get("text"):
+                return [self._chunk({"content": block["text"]})]
+            if block.get("type") == "tool_use":
+                self._tools[index] = len(self._tools)
+                call = _tool_call(block)
+                if block.get("input"):
+                    self._tools_with_args.add(index)
+                else:
+                    call["function"]["arguments"] = ""
+                return [self._tool_delta(index, call)]
+            return []
+        if kind == "content_block_stop":
+            if index in self._tools and index not in self._tools_with_args:
+                # A tool without arguments still needs a parseable JSON object.
+                self._tools_with_args.add(index)
+                return [self._tool_delta(index, {"function": {"arguments": "{}"}})]
+            return []
+        if kind == "message_delta":
+            self._record_usage(event.get("usage"))
+            stop_reason = (event.get("delta") or {}).get("stop_reason")
+            if stop_reason:
+                return [self._chunk({}, FINISH_REASONS.get(stop_reason, "stop"))]
+            return []
+        if kind == "message_stop":
+            self.finished = True
+        elif kind == "error":
+            error_type = _error_type((event.get("error") or {}).get("type"))
+            status = ERROR_STATUS.get(error_type, 500)
+            raise UpstreamError(status, f"anthropic stream error {status} ({error_type})")
+        return []  # ping and event kinds added by later API versions
+
+
+# --- HTTP ----------------------------------------------------------------------------------
+
+
+def _error_type(value: Any) -> str:
+    # Only a short identifier may reach the logs, never free text from the upstream.
+    return value if isinstance(value, str) and _ERROR_TYPE_RE.fullmatch(value) else "unknown"
+
+
+async def _http_error(response: aiohttp.ClientResponse) -> UpstreamError:
+    try:
+        error_type = _error_type(orjson.loads(await response.read())["error"]["type"])
+    except Exception:
+        error_type = "unknown"
+    status = response.status
+    # Anthropic asks clients to retry 408 and 409 as well as 429 and 5xx (incl. 529).
+    retryable = status in (408, 409, 429) or status >= 500
+    return UpstreamError(status, f"anthropic HTTP {status} ({error_type})", retryable=retryable)
+
+
+def _transport_error(exc: BaseException, stage: str) -> UpstreamError:
+    """Maps aiohttp/asyncio failures; names the exception type only (its text may hold URLs)."""
+    if isinstance(exc, TimeoutError):
+        return UpstreamTimeout(f"anthropic timed out ({stage})")
+    return UpstreamError(None, f"anthropic {stage} failed ({type(exc).__name__})")
+
+
+def _parse_event(data: str) -> dict[str, Any]:
+    try:
+        event = orjson.loads(data)
+    except orjson.JSONDecodeError:
+        event = None
+    if not isinstance(event, dict):
+        raise UpstreamError(502, "anthropic sent a malformed stream event")
+    return event
+
+
+class AnthropicProvider(Provider):
+    type = "anthropic"
+
+    def __init__(self, config: ProviderConfig) -> None:
+        super().__init__(config)
+        base_url = (config.base_url or DEFAULT_BASE_URL).rstrip("/")
+        self._messages_url = f"{base_url}/v1/messages"
+        self._models_url = f"{base_url}/v1/models"
+        self._headers = {"anthropic-version": ANTHROPIC_VERSION, "content-type": "application/json"}
+        if config.api_key is not None:
+            self._headers["x-api-key"] = config.api_key
+        beta = config.options.get("anthropic_beta")
+        if beta:
+            self._headers["anthropic-beta"] = beta if isinstance(beta, str) else ",".join(beta)
+        self._default_max_tokens = int(config.options.get("default_max_tokens", DEFAULT_MAX_TOKENS))
+        self._native_structured_outputs = bool(config.options.get("native_structured_outputs"))
+        self._session: aiohttp.ClientSession | None = None
+
+    def _new_session(self) -> aiohttp.ClientSession:
+        return aiohttp.ClientSession(
+            timeout=aiohttp.ClientTimeout(
+                total=None,
+                connect=self.config.connect_timeout_s,
+                sock_read=self.config.read_timeout_s,
+            ),
+            connector=aiohttp.TCPConnector(
+                limit=int(self.config.options.get("max_connections", 0))
+            ),
+            # Nothing that could tell requests apart: no user agent, no cookies kept.
+            skip_auto_headers=("User-Agent",),
+            cookie_jar=aiohttp.DummyCookieJar(),
+        )
+
+    def _get_session(self) -> aiohttp.ClientSession:
+        if self._session is None or self._session.closed:
+            self._session = self._new_session()
+        return self._session
+
+    async def start(self) -> None:
+        self._get_session()
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    def _payload(self, request: ChatRequest, *, stream: bool) -> bytes:
+        payload = to_anthropic_request(
+            request.body,
+            default_max_tokens=self._default_max_tokens,
+            native_structured_outputs=self._native_structured_outputs,
+        )
+        payload["model"] = request.model
+        if stream:
+            payload["stream"] = True
+        return orjson.dumps(payload)
+
+    async def _post(self, payload: bytes) -> aiohttp.ClientResponse:
+        try:
+            response = await self._get_session().post(
+                self._messages_url, data=payload, headers=self._headers
+            )
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            raise _transport_error(exc, "request") from None
+        if response.status != 200:
+            try:
+                raise await _http_error(response)
+            finally:
+                response.release()
+        return response
+
+    async def chat(self, request: ChatRequest) -> ChatResponse:
+        response = await self._post(self._payload(request, stream=False))
+        try:
+            raw = await response.read()
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            raise _transport_error(exc, "response") from None
+        finally:
+            response.release()
+        try:
+            return to_openai_completion(orjson.loads(raw), request.model)
+        except (AttributeError, TypeError, ValueError):  # incl. orjson.JSONDecodeError
+            raise UpstreamError(502, "anthropic sent a malformed response") from None
+
+    async def stream_chat(self, request: ChatRequest) -> AsyncIterator[StreamItem]:
+        response = await self._post(self._payload(request, stream=True))
+        translator = StreamTranslator(request.model)
+        decoder = SseDecoder()
+        failure: UpstreamError | None = None
+        try:
+            while not translator.finished and failure is None:
+                try:
+                    chunk = await response.content.readany()
+                except (aiohttp.ClientError, TimeoutError) as exc:
+                    failure = _transport_error(exc, "stream")
+                    break
+                if not chunk:
+                    break
+                for _event, data in decoder.feed(chunk):
+                    try:
+                        items = translator.handle(_parse_event(data))
+                    except UpstreamError as exc:
+                        failure = exc
+                    except (AttributeError, TypeError, ValueError):
+                        failure = UpstreamError(502, "anthropic sent a malformed stream event")
+                    if failure is not None or translator.finished:
+                        break
+                    for item in items:
+                        yield item
+        finally:
+            response.release()
+        if failure is None and not translator.finished:
+            failure = UpstreamError(None, "anthropic stream ended before message_stop")
+        # Input tokens are known from message_start on, so even a broken stream is billed.
+        if translator.started:
+            yield translator.usage()
+        if failure is not None:
+            raise failure
+
+    async def check(self) -> None:
+        try:
+            async with self._get_session().get(
+                self._models_url, params={"limit": "1"}, headers=self._headers
+            ) as response:
+                if response.status != 200:
+                    raise await _http_error(response)
+                await response.read()
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            raise _transport_error(exc, "check") from None
+
+
+@hookimpl
+def register_provider_types(register: Callable[[str, type[Any]], None]) -> None:
+    register("anthropic", AnthropicProvider)

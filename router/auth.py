@@ -1,0 +1,31 @@
+"""Bearer-key parsing and hashing. Shape and checksum are checked before any database use."""
+
+from __future__ import annotations
+
+from starlette.requests import Request
+
+from apifast.keys import hash_key, is_well_formed
+from router.errors import ApiError
+
+
+def bearer_key(request: Request) -> str:
+    header = request.headers.get("authorization")
+    if not header:
+        raise ApiError(
+            401,
+            "Missing API key: send 'Authorization: Bearer af-...'.",
+            code="missing_api_key",
+        )
+    scheme, _, key = header.partition(" ")
+    key = key.strip()
+    if scheme.lower() != "bearer" or not key:
+        raise ApiError(401, "Authorization must be 'Bearer <key>'.", code="invalid_api_key")
+    if not is_well_formed(key):
+        raise ApiError(
+            401, "Invalid API key (bad format or checksum; check for a typo).", code="invalid_api_key"
+        )
+    return key
+
+
+def key_hash_from_request(request: Request, secret: bytes) -> bytes:
+    return hash_key(secret, bearer_key(request))

@@ -1,0 +1,290 @@
+"""POST /v1/chat/completions, streaming and not."""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import anyio
+from fastapi import APIRouter
+from starlette.requests import Request
+from starlette.responses import Response, StreamingResponse
+
+from apifast.money import quantize_up
+from apifast.providers import ChatRequest, Provider, StreamItem, UpstreamError, UpstreamTimeout, Usage
+from router.auth import key_hash_from_request
+from router.catalog import Model, Route
+from router.openai_shape import (
+    DONE,
+    chunk_bytes,
+    completion_body,
+    error_event_bytes,
+    usage_chunk_bytes,
+)
+from router.proxy import (
+    RoutesFailed,
+    ensure_metering,
+    find_model,
+    hold_funds,
+    new_generation_id,
+    read_body,
+    try_routes,
+    upstream_failure,
+)
+from router.state import RouterState
+from router.usage_event import UsageEvent
+from router.validation import model_name, parse_json_object, upstream_body, validate_chat
+
+api = APIRouter(tags=["chat"])
+
+# Per-message chat-template overhead, added to the byte count when bounding input tokens.
+_MESSAGE_OVERHEAD_TOKENS = 8
+LOWERED_HEADER = "X-ApiFast-Max-Tokens-Lowered"
+
+_CHAT_BODY_SCHEMA = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "application/json": {
+                "schema": {
+                    "type": "object",
+                    "required": ["model", "messages"],
+                    "properties": {
+                        "model": {"type": "string"},
+                        "messages": {
+                            "type": "array",
+                            "minItems": 1,
+                            "items": {
+                                "type": "object",
+                                "required": ["role"],
+                                "properties": {
+                                    "role": {"type": "string"},
+                                    "content": {},
+                                },
+                            },
+                        },
+                        "stream": {"type": "boolean"},
+                        "max_tokens": {"type": "integer", "minimum": 1},
+                        "max_completion_tokens": {"type": "integer", "minimum": 1},
+                        "temperature": {"type": "number", "minimum": 0, "maximum": 2},
+                        "n": {"type": "integer", "minimum": 1, "maximum": 128},
+                    },
+                }
+            }
+        },
+    }
+}
+
+
+def input_token_bound(raw: bytes, body: dict[str, Any]) -> int:
+    """An upper bound of prompt tokens for text: a byte-level BPE token covers >= 1 byte."""
+    messages = body.get("messages") or ()
+    return len(raw) + _MESSAGE_OVERHEAD_TOKENS * (len(messages) + 1)
+
+
+def estimate_delivered(raw: bytes, chars: int, pieces: int) -> Usage:
+    """The documented estimate when a stream ends without upstream usage: input is the body
+    size / 4, output the larger of the content pieces delivered and delivered chars / 4."""
+    return Usage(input_tokens=math.ceil(len(raw) / 4), output_tokens=max(pieces, math.ceil(chars / 4)))
+
+
+def _delta_chars(chunk: dict[str, Any]) -> int:
+    total = 0
+    for choice in chunk.get("choices") or ():
+        delta = choice.get("delta") if isinstance(choice, dict) else None
+        if not isinstance(delta, dict):
+            continue
+        content = delta.get("content")
+        if isinstance(content, str):
+            total += len(content)
+        for call in delta.get("tool_calls") or ():
+            fn = call.get("function") if isinstance(call, dict) else None
+            if isinstance(fn, dict) and isinstance(fn.get("arguments"), str):
+                total += len(fn["arguments"])
+    return total
+
+
+@api.post("/v1/chat/completions", openapi_extra=_CHAT_BODY_SCHEMA)
+async def chat_completions(request: Request) -> Response:
+    state: RouterState = request.app.state.apifast
+    started = time.time()
+    key_hash = key_hash_from_request(request, state.secret)
+    raw = await read_body(request, state.settings.max_body_bytes)
+    body = parse_json_object(raw)
+    model = find_model(state, model_name(body), "chat")
+    stream, include_usage, asked, n = validate_chat(body)
+    ensure_metering(state)
+
+    cap = asked or model.max_output_tokens or state.settings.default_max_output_tokens
+    if model.max_output_tokens:
+        cap = min(cap, model.max_output_tokens)
+    input_bound = input_token_bound(raw, body)
+    price = model.price
+    generation_id = new_generation_id()
+    max_usd = quantize_up(price.bound(input_bound, cap * n))
+    min_usd = quantize_up(price.bound(input_bound, n))
+    hold = await hold_funds(state, key_hash, generation_id, min_usd, max_usd)
+
+    headers: dict[str, str] = {}
+    out_tokens = cap
+    if hold.reserved < max_usd:
+        # The balance covers a shorter answer: lower max_tokens instead of refusing.
+        out_tokens = max(1, min(cap, price.affordable_output_tokens(hold.reserved, input_bound) // n))
+        headers[LOWERED_HEADER] = str(out_tokens)
+    ubody = upstream_body(body, "")
+    # Always bound the output upstream, so the hold covers the whole answer.
+    ubody["max_completion_tokens" if "max_completion_tokens" in body else "max_tokens"] = out_tokens
+
+    event = UsageEvent(
+        generation_id=generation_id,
+        key_hash=key_hash,
+        key_id=hold.key_id,
+        model=model.id,
+        endpoint="chat",
+        stream=stream,
+        reserved_usd=hold.reserved,
+        started_at=started,
+    )
+    if stream:
+        return await _stream(state, model, ubody, event, raw, include_usage, headers)
+    return await _complete(state, model, ubody, event, headers)
+
+
+def _finish(state: RouterState, event: UsageEvent, model: Model, route: Route | None) -> None:
+    """Price the usage and hand the event to the publisher (which never blocks)."""
+    if route is not None:
+        event.provider = route.provider
+        event.upstream_model = route.model
+        event.upstream_cost_usd = route.cost.cost(event.usage)
+    used = event.usage.input_tokens or event.usage.output_tokens
+    # A failed request with no usage costs nothing, not even the per-request price.
+    if used or event.outcome != "upstream_error":
+        event.cost_usd = model.price.cost(event.usage)
+    event.latency_ms = round((time.time() - event.started_at) * 1000)
+    state.key_limits.record_tokens(
+        event.key_id, event.usage.input_tokens + event.usage.output_tokens
+    )
+    state.publisher.submit(event)
+
+
+async def _complete(
+    state: RouterState, model: Model, ubody: dict[str, Any], event: UsageEvent, headers: dict[str, str]
+) -> Response:
+    async def call(provider: Provider, route: Route) -> Any:
+        return await provider.chat(ChatRequest(body={**ubody, "model": route.model}, model=route.model))
+
+    try:
+        result, route = await try_routes(state, model, call)
+    except RoutesFailed as failed:
+        error = upstream_failure(failed.last)
+        event.status, event.outcome = error.status, "upstream_error"
+        _finish(state, event, model, failed.route)
+        raise error from None
+    event.usage = result.usage
+    event.ttft_ms = round((time.time() - event.started_at) * 1000)
+    _finish(state, event, model, route)
+    content = completion_body(result.body, event.generation_id, model.id, result.usage, event.cost_usd)
+    return Response(content, media_type="application/json", headers=headers)
+
+
+async def _stream(
+    state: RouterState,
+    model: Model,
+    ubody: dict[str, Any],
+    event: UsageEvent,
+    raw: bytes,
+    include_usage: bool,
+    headers: dict[str, str],
+) -> Response:
+    async def open_stream(provider: Provider, route: Route) -> tuple[AsyncIterator[StreamItem], StreamItem]:
+        request = ChatRequest(body={**ubody, "model": route.model}, model=route.model, stream=True)
+        iterator = provider.stream_chat(request).__aiter__()
+        try:
+            # Fallback is only possible before the first byte reaches the client.
+            first = await iterator.__anext__()
+        except StopAsyncIteration:
+            raise UpstreamError(None, "empty stream") from None
+        except BaseException:
+            await _close_quietly(iterator)
+            raise
+        return iterator, first
+
+    try:
+        (iterator, first), route = await try_routes(state, model, open_stream)
+    except RoutesFailed as failed:
+        error = upstream_failure(failed.last)
+        event.status, event.outcome = error.status, "upstream_error"
+        _finish(state, event, model, failed.route)
+        raise error from None
+
+    created = int(event.started_at)
+    tally = {"chars": 0, "pieces": 0}
+    upstream_usage: list[Usage] = []
+    finished = [False]
+
+    def settle() -> None:
+        if finished[0]:
+            return
+        finished[0] = True
+        if upstream_usage:
+            event.usage = upstream_usage[-1]
+        else:
+            event.usage = estimate_delivered(raw, tally["chars"], tally["pieces"])
+            event.usage_estimated = True
+        _finish(state, event, model, route)
+
+    async def relay() -> AsyncIterator[bytes]:
+        event.outcome = "client_disconnect"  # until the stream is seen to the end
+        item: StreamItem = first
+        try:
+            while True:
+                if isinstance(item, Usage):
+                    upstream_usage.append(item)
+                else:
+                    if not event.ttft_ms:
+                        event.ttft_ms = round((time.time() - event.started_at) * 1000)
+                    chars = _delta_chars(item)
+                    if chars:
+                        tally["chars"] += chars
+                        tally["pieces"] += 1
+                    yield chunk_bytes(item, event.generation_id, model.id, created)
+                try:
+                    item = await iterator.__anext__()
+                except StopAsyncIteration:
+                    break
+            event.outcome = "ok"
+        except UpstreamError as exc:
+            event.outcome = "upstream_error"
+            event.status = 504 if isinstance(exc, UpstreamTimeout) else 502
+            yield error_event_bytes("The model provider's stream failed.", event.status)
+        settle()
+        if include_usage:
+            yield usage_chunk_bytes(event.generation_id, model.id, created, event.usage, event.cost_usd)
+        yield DONE
+
+    async def body_iter() -> AsyncIterator[bytes]:
+        try:
+            async for piece in relay():
+                yield piece
+        finally:
+            # Runs on a client disconnect too: bill what was delivered, close the upstream.
+            settle()
+            with anyio.CancelScope(shield=True):
+                await _close_quietly(iterator)
+
+    return StreamingResponse(
+        body_iter(),
+        media_type="text/event-stream",
+        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no", **headers},
+    )
+
+
+async def _close_quietly(iterator: AsyncIterator[StreamItem]) -> None:
+    aclose = getattr(iterator, "aclose", None)
+    if aclose is not None:
+        try:
+            await aclose()
+        except Exception:  # noqa: BLE001 - the upstream connection is being dropped anyway
+            pass

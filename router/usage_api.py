@@ -1,0 +1,140 @@
+"""GET /v1/usage and GET /v1/generation/{id}: read from ClickHouse, only the caller's rows."""
+
+from __future__ import annotations
+
+from datetime import UTC, date, datetime, timedelta
+from decimal import Decimal
+from typing import Any
+
+import orjson
+from fastapi import APIRouter
+from starlette.requests import Request
+from starlette.responses import Response
+
+from apifast.money import format_usd, json_number
+from router.auth import key_hash_from_request
+from router.errors import ApiError
+from router.state import RouterState
+
+api = APIRouter(tags=["usage"])
+
+_MAX_RANGE_DAYS = 366
+
+_USAGE_SQL = """
+SELECT toDate(ts) AS day, model,
+       count() AS requests,
+       sum(input_tokens) AS input_tokens, sum(output_tokens) AS output_tokens,
+       sum(cached_tokens) AS cached_tokens, sum(reasoning_tokens) AS reasoning_tokens,
+       sum(cost_usd) AS cost_usd
+FROM usage_events FINAL
+WHERE key_hash = {key_hash:String} AND ts >= {start:DateTime64(3)} AND ts < {end:DateTime64(3)}
+GROUP BY day, model
+ORDER BY day, model
+"""
+
+_GENERATION_SQL = """
+SELECT generation_id, model, endpoint, stream, input_tokens, output_tokens, cached_tokens,
+       cache_write_tokens, reasoning_tokens, usage_estimated, cost_usd, latency_ms, ttft_ms,
+       status, outcome, ts
+FROM usage_events FINAL
+WHERE key_hash = {key_hash:String} AND generation_id = {generation_id:String}
+LIMIT 1
+"""
+
+
+def _store(state: RouterState) -> Any:
+    if state.clickhouse is None:
+        raise ApiError(503, "Usage analytics are not configured on this server.",
+                       code="analytics_unavailable")  # fmt: skip
+    return state.clickhouse
+
+
+def _parse_day(value: str | None, name: str, default: date) -> date:
+    if value is None or value == "":
+        return default
+    try:
+        return date.fromisoformat(value[:10]) if len(value) >= 10 else date.fromisoformat(value)
+    except ValueError:
+        raise ApiError(400, f"{name}: must be a date such as 2026-01-31", param=name,
+                       code="invalid_value") from None  # fmt: skip
+
+
+@api.get("/v1/usage")
+async def usage(request: Request, start: str | None = None, end: str | None = None) -> Response:
+    """Usage per day and model between `start` and `end` (inclusive dates, UTC)."""
+    state: RouterState = request.app.state.apifast
+    key_hash = key_hash_from_request(request, state.secret)
+    today = datetime.now(UTC).date()
+    end_day = _parse_day(end, "end", today)
+    start_day = _parse_day(start, "start", end_day - timedelta(days=29))
+    if start_day > end_day:
+        raise ApiError(400, "start: must not be after end", param="start", code="invalid_value")
+    if (end_day - start_day).days > _MAX_RANGE_DAYS:
+        raise ApiError(400, f"start: the range may span at most {_MAX_RANGE_DAYS} days",
+                       param="start", code="invalid_value")  # fmt: skip
+    rows = await _store(state).query(
+        _USAGE_SQL,
+        {
+            "key_hash": key_hash.hex(),
+            "start": datetime.combine(start_day, datetime.min.time(), UTC),
+            "end": datetime.combine(end_day + timedelta(days=1), datetime.min.time(), UTC),
+        },
+    )
+    data = [
+        {
+            "date": r["day"].isoformat(),
+            "model": r["model"],
+            "requests": int(r["requests"]),
+            "input_tokens": int(r["input_tokens"]),
+            "output_tokens": int(r["output_tokens"]),
+            "cached_tokens": int(r["cached_tokens"]),
+            "reasoning_tokens": int(r["reasoning_tokens"]),
+            "cost_usd": format_usd(Decimal(r["cost_usd"])),
+        }
+        for r in rows
+    ]
+    total = sum((Decimal(r["cost_usd"]) for r in rows), Decimal(0))
+    body = {
+        "object": "list",
+        "start": start_day.isoformat(),
+        "end": end_day.isoformat(),
+        "data": data,
+        "total_cost_usd": format_usd(total),
+        "total_requests": sum(d["requests"] for d in data),
+    }
+    return Response(orjson.dumps(body), media_type="application/json")
+
+
+@api.get("/v1/generation/{generation_id}")
+async def generation(generation_id: str, request: Request) -> Response:
+    state: RouterState = request.app.state.apifast
+    key_hash = key_hash_from_request(request, state.secret)
+    rows = await _store(state).query(
+        _GENERATION_SQL, {"key_hash": key_hash.hex(), "generation_id": generation_id}
+    )
+    if not rows:
+        raise ApiError(404, f"No generation '{generation_id}' for this key (metering may take "
+                       "a moment).", param="id", code="generation_not_found")  # fmt: skip
+    r = rows[0]
+    body = {
+        "id": r["generation_id"],
+        "object": "generation",
+        "model": r["model"],
+        "endpoint": r["endpoint"],
+        "stream": bool(r["stream"]),
+        "input_tokens": int(r["input_tokens"]),
+        "output_tokens": int(r["output_tokens"]),
+        "cached_tokens": int(r["cached_tokens"]),
+        "cache_write_tokens": int(r["cache_write_tokens"]),
+        "reasoning_tokens": int(r["reasoning_tokens"]),
+        "usage_estimated": bool(r["usage_estimated"]),
+        "cost_usd": format_usd(Decimal(r["cost_usd"])),
+        "cost": orjson.Fragment(json_number(Decimal(r["cost_usd"])).encode()),
+        "latency_ms": int(r["latency_ms"]),
+        "ttft_ms": int(r["ttft_ms"]),
+        "status": int(r["status"]),
+        "outcome": r["outcome"],
+        "created": int(r["ts"].timestamp()),
+        "created_at": r["ts"].astimezone(UTC).isoformat(),
+    }
+    return Response(orjson.dumps(body), media_type="application/json")

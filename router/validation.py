@@ -1,0 +1,107 @@
+"""Lean validation of OpenAI request bodies: only what the router itself relies on, with
+messages that name the field. Everything else is the upstream's business."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+
+from router.errors import ApiError
+
+_ROLES = frozenset({"system", "developer", "user", "assistant", "tool", "function"})
+# Fields that identify the caller or make the upstream keep data: never sent upstream.
+# service_tier changes the upstream's price, which the catalog price does not follow.
+STRIPPED_FIELDS = ("user", "store", "metadata", "safety_identifier", "service_tier")
+
+
+def bad(param: str, message: str) -> ApiError:
+    return ApiError(400, f"{param}: {message}", param=param, code="invalid_value")
+
+
+def parse_json_object(raw: bytes) -> dict[str, Any]:
+    if not raw:
+        raise ApiError(400, "request body is empty; expected a JSON object", code="invalid_json")
+    try:
+        body = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        raise ApiError(400, "request body is not valid JSON", code="invalid_json") from None
+    if not isinstance(body, dict):
+        raise ApiError(400, "request body must be a JSON object", code="invalid_json")
+    return body
+
+
+def _optional_int(body: dict[str, Any], name: str, low: int, high: int) -> int | None:
+    value = body.get(name)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        raise bad(name, f"must be an integer from {low} to {high}")
+    return value
+
+
+def _optional_number(body: dict[str, Any], name: str, low: float, high: float) -> None:
+    value = body.get(name)
+    if value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not low <= value <= high:
+        raise bad(name, f"must be a number from {low:g} to {high:g}")
+
+
+def model_name(body: dict[str, Any]) -> str:
+    model = body.get("model")
+    if not isinstance(model, str) or not model:
+        raise ApiError(400, "model: required, a model id from GET /v1/models", param="model",
+                       code="invalid_value")  # fmt: skip
+    return model
+
+
+def validate_chat(body: dict[str, Any]) -> tuple[bool, bool, int | None, int]:
+    """Check a chat body; returns (stream, include_usage, max output tokens asked, n)."""
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise bad("messages", "required, a non-empty array of messages")
+    for i, message in enumerate(messages):
+        if not isinstance(message, dict):
+            raise bad(f"messages[{i}]", "must be an object")
+        role = message.get("role")
+        if role not in _ROLES:
+            raise bad(f"messages[{i}].role", f"must be one of {', '.join(sorted(_ROLES))}")
+    stream = body.get("stream", False)
+    if stream is None:
+        stream = False
+    if not isinstance(stream, bool):
+        raise bad("stream", "must be a boolean")
+    options = body.get("stream_options")
+    include_usage = False
+    if options is not None:
+        if not isinstance(options, dict):
+            raise bad("stream_options", "must be an object")
+        include_usage = options.get("include_usage") is True
+    max_tokens = _optional_int(body, "max_completion_tokens", 1, 10_000_000)
+    if max_tokens is None:
+        max_tokens = _optional_int(body, "max_tokens", 1, 10_000_000)
+    n = _optional_int(body, "n", 1, 128) or 1
+    _optional_number(body, "temperature", 0, 2)
+    _optional_number(body, "top_p", 0, 1)
+    _optional_number(body, "presence_penalty", -2, 2)
+    _optional_number(body, "frequency_penalty", -2, 2)
+    tools = body.get("tools")
+    if tools is not None and not isinstance(tools, list):
+        raise bad("tools", "must be an array")
+    return stream, include_usage, max_tokens, n
+
+
+def validate_embeddings(body: dict[str, Any]) -> None:
+    value = body.get("input")
+    if isinstance(value, str):
+        return
+    if isinstance(value, list) and value:
+        return
+    raise bad("input", "required, a string or a non-empty array")
+
+
+def upstream_body(body: dict[str, Any], upstream_model: str) -> dict[str, Any]:
+    out = {k: v for k, v in body.items() if k not in STRIPPED_FIELDS}
+    out["model"] = upstream_model
+    return out

@@ -1,0 +1,205 @@
+"""A fake OpenAI-compatible upstream: a real HTTP server on 127.0.0.1 that speaks the
+chat-completions and embeddings wire format, SSE streams included.
+
+Behaviour is chosen per request by a marker in the last user message, or for every request
+by setting `server.behaviour`: "ok", "error:<status>", "slow:<seconds>", "broken" (the
+stream is cut after two chunks), "nousage" (a stream without a usage chunk), "tools".
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+from aiohttp import web
+
+REPLY = "Hello from the fake upstream model"
+_MARKER = re.compile(r"\[\[(ok|error:\d+|slow:[\d.]+|broken|nousage|tools)\]\]")
+
+
+def prompt_tokens(body: dict[str, Any]) -> int:
+    chars = 0
+    for m in body.get("messages", []):
+        c = m.get("content")
+        if isinstance(c, str):
+            chars += len(c)
+        elif isinstance(c, list):
+            chars += sum(len(p.get("text", "")) for p in c if isinstance(p, dict))
+    return chars // 4 + 7
+
+
+@dataclass
+class FakeOpenAI:
+    api_key: str | None = None
+    behaviour: str = "ok"
+    cached_tokens: int = 0
+    reasoning_tokens: int = 0
+    requests: list[dict[str, Any]] = field(default_factory=list)
+    headers: list[dict[str, str]] = field(default_factory=list)
+    url: str = ""
+    _runner: web.AppRunner | None = None
+
+    async def start(self, port: int = 0) -> FakeOpenAI:
+        app = web.Application()
+        app.router.add_post("/v1/chat/completions", self._chat)
+        app.router.add_post("/v1/embeddings", self._embeddings)
+        app.router.add_get("/v1/models", self._models)
+        self._runner = web.AppRunner(app, access_log=None)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, "127.0.0.1", port)
+        await site.start()
+        sock = site._server.sockets[0]  # type: ignore[union-attr]  # noqa: SLF001
+        self.url = f"http://127.0.0.1:{sock.getsockname()[1]}/v1"
+        return self
+
+    async def stop(self) -> None:
+        if self._runner:
+            await self._runner.cleanup()
+
+    def _upstream_headers(self) -> dict[str, str]:
+        # Headers a real upstream sends; none of them may reach ApiFast's clients.
+        return {
+            "x-request-id": "req_upstream_secret_123",
+            "openai-organization": "upstream-org",
+            "openai-processing-ms": "12",
+            "x-ratelimit-remaining-requests": "99",
+        }
+
+    def _error(self, status: int) -> web.Response:
+        return web.Response(
+            status=status,
+            body=orjson.dumps(
+                {"error": {"message": "UPSTREAM-SECRET-ERROR-TEXT", "type": "server_error",
+                           "param": None, "code": None}}
+            ),  # fmt: skip
+            content_type="application/json",
+            headers=self._upstream_headers(),
+        )
+
+    def _auth_failed(self, request: web.Request) -> web.Response | None:
+        if self.api_key and request.headers.get("Authorization") != f"Bearer {self.api_key}":
+            return web.Response(
+                status=401,
+                body=orjson.dumps({"error": {"message": "Incorrect API key provided",
+                                             "type": "invalid_request_error",
+                                             "param": None, "code": "invalid_api_key"}}),
+                content_type="application/json",
+            )  # fmt: skip
+        return None
+
+    def _behaviour(self, body: dict[str, Any]) -> str:
+        for m in reversed(body.get("messages", [])):
+            if m.get("role") == "user" and isinstance(m.get("content"), str):
+                found = _MARKER.search(m["content"])
+                if found:
+                    return found.group(1)
+                break
+        return self.behaviour
+
+    def _usage(self, body: dict[str, Any], completion: int) -> dict[str, Any]:
+        prompt = prompt_tokens(body)
+        return {
+            "prompt_tokens": prompt,
+            "completion_tokens": completion,
+            "total_tokens": prompt + completion,
+            "prompt_tokens_details": {"cached_tokens": min(self.cached_tokens, prompt)},
+            "completion_tokens_details": {"reasoning_tokens": self.reasoning_tokens},
+        }
+
+    def _words(self, body: dict[str, Any]) -> list[str]:
+        words = REPLY.split(" ")
+        limit = body.get("max_completion_tokens") or body.get("max_tokens")
+        return words[:limit] if isinstance(limit, int) else words
+
+    async def _chat(self, request: web.Request) -> web.StreamResponse:
+        denied = self._auth_failed(request)
+        if denied:
+            return denied
+        body = orjson.loads(await request.read())
+        self.requests.append(body)
+        self.headers.append(dict(request.headers))
+        behaviour = self._behaviour(body)
+        if behaviour.startswith("error:"):
+            return self._error(int(behaviour.split(":")[1]))
+        if behaviour.startswith("slow:"):
+            await asyncio.sleep(float(behaviour.split(":")[1]))
+        words = self._words(body)
+        finish = "length" if len(words) < len(REPLY.split(" ")) else "stop"
+        if body.get("stream"):
+            return await self._stream(request, body, behaviour, words, finish)
+        message: dict[str, Any] = {"role": "assistant", "content": " ".join(words), "refusal": None}
+        if behaviour == "tools":
+            message = {"role": "assistant", "content": None, "tool_calls": [{
+                "id": "call_upstream_1", "type": "function",
+                "function": {"name": "get_weather", "arguments": '{"city":"Paris"}'}}]}
+            finish = "tool_calls"
+        out = {
+            "id": "chatcmpl-UPSTREAMID",
+            "object": "chat.completion",
+            "created": int(time.time()),
+            "model": body.get("model"),
+            "system_fingerprint": "fp_upstream_secret",
+            "choices": [{"index": 0, "message": message, "logprobs": None, "finish_reason": finish}],
+            "usage": self._usage(body, len(words)),
+            "service_tier": "default",
+        }
+        return web.Response(body=orjson.dumps(out), content_type="application/json",
+                            headers=self._upstream_headers())  # fmt: skip
+
+    async def _stream(
+        self, request: web.Request, body: dict[str, Any], behaviour: str, words: list[str], finish: str
+    ) -> web.StreamResponse:
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", **self._upstream_headers()})
+        await resp.prepare(request)
+        created = int(time.time())
+
+        def chunk(delta: dict[str, Any], finish_reason: str | None = None) -> bytes:
+            c = {"id": "chatcmpl-UPSTREAMID", "object": "chat.completion.chunk", "created": created,
+                 "model": body.get("model"), "system_fingerprint": "fp_upstream_secret",
+                 "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}]}
+            return b"data: " + orjson.dumps(c) + b"\n\n"
+
+        await resp.write(chunk({"role": "assistant", "content": ""}))
+        for i, word in enumerate(words):
+            if behaviour == "broken" and i == 2:
+                # Cut the connection mid-stream, as a crashed upstream would.
+                request.transport.close()  # type: ignore[union-attr]
+                return resp
+            await resp.write(chunk({"content": word if i == 0 else " " + word}))
+            if behaviour.startswith("slow:"):
+                await asyncio.sleep(float(behaviour.split(":")[1]))
+        await resp.write(chunk({}, finish))
+        include = (body.get("stream_options") or {}).get("include_usage")
+        if include and behaviour != "nousage":
+            u = {"id": "chatcmpl-UPSTREAMID", "object": "chat.completion.chunk", "created": created,
+                 "model": body.get("model"), "choices": [], "usage": self._usage(body, len(words))}
+            await resp.write(b"data: " + orjson.dumps(u) + b"\n\n")
+        await resp.write(b"data: [DONE]\n\n")
+        await resp.write_eof()
+        return resp
+
+    async def _embeddings(self, request: web.Request) -> web.Response:
+        denied = self._auth_failed(request)
+        if denied:
+            return denied
+        body = orjson.loads(await request.read())
+        self.requests.append(body)
+        self.headers.append(dict(request.headers))
+        inputs = body["input"] if isinstance(body["input"], list) else [body["input"]]
+        tokens = sum(len(str(i)) // 4 + 1 for i in inputs)
+        out = {
+            "object": "list",
+            "model": body.get("model"),
+            "data": [{"object": "embedding", "index": i, "embedding": [0.1, 0.2, 0.3]}
+                     for i in range(len(inputs))],
+            "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
+        }  # fmt: skip
+        return web.Response(body=orjson.dumps(out), content_type="application/json")
+
+    async def _models(self, request: web.Request) -> web.Response:
+        return web.Response(body=orjson.dumps({"object": "list", "data": []}),
+                            content_type="application/json")  # fmt: skip
