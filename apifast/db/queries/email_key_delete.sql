@@ -1,0 +1,1 @@
+DELETE FROM email_keys WHERE key_id = $1

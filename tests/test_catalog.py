@@ -1,0 +1,92 @@
+"""The TOML catalog: the documented example is valid; broken files name file, entry, problem."""
+
+from __future__ import annotations
+
+from decimal import Decimal
+from pathlib import Path
+
+import pytest
+
+from apifast.providers import Usage
+from router.catalog import CatalogError, load_catalog
+
+EXAMPLE = """
+[providers.local]
+type = "openai"                       # the provider plugin
+base_url = "http://127.0.0.1:18080/v1"
+api_key_env = "LOCAL_UPSTREAM_KEY"    # read from the environment; unset means no auth header
+
+[[models]]
+id = "fast-chat"                      # the public name clients use
+input_usd_per_mtok = "0.50"
+output_usd_per_mtok = "1.50"
+routes = [ { provider = "local", model = "upstream-model-a" } ]
+"""
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "models.toml"
+    path.write_text(text)
+    return path
+
+
+def test_issue_example_is_valid(tmp_path, monkeypatch):
+    monkeypatch.delenv("LOCAL_UPSTREAM_KEY", raising=False)
+    catalog = load_catalog(write(tmp_path, EXAMPLE), known_types={"openai"})
+    model = catalog.get("fast-chat")
+    assert model is not None and model.routes[0].model == "upstream-model-a"
+    assert catalog.providers["local"].api_key is None
+    assert model.price.cost(Usage(input_tokens=1000, output_tokens=2000)) == Decimal("0.0035")
+
+
+def test_cached_and_per_request_prices(tmp_path):
+    text = EXAMPLE.replace(
+        'output_usd_per_mtok = "1.50"',
+        'output_usd_per_mtok = "1.50"\ncached_input_usd_per_mtok = "0.05"\n'
+        'cache_write_usd_per_mtok = "0.625"\nrequest_usd = "0.0001"',
+    )
+    price = load_catalog(write(tmp_path, text)).models["fast-chat"].price
+    usage = Usage(input_tokens=1000, output_tokens=10, cached_tokens=600, cache_write_tokens=100)
+    expected = (Decimal(300) * Decimal("0.5") + Decimal(600) * Decimal("0.05")
+                + Decimal(100) * Decimal("0.625") + Decimal(10) * Decimal("1.5")) / 10**6
+    assert price.cost(usage) == expected + Decimal("0.0001")
+
+
+def test_bare_number_prices_are_read_exactly(tmp_path):
+    text = EXAMPLE.replace('"0.50"', "0.1").replace('"1.50"', "0.3")
+    price = load_catalog(write(tmp_path, text)).models["fast-chat"].price
+    assert price.input_usd_per_mtok == Decimal("0.1") and price.output_usd_per_mtok == Decimal("0.3")
+
+
+@pytest.mark.parametrize(
+    ("change", "needle"),
+    [
+        (('provider = "local"', 'provider = "nowhere"'), "unknown provider 'nowhere'"),
+        (('input_usd_per_mtok = "0.50"', 'input_usd_per_mtok = "abc"'), "input_usd_per_mtok"),
+        (('input_usd_per_mtok = "0.50"', 'input_usd_per_mtok = "-1"'), "must not be negative"),
+        (('type = "openai"', 'type = "nosuch"'), "unknown provider type 'nosuch'"),
+        (('id = "fast-chat"', 'id = "fast-chat"\ncolour = "red"'), "unknown field(s): colour"),
+        (('routes = [ { provider = "local", model = "upstream-model-a" } ]', ''),
+         "needs at least one route"),
+        (("[[models]]", "[[models]\n"), "invalid TOML"),
+    ],
+)
+def test_broken_catalog_names_file_entry_and_problem(tmp_path, change, needle):
+    path = write(tmp_path, EXAMPLE.replace(*change))
+    with pytest.raises(CatalogError) as info:
+        load_catalog(path, known_types={"openai"})
+    message = str(info.value)
+    assert str(path) in message and needle in message
+    if "TOML" not in needle:
+        assert "providers.local" in message or "models[0]" in message
+
+
+def test_duplicate_model_ids(tmp_path):
+    text = EXAMPLE + EXAMPLE.split("[[models]]")[1].join(["\n[[models]]", ""])
+    with pytest.raises(CatalogError, match=r"models\[1\].*duplicate model id"):
+        load_catalog(write(tmp_path, text))
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(CatalogError, match="cannot read models file"):
+        load_catalog(tmp_path / "missing.toml")

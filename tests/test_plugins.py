@@ -1,0 +1,92 @@
+"""Plugin loading: built-ins through entry points, a third-party distribution installed by
+the test and routed to, check_pending, and docs that cover every hook."""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import subprocess
+import sys
+from pathlib import Path
+
+import openai
+import pluggy
+import pytest
+
+from apifast import hookspecs
+from apifast.plugins import make_plugin_manager, payment_processor_types, provider_types
+from tests.harness import running_stack
+
+ROOT = Path(__file__).resolve().parent.parent
+DIST = ROOT / "tests" / "plugin_dist" / "apifast-echo"
+
+
+def test_builtins_load_through_entry_points():
+    pm = make_plugin_manager()
+    names = {pm.get_name(p) for p in pm.get_plugins()}
+    assert {"openai", "anthropic", "demo"} <= names
+    assert {"openai", "anthropic", "demo"} <= set(provider_types(pm))
+    assert {"nowpayments", "btcpay"} <= set(payment_processor_types(pm))
+
+
+def test_misspelled_hook_fails_start_up():
+    hookimpl = pluggy.HookimplMarker("apifast")
+
+    class Typo:
+        @hookimpl
+        def register_provider_typos(self, register):  # noqa: ANN001
+            pass
+
+    with pytest.raises(pluggy.PluginValidationError):
+        make_plugin_manager(extra_plugins=(Typo(),))
+
+
+def test_every_hook_is_documented():
+    text = (ROOT / "docs" / "plugins.md").read_text()
+    hooks = [name for name, fn in inspect.getmembers(hookspecs, inspect.isfunction)
+             if hasattr(fn, "apifast_spec")]  # fmt: skip
+    assert hooks, "no hooks found"
+    for name in hooks:
+        params = ", ".join(inspect.signature(getattr(hookspecs, name)).parameters)
+        assert f"### {name}({params})" in text, f"docs/plugins.md lacks a section for {name}"
+
+
+@pytest.fixture(scope="module")
+def installed_echo(tmp_path_factory: pytest.TempPathFactory):
+    target = tmp_path_factory.mktemp("echo-plugin")
+    subprocess.run(
+        [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation",
+         "--target", str(target), str(DIST)],
+        check=True,
+    )  # fmt: skip
+    sys.path.insert(0, str(target))
+    importlib.invalidate_caches()
+    try:
+        yield target
+    finally:
+        sys.path.remove(str(target))
+        sys.modules.pop("apifast_echo", None)
+        importlib.invalidate_caches()
+
+
+async def test_third_party_plugin_serves_a_model(installed_echo, stack_settings_factory):
+    assert "echo" in provider_types(make_plugin_manager())
+    models = """
+        [providers.echo]
+        type = "echo"
+
+        [[models]]
+        id = "echo-model"
+        input_usd_per_mtok = "1.00"
+        output_usd_per_mtok = "2.00"
+        routes = [ { provider = "echo", model = "echo" } ]
+    """
+    async with running_stack(stack_settings_factory(models)) as stack:
+        key = await stack.create_key("1.00")
+        client = openai.AsyncOpenAI(api_key=key, base_url=stack.base_url + "/v1", max_retries=0)
+        resp = await client.chat.completions.create(
+            model="echo-model", messages=[{"role": "user", "content": "a"}, {"role": "user", "content": "b"}]
+        )
+        assert resp.choices[0].message.content == "echo: 2 messages"
+        assert resp.usage is not None and resp.usage.prompt_tokens == 20
+        await stack.wait_metered([resp.id])
