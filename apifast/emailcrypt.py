@@ -94,7 +94,9 @@ class KeyRing:
 
     def encrypt(self, plaintext: bytes, aad: bytes) -> EncryptedKey:
         nonce = os.urandom(12)
-        return EncryptedKey(self.current, nonce, self._keys[self.current].encrypt(nonce, plaintext, aad))
+        return EncryptedKey(
+            self.current, nonce, self._keys[self.current].encrypt(nonce, plaintext, aad)
+        )
 
     def decrypt(self, sealed: EncryptedKey, aad: bytes) -> bytes:
         key = self._keys.get(sealed.kid)

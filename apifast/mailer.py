@@ -162,7 +162,7 @@ class Mailer:
             mail, attempt = await self._queue.get()
             try:
                 await asyncio.to_thread(deliver, self.config, self.sender, mail, self._timeout_s)
-            except Exception as exc:  # noqa: BLE001 - any failure is retried
+            except Exception as exc:  # any failure is retried
                 if attempt >= self._attempts:
                     log.error("mail given up after %d attempts: %s", attempt, type(exc).__name__)
                     self.failed += 1

@@ -20,9 +20,19 @@ from apifast.db import create_pool
 from apifast.plugins import make_plugin_manager, provider_types
 from apifast.providers import Provider
 from apifast.settings import Settings
-from router import chat, embeddings, key_api, models_api, usage_api
+from router import (
+    chat,
+    embeddings,
+    key_api,
+    models_api,
+    orders_api,  # payments (issue #3)
+    recover_api,  # payments (issue #3)
+    usage_api,
+    webhooks_api,  # payments (issue #3)
+)
 from router.catalog import Catalog, demo_catalog, load_catalog
 from router.errors import install_error_handlers
+from router.payments_runtime import start_payments
 from router.publisher import EventPublisher
 from router.state import RouterState
 
@@ -67,6 +77,7 @@ def create_app(
     catalog = load_configured_catalog(settings, set(types))
     secret = secret_bytes(settings)
     services: list[Service] = []
+    services.append(start_payments)  # payments (issue #3): processors, mailer, reconciliation
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -153,6 +164,8 @@ def create_app(
 
     # --- API routers: one line per resource. ---
     for module in (chat, embeddings, models_api, key_api, usage_api):
+        app.include_router(module.api)
+    for module in (orders_api, webhooks_api, recover_api):  # payments (issue #3)
         app.include_router(module.api)
 
     @app.get("/healthz", tags=["health"])

@@ -82,14 +82,14 @@ async def apply_update(
             for ref in (update.parent_payment_id, update.payment_id):
                 if ref is not None and order_id is None:
                     order_id = await conn.fetchval(Q.order_id_for_payment, update.processor, ref)
-        order = (
-            await conn.fetchrow(Q.order_lock, order_id, update.processor) if order_id else None
-        )
+        order = await conn.fetchrow(Q.order_lock, order_id, update.processor) if order_id else None
         if order is None:
             return ApplyResult("unknown_order")
         payment = await conn.fetchrow(Q.payment_lock, update.processor, update.payment_id)
         if payment is not None and payment["order_id"] != order_id:
-            log.warning("%s payment %s names another order; ignored", update.processor, update.payment_id)
+            log.warning(
+                "%s payment %s names another order; ignored", update.processor, update.payment_id
+            )
             return ApplyResult("unchanged", order_id)
         if payment is not None and status_rank(update.status) <= status_rank(payment["status"]):
             return ApplyResult("unchanged", order_id)

@@ -63,7 +63,9 @@ def runtime(request: Request) -> PaymentsRuntime:
     state: RouterState = request.app.state.apifast
     found = state.extras.get(EXTRAS_KEY)
     if found is None:
-        raise ApiError(503, "payments are not available on this server", code="payments_unavailable")
+        raise ApiError(
+            503, "payments are not available on this server", code="payments_unavailable"
+        )
     return found  # type: ignore[no-any-return]
 
 

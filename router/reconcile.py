@@ -61,7 +61,7 @@ class Reconciler:
             await asyncio.sleep(min(self.interval_s, max(self.delay_s, 1.0)))
             try:
                 await self.run_once()
-            except Exception as exc:  # noqa: BLE001 - keep the loop alive; retried next time
+            except Exception as exc:  # keep the loop alive; retried next time
                 log.error("reconciliation pass failed: %s", type(exc).__name__)
 
     async def run_once(self, *, interval_s: float | None = None) -> int:
@@ -100,4 +100,3 @@ class Reconciler:
                 continue
             changed += result.outcome == "applied"
         return changed
-

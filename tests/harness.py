@@ -84,6 +84,14 @@ class Stack:
         headers = {"Authorization": f"Bearer {key}"} if key else {}
         return httpx.AsyncClient(base_url=self.base_url, headers=headers, timeout=30)
 
+    async def wait_until(self, read: Any, expected: Any, timeout: float = 20) -> None:
+        """Poll the coroutine function `read` until it returns `expected`."""
+        deadline = asyncio.get_running_loop().time() + timeout
+        while (value := await read()) != expected:
+            if asyncio.get_running_loop().time() > deadline:
+                raise AssertionError(f"waited for {expected!r}, last saw {value!r}")
+            await asyncio.sleep(0.05)
+
     async def wait_metered(self, generation_ids: list[str], timeout: float = 20) -> None:
         """Wait until every id is in the Postgres ledger (the meter's last step)."""
         deadline = asyncio.get_running_loop().time() + timeout

@@ -1,0 +1,1 @@
+SELECT id FROM api_keys WHERE key_hash = $1

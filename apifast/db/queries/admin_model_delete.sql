@@ -1,0 +1,1 @@
+DELETE FROM db_models WHERE id = $1 RETURNING id

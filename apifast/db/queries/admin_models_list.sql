@@ -1,0 +1,1 @@
+SELECT id, spec, enabled, updated_at FROM db_models ORDER BY id

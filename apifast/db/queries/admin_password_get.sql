@@ -1,0 +1,1 @@
+SELECT hash FROM admin_password WHERE id = 1

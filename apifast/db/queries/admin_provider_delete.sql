@@ -1,0 +1,1 @@
+DELETE FROM db_providers WHERE name = $1 RETURNING name

@@ -1,0 +1,285 @@
+"""ApiFast's proxy overhead, in one run: the same chat calls made directly to a fake upstream
+(nginx serving fixed answers) and through ApiFast (`apifast serve` on real Postgres and
+NATS), non-streaming and streaming. Prints req/s at 32 connections and p50/p99 latency at
+one connection (sequential requests), with ApiFast's ratios to direct and its added latency.
+
+    python bench/proxy_bench.py            # about a minute; see bench/README.md
+
+Skips (exit 0) with a message when nginx, wrk, Postgres or NATS is missing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+if __package__ in (None, ""):
+    # Run as `python bench/proxy_bench.py`: make the repository root importable.
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import asyncpg  # noqa: E402
+import httpx  # noqa: E402
+import orjson  # noqa: E402
+
+from bench.apifast_server import CHAT_MODEL, STREAM_MODEL, ApiFastServer  # noqa: E402
+from bench.nginx_upstream import UPSTREAM_MODEL, NginxUpstream, nginx_binary  # noqa: E402
+from bench.wrk import WrkResult, run_wrk, wrk_binary  # noqa: E402
+
+LITELLM_RPS = 150  # LiteLLM 1.108.7, one worker, nginx fake, on these 2-core machines
+TARGET_ADDED_P50_MS = 1.0
+TARGET_RPS = 3 * LITELLM_RPS
+
+MESSAGES = [
+    {"role": "system", "content": "You are a terse assistant."},
+    {"role": "user", "content": "Say hello to the benchmark in a few words."},
+]
+
+
+def request_body(model: str, stream: bool) -> bytes:
+    body: dict[str, object] = {"model": model, "messages": MESSAGES, "max_tokens": 64}
+    if stream:
+        body["stream"] = True
+        body["stream_options"] = {"include_usage": True}
+    return orjson.dumps(body)
+
+
+@dataclass
+class Scenario:
+    name: str
+    stream: bool
+
+
+SCENARIOS = (Scenario("non-stream", False), Scenario("stream", True))
+
+
+@dataclass
+class Measured:
+    throughput: WrkResult
+    sequential: WrkResult
+    cpu_us_per_request: float | None = None
+
+
+def skip(reason: str) -> int:
+    print(f"SKIP proxy benchmark: {reason}")
+    return 0
+
+
+async def _reachable(dsn: str, nats_url: str) -> str | None:
+    try:
+        conn = await asyncpg.connect(dsn, timeout=3)
+        await conn.close()
+    except Exception as exc:  # noqa: BLE001 - reported as a skip reason
+        return f"Postgres at {dsn} is not reachable ({type(exc).__name__})"
+    import nats
+
+    try:
+        nc = await nats.connect(nats_url, connect_timeout=2, max_reconnect_attempts=0)
+        await nc.jetstream().account_info()
+        await nc.close()
+    except Exception as exc:  # noqa: BLE001
+        return f"NATS JetStream at {nats_url} is not reachable ({type(exc).__name__})"
+    return None
+
+
+def _write_bodies(workdir: Path) -> dict[tuple[str, bool], Path]:
+    files = {}
+    for target, chat, stream_model in (
+        ("direct", UPSTREAM_MODEL, UPSTREAM_MODEL),
+        ("apifast", CHAT_MODEL, STREAM_MODEL),
+    ):
+        for stream in (False, True):
+            path = workdir / f"{target}-{'stream' if stream else 'plain'}.json"
+            path.write_bytes(request_body(stream_model if stream else chat, stream))
+            files[target, stream] = path
+    return files
+
+
+def _measure(
+    url: str, body: Path, args: argparse.Namespace, key: str = "",
+    server: ApiFastServer | None = None,
+) -> Measured:  # fmt: skip
+    cpu0 = server.cpu_seconds() if server else 0.0
+    many = run_wrk(url, body, connections=args.connections, seconds=args.seconds, key=key)
+    cpu = (server.cpu_seconds() - cpu0) if server else None
+    one = run_wrk(url, body, connections=1, seconds=args.latency_seconds, key=key)
+    for run in (many, one):
+        if run.errors:
+            raise RuntimeError(f"{run.errors} failed requests against {url}")
+    per_request = cpu / many.requests * 1e6 if cpu is not None and many.requests else None
+    return Measured(many, one, per_request)
+
+
+async def _check_apifast(server: ApiFastServer, bodies: dict[tuple[str, bool], Path]) -> None:
+    """One call of each kind, to be sure the benchmark measures real, priced answers."""
+    headers = {"Authorization": f"Bearer {server.key}", "Content-Type": "application/json"}
+    async with httpx.AsyncClient(base_url=server.base_url, headers=headers, timeout=10) as c:
+        r = await c.post("/v1/chat/completions", content=bodies["apifast", False].read_bytes())
+        if r.status_code != 200 or "cost" not in r.json().get("usage", {}):
+            raise RuntimeError(f"ApiFast answered {r.status_code}: {r.text[:200]}")
+        r = await c.post("/v1/chat/completions", content=bodies["apifast", True].read_bytes())
+        if r.status_code != 200 or not r.text.endswith("data: [DONE]\n\n") or '"cost"' not in r.text:
+            raise RuntimeError(f"ApiFast stream answered {r.status_code}: {r.text[:200]}")
+
+
+def _profile(server: ApiFastServer, seconds: float, out: Path) -> subprocess.Popen[bytes] | None:
+    py_spy = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
+    if not Path(py_spy).exists() or server.proc is None:
+        print("py-spy not found; --profile ignored")
+        return None
+    fmt = "speedscope" if out.suffix == ".json" else "flamegraph"
+    return subprocess.Popen(
+        [py_spy, "record", "-p", str(server.proc.pid), "-o", str(out), "-f", fmt,
+         "-d", str(max(1, int(seconds))), "-r", "250", "--nonblocking"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+
+
+async def run(args: argparse.Namespace) -> dict[str, dict[str, Measured]]:
+    with tempfile.TemporaryDirectory(prefix="apifast-bench-") as tmp:
+        workdir = Path(tmp)
+        bodies = _write_bodies(workdir)
+        upstream = NginxUpstream(workdir).start()
+        results: dict[str, dict[str, Measured]] = {"direct": {}, "apifast": {}}
+        try:
+            if not args.skip_direct:
+                for sc in SCENARIOS:
+                    url = (upstream.stream_base_url if sc.stream else upstream.base_url)
+                    results["direct"][sc.name] = _measure(
+                        url + "/chat/completions", bodies["direct", sc.stream], args
+                    )
+            server = ApiFastServer(workdir, upstream, args.database_url, args.nats_url)
+            try:
+                await server.start()
+                await _check_apifast(server, bodies)
+                url = server.base_url + "/v1/chat/completions"
+                for sc in SCENARIOS:
+                    # Warm-up: connection pools, statement caches, the allocator.
+                    run_wrk(url, bodies["apifast", sc.stream], connections=args.connections,
+                            seconds=args.warmup_seconds, key=server.key)  # fmt: skip
+                for sc in SCENARIOS:
+                    profiler = None
+                    if args.profile and not sc.stream:
+                        profiler = _profile(server, args.seconds, Path(args.profile))
+                    results["apifast"][sc.name] = _measure(
+                        url, bodies["apifast", sc.stream], args, server.key, server
+                    )
+                    if profiler is not None:
+                        profiler.wait(timeout=60)
+                        print(f"profile written to {args.profile}")
+            finally:
+                await server.stop()
+        finally:
+            upstream.stop()
+        return results
+
+
+def _fmt(value: float | None, digits: int = 2) -> str:
+    return "-" if value is None else f"{value:,.{digits}f}"
+
+
+def print_table(results: dict[str, dict[str, Measured]], args: argparse.Namespace) -> bool:
+    rows: list[tuple[str, str, str, str, str]] = []
+    ok = True
+    for sc in SCENARIOS:
+        d = results["direct"].get(sc.name)
+        a = results["apifast"][sc.name]
+        rps_ratio = a.throughput.rps / d.throughput.rps if d else None
+        rows.append((
+            f"{sc.name:<10} req/s @{args.connections} conns",
+            _fmt(d.throughput.rps if d else None, 0), _fmt(a.throughput.rps, 0),
+            f"{rps_ratio:.3f}x" if rps_ratio else "-", "",
+        ))  # fmt: skip
+        for label, attr in (("p50", "p50_ms"), ("p99", "p99_ms")):
+            dv = getattr(d.sequential, attr) if d else None
+            av = getattr(a.sequential, attr)
+            rows.append((
+                f"{sc.name:<10} {label} ms @1 conn",
+                _fmt(dv, 3), _fmt(av, 3),
+                f"{av / dv:.1f}x" if dv else "-",
+                f"+{av - dv:.3f} ms" if dv is not None else "-",
+            ))  # fmt: skip
+        if a.throughput.rps < TARGET_RPS:
+            ok = False
+        if d and a.sequential.p50_ms - d.sequential.p50_ms > TARGET_ADDED_P50_MS:
+            ok = False
+    header = ("", "direct", "ApiFast", "ApiFast/direct", "added")
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(5)]
+    line = "  ".join("-" * w for w in widths)
+    print()
+    print("  ".join(h.ljust(w) if i == 0 else h.rjust(w) for i, (h, w) in enumerate(zip(header, widths, strict=True))))
+    print(line)
+    for r in rows:
+        print("  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths, strict=True))))
+    print(line)
+    for sc in SCENARIOS:
+        a = results["apifast"][sc.name]
+        print(f"ApiFast CPU per {sc.name} request at {args.connections} conns: "
+              f"{_fmt(a.cpu_us_per_request, 0)} us")  # fmt: skip
+    print(f"targets: >= {TARGET_RPS} req/s at {args.connections} conns (3x LiteLLM's ~{LITELLM_RPS}), "
+          f"added p50 <= {TARGET_ADDED_P50_MS} ms at 1 conn: {'MET' if ok else 'NOT MET'}")  # fmt: skip
+    return ok
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--seconds", type=float, default=8, help="each 32-connection run (default 8)")
+    p.add_argument("--latency-seconds", type=float, default=5, help="each 1-connection run")
+    p.add_argument("--warmup-seconds", type=float, default=2)
+    p.add_argument("--connections", type=int, default=32)
+    p.add_argument(
+        "--database-url",
+        default=os.environ.get("APIFAST_BENCH_DATABASE_URL")
+        or os.environ.get("APIFAST_TEST_DATABASE_URL")
+        or "postgresql://postgres@127.0.0.1:5432/postgres",
+        help="an admin DSN; the bench creates and drops its own database",
+    )
+    p.add_argument(
+        "--nats-url",
+        default=os.environ.get("APIFAST_BENCH_NATS_URL")
+        or os.environ.get("APIFAST_TEST_NATS_URL")
+        or "nats://127.0.0.1:4222",
+    )
+    p.add_argument("--skip-direct", action="store_true", help="measure ApiFast only")
+    p.add_argument("--profile", help="py-spy the server during the non-stream 32-conn run (.svg/.json)")
+    p.add_argument("--json", help="also write the figures to this file")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if nginx_binary() is None:
+        return skip("nginx is not installed (Debian: apt-get install -y nginx)")
+    if wrk_binary() is None:
+        return skip("wrk is not installed (Debian: apt-get install -y wrk)")
+    unreachable = asyncio.run(_reachable(args.database_url, args.nats_url))
+    if unreachable:
+        return skip(unreachable)
+    try:
+        import uvloop  # noqa: F401
+        import httptools  # noqa: F401
+    except ImportError as exc:
+        return skip(f"{exc.name} is not installed; ApiFast serves with uvloop and httptools")
+    started = time.monotonic()
+    results = asyncio.run(run(args))
+    print_table(results, args)
+    print(f"(benchmark took {time.monotonic() - started:.0f} s)")
+    if args.json:
+        Path(args.json).write_bytes(orjson.dumps(
+            {t: {s: {"rps_32": m.throughput.rps, "p50_ms_1": m.sequential.p50_ms,
+                     "p99_ms_1": m.sequential.p99_ms, "cpu_us": m.cpu_us_per_request}
+                 for s, m in r.items()} for t, r in results.items()},
+            option=orjson.OPT_INDENT_2,
+        ))  # fmt: skip
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
