@@ -1,0 +1,16 @@
+# One image for the router (`apifast serve`), the meter (`apifast meter`) and migrations.
+FROM python:3.11-slim
+
+ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1
+WORKDIR /app
+COPY pyproject.toml README.md ./
+COPY apifast apifast
+COPY router router
+COPY plugins plugins
+COPY metering metering
+COPY admin admin
+RUN pip install . && useradd --system --home /app apifast && mkdir -p /data && chown apifast /data
+USER apifast
+ENV APIFAST_DATA_DIR=/data APIFAST_HOST=0.0.0.0 APIFAST_PORT=8000
+EXPOSE 8000
+CMD ["apifast", "serve"]
