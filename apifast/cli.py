@@ -75,7 +75,11 @@ def cmd_migrate(settings: Settings, args: argparse.Namespace) -> int:
                 await store.close()
 
         ch_applied = asyncio.run(ch())
-        print("clickhouse applied: " + ", ".join(ch_applied) if ch_applied else "clickhouse is up to date")
+        print(
+            "clickhouse applied: " + ", ".join(ch_applied)
+            if ch_applied
+            else "clickhouse is up to date"
+        )
     return 0
 
 
@@ -135,14 +139,20 @@ def _require(settings: Settings, *names: str) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="apifast", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
-    sub.add_parser("dev", help="run the router and the meter on embedded engines (no services needed)")
+    sub.add_parser(
+        "dev", help="run the router and the meter on embedded engines (no services needed)"
+    )
     sub.add_parser("serve", help="run the router against APIFAST_DATABASE_URL and APIFAST_NATS_URL")
     sub.add_parser("meter", help="run the metering consumer (NATS -> ClickHouse + Postgres)")
     sub.add_parser("migrate", help="apply pending database migrations")
-    keys = sub.add_parser("keys", help="manage API keys").add_subparsers(dest="keys_command", required=True)
+    keys = sub.add_parser("keys", help="manage API keys").add_subparsers(
+        dest="keys_command", required=True
+    )
     create = keys.add_parser("create", help="create a key and print it once")
     create.add_argument("--credit", default="0", help="initial balance in USD, e.g. 5.00")
-    create.add_argument("--json", action="store_true", help='print {"key": ..., "balance_usd": ...}')
+    create.add_argument(
+        "--json", action="store_true", help='print {"key": ..., "balance_usd": ...}'
+    )
     return parser
 
 

@@ -32,8 +32,10 @@ def run_dev(settings: Settings) -> int:
                 print(f"apifast: {exc}", file=sys.stderr)
                 return 2
             url = f"http://{resolved.host}:{resolved.port}"
-            models = "the offline demo model 'apifast-demo'" if resolved.models_file is None else (
-                f"the models in {resolved.models_file}"
+            models = (
+                "the offline demo model 'apifast-demo'"
+                if resolved.models_file is None
+                else (f"the models in {resolved.models_file}")
             )
             print(
                 f"ApiFast dev stack on {url} serving {models}.\n"

@@ -22,13 +22,13 @@ class MoneyError(ValueError):
 def parse_usd(value: object, *, field: str, max_places: int = USD_PLACES) -> Decimal:
     """Parse a price or amount given as a string or int; floats are refused outright."""
     if isinstance(value, bool) or isinstance(value, float):
-        raise MoneyError(f"{field} must be a decimal string such as \"0.50\", not a float")
+        raise MoneyError(f'{field} must be a decimal string such as "0.50", not a float')
     try:
         amount = Decimal(str(value).strip()) if isinstance(value, (str, int, Decimal)) else None
     except InvalidOperation:
         amount = None
     if amount is None or not amount.is_finite():
-        raise MoneyError(f"{field} must be a decimal string such as \"0.50\"")
+        raise MoneyError(f'{field} must be a decimal string such as "0.50"')
     if amount < 0:
         raise MoneyError(f"{field} must not be negative")
     exponent = amount.as_tuple().exponent
@@ -50,7 +50,7 @@ def quantize_up(amount: Decimal) -> Decimal:
 
 
 def format_usd(amount: Decimal) -> str:
-    """A decimal string with no trailing zeros beyond the cents: 5 -> "5.00", 0.0000015 -> "0.0000015"."""
+    """Exact decimal string, trailing zeros dropped past the cents: 5 -> "5.00"."""
     normalized = amount.normalize(_CTX)
     if normalized == 0:
         return "0.00"

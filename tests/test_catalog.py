@@ -47,15 +47,21 @@ def test_cached_and_per_request_prices(tmp_path):
     )
     price = load_catalog(write(tmp_path, text)).models["fast-chat"].price
     usage = Usage(input_tokens=1000, output_tokens=10, cached_tokens=600, cache_write_tokens=100)
-    expected = (Decimal(300) * Decimal("0.5") + Decimal(600) * Decimal("0.05")
-                + Decimal(100) * Decimal("0.625") + Decimal(10) * Decimal("1.5")) / 10**6
+    expected = (
+        Decimal(300) * Decimal("0.5")
+        + Decimal(600) * Decimal("0.05")
+        + Decimal(100) * Decimal("0.625")
+        + Decimal(10) * Decimal("1.5")
+    ) / 10**6
     assert price.cost(usage) == expected + Decimal("0.0001")
 
 
 def test_bare_number_prices_are_read_exactly(tmp_path):
     text = EXAMPLE.replace('"0.50"', "0.1").replace('"1.50"', "0.3")
     price = load_catalog(write(tmp_path, text)).models["fast-chat"].price
-    assert price.input_usd_per_mtok == Decimal("0.1") and price.output_usd_per_mtok == Decimal("0.3")
+    assert price.input_usd_per_mtok == Decimal("0.1") and price.output_usd_per_mtok == Decimal(
+        "0.3"
+    )
 
 
 @pytest.mark.parametrize(
@@ -66,8 +72,10 @@ def test_bare_number_prices_are_read_exactly(tmp_path):
         (('input_usd_per_mtok = "0.50"', 'input_usd_per_mtok = "-1"'), "must not be negative"),
         (('type = "openai"', 'type = "nosuch"'), "unknown provider type 'nosuch'"),
         (('id = "fast-chat"', 'id = "fast-chat"\ncolour = "red"'), "unknown field(s): colour"),
-        (('routes = [ { provider = "local", model = "upstream-model-a" } ]', ''),
-         "needs at least one route"),
+        (
+            ('routes = [ { provider = "local", model = "upstream-model-a" } ]', ""),
+            "needs at least one route",
+        ),
         (("[[models]]", "[[models]\n"), "invalid TOML"),
     ],
 )

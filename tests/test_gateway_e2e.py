@@ -34,8 +34,10 @@ async def test_chat_is_priced_metered_and_debited_exactly(stack: Stack, fake_ope
     assert resp.system_fingerprint is None
     usage = resp.usage
     assert usage is not None
-    expected = (Decimal(usage.prompt_tokens) * Decimal("0.50")
-                + Decimal(usage.completion_tokens) * Decimal("1.50")) / Decimal(1_000_000)
+    expected = (
+        Decimal(usage.prompt_tokens) * Decimal("0.50")
+        + Decimal(usage.completion_tokens) * Decimal("1.50")
+    ) / Decimal(1_000_000)
     raw = await client.chat.completions.with_raw_response.create(
         model="fast-chat", messages=[{"role": "user", "content": "Say hello please"}]
     )
@@ -90,8 +92,10 @@ async def test_stream_reports_usage_and_debits(stack: Stack):
     info = await balance(stack, key)
     cost = Decimal(str(usage.model_extra["cost"])) if usage.model_extra else None
     assert cost is not None
-    assert Decimal(info["spent_usd"]) == (Decimal(usage.prompt_tokens) * Decimal("0.5")
-                                          + Decimal(6) * Decimal("1.5")) / 1_000_000
+    assert (
+        Decimal(info["spent_usd"])
+        == (Decimal(usage.prompt_tokens) * Decimal("0.5") + Decimal(6) * Decimal("1.5")) / 1_000_000
+    )
 
 
 @pytest.mark.parametrize(
@@ -100,15 +104,19 @@ async def test_stream_reports_usage_and_debits(stack: Stack):
         (b"{not json", 400, None),
         (b'{"model": "fast-chat"}', 400, "messages"),
         (b'{"model": "nope", "messages": [{"role": "user", "content": "x"}]}', 404, "model"),
-        (b'{"model": "fast-chat", "messages": [{"role": "user", "content": "x"}], "max_tokens": -1}',
-         400, "max_tokens"),
+        (
+            b'{"model": "fast-chat", "messages": [{"role": "user", "content": "x"}], "max_tokens": -1}',
+            400,
+            "max_tokens",
+        ),
     ],
 )
 async def test_bad_requests_get_openai_errors(stack: Stack, payload: bytes, status: int, param):
     key = await stack.create_key("1.00")
     async with stack.client(key) as c:
-        r = await c.post("/v1/chat/completions", content=payload,
-                         headers={"Content-Type": "application/json"})
+        r = await c.post(
+            "/v1/chat/completions", content=payload, headers={"Content-Type": "application/json"}
+        )
     assert r.status_code == status, r.text
     err = r.json()["error"]
     assert set(err) == {"message", "type", "code", "param"}
@@ -119,12 +127,14 @@ async def test_auth_and_balance_errors(stack: Stack):
     async with stack.client() as c:
         body = {"model": "fast-chat", "messages": [{"role": "user", "content": "hi"}]}
         assert (await c.post("/v1/chat/completions", json=body)).status_code == 401
-        r = await c.post("/v1/chat/completions", json=body,
-                         headers={"Authorization": "Bearer af-typo"})
+        r = await c.post(
+            "/v1/chat/completions", json=body, headers={"Authorization": "Bearer af-typo"}
+        )
         assert r.status_code == 401
         empty = await stack.create_key("0")
-        r = await c.post("/v1/chat/completions", json=body,
-                         headers={"Authorization": f"Bearer {empty}"})
+        r = await c.post(
+            "/v1/chat/completions", json=body, headers={"Authorization": f"Bearer {empty}"}
+        )
         assert r.status_code == 402 and r.json()["error"]["code"] == "insufficient_balance"
 
 

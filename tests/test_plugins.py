@@ -34,7 +34,7 @@ def test_misspelled_hook_fails_start_up():
 
     class Typo:
         @hookimpl
-        def register_provider_typos(self, register):  # noqa: ANN001
+        def register_provider_typos(self, register):
             pass
 
     with pytest.raises(pluggy.PluginValidationError):
@@ -85,7 +85,8 @@ async def test_third_party_plugin_serves_a_model(installed_echo, stack_settings_
         key = await stack.create_key("1.00")
         client = openai.AsyncOpenAI(api_key=key, base_url=stack.base_url + "/v1", max_retries=0)
         resp = await client.chat.completions.create(
-            model="echo-model", messages=[{"role": "user", "content": "a"}, {"role": "user", "content": "b"}]
+            model="echo-model",
+            messages=[{"role": "user", "content": "a"}, {"role": "user", "content": "b"}],
         )
         assert resp.choices[0].message.content == "echo: 2 messages"
         assert resp.usage is not None and resp.usage.prompt_tokens == 20

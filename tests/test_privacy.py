@@ -23,7 +23,7 @@ async def postgres_text(stack: Stack) -> str:
         )
         parts = []
         for row in tables:
-            rows = await conn.fetch(f"SELECT x::text AS v FROM {row['t']} x")  # noqa: S608
+            rows = await conn.fetch(f"SELECT x::text AS v FROM {row['t']} x")
             parts.extend(r["v"] for r in rows)
     return "\n".join(parts)
 
@@ -78,7 +78,9 @@ async def test_canary_is_never_kept(
         )
     # The error request's id is not returned; wait for the two known ones, then for all three.
     await stack.wait_metered(list(set(ids)))
-    await stack.wait_until(lambda: stack.pool.fetchval("SELECT count(*) FROM ledger WHERE kind='usage'"), 3)
+    await stack.wait_until(
+        lambda: stack.pool.fetchval("SELECT count(*) FROM ledger WHERE kind='usage'"), 3
+    )
 
     assert any(CANARY in str(r) for r in fake_openai.requests), "canary never reached upstream"
     assert all("user" not in r for r in fake_openai.requests)

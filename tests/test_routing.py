@@ -51,7 +51,9 @@ async def test_falls_back_on_retryable_errors(
     stack_settings_factory, fake_openai, backup_openai, behaviour
 ):
     fake_openai.behaviour = behaviour
-    async with running_stack(stack_settings_factory(two_route_models(fake_openai.url, backup_openai.url))) as stack:
+    async with running_stack(
+        stack_settings_factory(two_route_models(fake_openai.url, backup_openai.url))
+    ) as stack:
         key = await stack.create_key("1.00")
         resp = await sdk(stack, key).chat.completions.create(
             model="chat", messages=[{"role": "user", "content": "hi"}]
@@ -67,7 +69,9 @@ async def test_falls_back_on_retryable_errors(
 
 async def test_no_fallback_on_client_error(stack_settings_factory, fake_openai, backup_openai):
     fake_openai.behaviour = "error:400"
-    async with running_stack(stack_settings_factory(two_route_models(fake_openai.url, backup_openai.url))) as stack:
+    async with running_stack(
+        stack_settings_factory(two_route_models(fake_openai.url, backup_openai.url))
+    ) as stack:
         key = await stack.create_key("1.00")
         with pytest.raises(openai.BadRequestError) as info:
             await sdk(stack, key).chat.completions.create(
@@ -81,7 +85,9 @@ async def test_all_routes_fail_gives_502_then_nothing_is_charged(
     stack_settings_factory, fake_openai, backup_openai
 ):
     fake_openai.behaviour = backup_openai.behaviour = "error:500"
-    async with running_stack(stack_settings_factory(two_route_models(fake_openai.url, backup_openai.url))) as stack:
+    async with running_stack(
+        stack_settings_factory(two_route_models(fake_openai.url, backup_openai.url))
+    ) as stack:
         key = await stack.create_key("1.00")
         with pytest.raises(openai.APIStatusError) as info:
             await sdk(stack, key).chat.completions.create(
@@ -98,7 +104,8 @@ async def test_all_routes_fail_gives_502_then_nothing_is_charged(
 async def test_timeout_gives_504(stack_settings_factory, fake_openai):
     fake_openai.behaviour = "slow:3"
     models = two_route_models(fake_openai.url, fake_openai.url, timeout_s=1).replace(
-        '{ provider = "backup", model = "m-backup" }', '{ provider = "primary", model = "m2" }')
+        '{ provider = "backup", model = "m-backup" }', '{ provider = "primary", model = "m2" }'
+    )
     async with running_stack(stack_settings_factory(models)) as stack:
         key = await stack.create_key("1.00")
         with pytest.raises(openai.APIStatusError) as info:
@@ -112,12 +119,22 @@ async def test_broken_stream_after_first_byte_ends_with_error_event(
     stack_settings_factory, fake_openai, backup_openai
 ):
     fake_openai.behaviour = "broken"
-    async with running_stack(stack_settings_factory(two_route_models(fake_openai.url, backup_openai.url))) as stack:
+    async with running_stack(
+        stack_settings_factory(two_route_models(fake_openai.url, backup_openai.url))
+    ) as stack:
         key = await stack.create_key("1.00")
-        async with stack.client(key) as c, c.stream(
-            "POST", "/v1/chat/completions",
-            json={"model": "chat", "stream": True, "messages": [{"role": "user", "content": "x"}]},
-        ) as r:
+        async with (
+            stack.client(key) as c,
+            c.stream(
+                "POST",
+                "/v1/chat/completions",
+                json={
+                    "model": "chat",
+                    "stream": True,
+                    "messages": [{"role": "user", "content": "x"}],
+                },
+            ) as r,
+        ):
             body = (await r.aread()).decode()
         assert r.status_code == 200
         assert '"error"' in body and body.rstrip().endswith("data: [DONE]")
@@ -154,18 +171,25 @@ async def test_anthropic_behind_openai_wire_format(stack_settings_factory, monke
             client = sdk(stack, key)
             resp = await client.chat.completions.create(
                 model="smart",
-                messages=[{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"}],
+                messages=[
+                    {"role": "system", "content": "be brief"},
+                    {"role": "user", "content": "hi"},
+                ],
             )
             assert resp.model == "smart" and resp.choices[0].message.content
             assert fake.last_request.body["system"]
             u = resp.usage
             assert u.prompt_tokens_details.cached_tokens == fake.cache_read_tokens
             stream = await client.chat.completions.create(
-                model="smart", messages=[{"role": "user", "content": "hi"}], stream=True,
+                model="smart",
+                messages=[{"role": "user", "content": "hi"}],
+                stream=True,
                 stream_options={"include_usage": True},
             )
             chunks = [c async for c in stream]
-            assert chunks[-1].usage is not None and chunks[-1].usage.prompt_tokens == u.prompt_tokens
+            assert (
+                chunks[-1].usage is not None and chunks[-1].usage.prompt_tokens == u.prompt_tokens
+            )
             await stack.wait_metered([resp.id, chunks[-1].id])
 
 
@@ -173,9 +197,14 @@ async def test_low_balance_lowers_max_tokens(stack):
     # 0.00002 USD covers the input bound and only a few output tokens at $1.50/Mtok.
     key = await stack.create_key("0.0002")
     async with stack.client(key) as c:
-        r = await c.post("/v1/chat/completions", json={
-            "model": "fast-chat", "max_tokens": 100000,
-            "messages": [{"role": "user", "content": "hi"}]})
+        r = await c.post(
+            "/v1/chat/completions",
+            json={
+                "model": "fast-chat",
+                "max_tokens": 100000,
+                "messages": [{"role": "user", "content": "hi"}],
+            },
+        )
     assert r.status_code == 200, r.text
     lowered = int(r.headers["x-apifast-max-tokens-lowered"])
     assert 0 < lowered < 100000
@@ -185,8 +214,11 @@ async def test_body_too_large(stack):
     key = await stack.create_key("1.00")
     async with stack.client(key) as c:
         big = "x" * (stack.settings.max_body_bytes + 10)
-        r = await c.post("/v1/chat/completions", content=big.encode(),
-                         headers={"content-type": "application/json"})
+        r = await c.post(
+            "/v1/chat/completions",
+            content=big.encode(),
+            headers={"content-type": "application/json"},
+        )
     assert r.status_code == 413 and r.json()["error"]["code"] == "body_too_large"
 
 

@@ -26,9 +26,7 @@ def migration_files(engine: str) -> list[tuple[int, str, str]]:
 
 async def migrate(dsn_or_conn: str | asyncpg.Connection) -> list[str]:
     """Apply pending Postgres migrations; returns the names applied (empty when up to date)."""
-    conn = (
-        await asyncpg.connect(dsn_or_conn) if isinstance(dsn_or_conn, str) else dsn_or_conn
-    )
+    conn = await asyncpg.connect(dsn_or_conn) if isinstance(dsn_or_conn, str) else dsn_or_conn
     try:
         async with conn.transaction():
             await conn.execute("SELECT pg_advisory_xact_lock($1)", _LOCK_ID)

@@ -6,7 +6,6 @@ usage with `stream_options.include_usage`, so usage is reported, never guessed.
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -169,7 +168,7 @@ class OpenAIProvider(Provider):
                 await r.read()
                 if r.status != 200:
                     raise UpstreamError(r.status, f"{self.config.name}: HTTP {r.status}")
-        except (TimeoutError, asyncio.TimeoutError):
+        except TimeoutError:
             raise UpstreamTimeout() from None
         except aiohttp.ClientError as exc:
             raise UpstreamError(None, type(exc).__name__) from None

@@ -52,7 +52,7 @@ class FakeOpenAI:
         await self._runner.setup()
         site = web.TCPSite(self._runner, "127.0.0.1", port)
         await site.start()
-        sock = site._server.sockets[0]  # type: ignore[union-attr]  # noqa: SLF001
+        sock = site._server.sockets[0]  # type: ignore[union-attr]
         self.url = f"http://127.0.0.1:{sock.getsockname()[1]}/v1"
         return self
 
@@ -73,9 +73,15 @@ class FakeOpenAI:
         return web.Response(
             status=status,
             body=orjson.dumps(
-                {"error": {"message": "UPSTREAM-SECRET-ERROR-TEXT", "type": "server_error",
-                           "param": None, "code": None}}
-            ),  # fmt: skip
+                {
+                    "error": {
+                        "message": "UPSTREAM-SECRET-ERROR-TEXT",
+                        "type": "server_error",
+                        "param": None,
+                        "code": None,
+                    }
+                }
+            ),
             content_type="application/json",
             headers=self._upstream_headers(),
         )
@@ -133,9 +139,17 @@ class FakeOpenAI:
             return await self._stream(request, body, behaviour, words, finish)
         message: dict[str, Any] = {"role": "assistant", "content": " ".join(words), "refusal": None}
         if behaviour == "tools":
-            message = {"role": "assistant", "content": None, "tool_calls": [{
-                "id": "call_upstream_1", "type": "function",
-                "function": {"name": "get_weather", "arguments": '{"city":"Paris"}'}}]}
+            message = {
+                "role": "assistant",
+                "content": None,
+                "tool_calls": [
+                    {
+                        "id": "call_upstream_1",
+                        "type": "function",
+                        "function": {"name": "get_weather", "arguments": '{"city":"Paris"}'},
+                    }
+                ],
+            }
             finish = "tool_calls"
         out = {
             "id": "chatcmpl-UPSTREAMID",
@@ -143,7 +157,9 @@ class FakeOpenAI:
             "created": int(time.time()),
             "model": body.get("model"),
             "system_fingerprint": "fp_upstream_secret",
-            "choices": [{"index": 0, "message": message, "logprobs": None, "finish_reason": finish}],
+            "choices": [
+                {"index": 0, "message": message, "logprobs": None, "finish_reason": finish}
+            ],
             "usage": self._usage(body, len(words)),
             "service_tier": "default",
         }
@@ -151,16 +167,30 @@ class FakeOpenAI:
                             headers=self._upstream_headers())  # fmt: skip
 
     async def _stream(
-        self, request: web.Request, body: dict[str, Any], behaviour: str, words: list[str], finish: str
+        self,
+        request: web.Request,
+        body: dict[str, Any],
+        behaviour: str,
+        words: list[str],
+        finish: str,
     ) -> web.StreamResponse:
-        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", **self._upstream_headers()})
+        resp = web.StreamResponse(
+            headers={"Content-Type": "text/event-stream", **self._upstream_headers()}
+        )
         await resp.prepare(request)
         created = int(time.time())
 
         def chunk(delta: dict[str, Any], finish_reason: str | None = None) -> bytes:
-            c = {"id": "chatcmpl-UPSTREAMID", "object": "chat.completion.chunk", "created": created,
-                 "model": body.get("model"), "system_fingerprint": "fp_upstream_secret",
-                 "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}]}
+            c = {
+                "id": "chatcmpl-UPSTREAMID",
+                "object": "chat.completion.chunk",
+                "created": created,
+                "model": body.get("model"),
+                "system_fingerprint": "fp_upstream_secret",
+                "choices": [
+                    {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
+                ],
+            }
             return b"data: " + orjson.dumps(c) + b"\n\n"
 
         await resp.write(chunk({"role": "assistant", "content": ""}))
@@ -175,8 +205,14 @@ class FakeOpenAI:
         await resp.write(chunk({}, finish))
         include = (body.get("stream_options") or {}).get("include_usage")
         if include and behaviour != "nousage":
-            u = {"id": "chatcmpl-UPSTREAMID", "object": "chat.completion.chunk", "created": created,
-                 "model": body.get("model"), "choices": [], "usage": self._usage(body, len(words))}
+            u = {
+                "id": "chatcmpl-UPSTREAMID",
+                "object": "chat.completion.chunk",
+                "created": created,
+                "model": body.get("model"),
+                "choices": [],
+                "usage": self._usage(body, len(words)),
+            }
             await resp.write(b"data: " + orjson.dumps(u) + b"\n\n")
         await resp.write(b"data: [DONE]\n\n")
         await resp.write_eof()
