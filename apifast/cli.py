@@ -20,7 +20,7 @@ def _configure_logging(settings: Settings) -> None:
     )
 
 
-def _run_uvicorn(app: object, settings: Settings) -> None:
+def _run_uvicorn(app: object, settings: Settings, **options: object) -> None:
     import signal
 
     import uvicorn
@@ -39,6 +39,7 @@ def _run_uvicorn(app: object, settings: Settings) -> None:
         log_level=settings.log_level.lower(),
         h11_max_incomplete_event_size=settings.max_header_bytes,
         timeout_graceful_shutdown=30,
+        **options,  # type: ignore[arg-type]
     )
 
 
@@ -46,7 +47,13 @@ def cmd_serve(settings: Settings, args: argparse.Namespace) -> int:
     from router.app import create_app
 
     _require(settings, "database_url", "nats_url")
-    _run_uvicorn(create_app(settings), settings)
+    if settings.workers > 1:
+        if settings.clickhouse_url.startswith("chdb"):
+            raise SystemExit("apifast: a chdb path opens in one process only; use workers = 1")
+        # Each worker process builds its own app (and pools) from the environment.
+        _run_uvicorn("router.app:create_app", settings, factory=True, workers=settings.workers)
+    else:
+        _run_uvicorn(create_app(settings), settings)
     return 0
 
 

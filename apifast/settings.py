@@ -94,5 +94,22 @@ class Settings(BaseSettings):
     encryption_keys: str = ""
     # --- end of payments block ---------------------------------------------------------------
 
+    # --- Admin panel, dashboards and the live catalog (issue #4) ----------------------------
+    # Serve /admin on this router (the key holder's /dashboard is always served).
+    admin_enabled: bool = True
+    # Drop the session cookie's Secure flag. Honoured only for plain-http requests to a
+    # loopback host (local development); anywhere else the cookie stays Secure.
+    admin_insecure_cookie: bool = False
+    # A session ends after this long without a request, and this long after login at most.
+    admin_session_idle_s: int = Field(default=30 * 60, ge=60)
+    admin_session_max_s: int = Field(default=12 * 3600, ge=300)
+    # Login attempts allowed per client IP per window (in memory only; IPs are never stored).
+    admin_login_rate_limit: int = Field(default=10, ge=1)
+    admin_login_window_s: float = Field(default=900.0, gt=0)
+    # Routers re-read the models and providers stored in Postgres when told by NOTIFY, and
+    # also poll for a change this often in case a notification was missed.
+    catalog_poll_s: float = Field(default=5.0, gt=0)
+    # --- end of admin block ------------------------------------------------------------------
+
     def resolved_data_dir(self) -> Path:
         return self.data_dir.expanduser().resolve()

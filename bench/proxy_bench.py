@@ -25,13 +25,13 @@ if __package__ in (None, ""):
     # Run as `python bench/proxy_bench.py`: make the repository root importable.
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import asyncpg  # noqa: E402
-import httpx  # noqa: E402
-import orjson  # noqa: E402
+import asyncpg
+import httpx
+import orjson
 
-from bench.apifast_server import CHAT_MODEL, STREAM_MODEL, ApiFastServer  # noqa: E402
-from bench.nginx_upstream import UPSTREAM_MODEL, NginxUpstream, nginx_binary  # noqa: E402
-from bench.wrk import WrkResult, run_wrk, wrk_binary  # noqa: E402
+from bench.apifast_server import CHAT_MODEL, STREAM_MODEL, ApiFastServer
+from bench.nginx_upstream import UPSTREAM_MODEL, NginxUpstream, nginx_binary
+from bench.wrk import WrkResult, run_wrk, wrk_binary
 
 LITELLM_RPS = 150  # LiteLLM 1.108.7, one worker, nginx fake, on these 2-core machines
 TARGET_ADDED_P50_MS = 1.0
@@ -64,7 +64,8 @@ SCENARIOS = (Scenario("non-stream", False), Scenario("stream", True))
 class Measured:
     throughput: WrkResult
     sequential: WrkResult
-    cpu_us_per_request: float | None = None
+    cpu_us_per_request: float | None = None  # the server's CPU time, at 32 connections
+    cpu_us_sequential: float | None = None  # the same at one connection
 
 
 def skip(reason: str) -> int:
@@ -76,7 +77,7 @@ async def _reachable(dsn: str, nats_url: str) -> str | None:
     try:
         conn = await asyncpg.connect(dsn, timeout=3)
         await conn.close()
-    except Exception as exc:  # noqa: BLE001 - reported as a skip reason
+    except Exception as exc:
         return f"Postgres at {dsn} is not reachable ({type(exc).__name__})"
     import nats
 
@@ -84,7 +85,7 @@ async def _reachable(dsn: str, nats_url: str) -> str | None:
         nc = await nats.connect(nats_url, connect_timeout=2, max_reconnect_attempts=0)
         await nc.jetstream().account_info()
         await nc.close()
-    except Exception as exc:  # noqa: BLE001
+    except Exception as exc:
         return f"NATS JetStream at {nats_url} is not reachable ({type(exc).__name__})"
     return None
 
@@ -106,15 +107,23 @@ def _measure(
     url: str, body: Path, args: argparse.Namespace, key: str = "",
     server: ApiFastServer | None = None,
 ) -> Measured:  # fmt: skip
-    cpu0 = server.cpu_seconds() if server else 0.0
+    cpu = [0.0, 0.0, 0.0]
+    cpu[0] = server.cpu_seconds() if server else 0.0
     many = run_wrk(url, body, connections=args.connections, seconds=args.seconds, key=key)
-    cpu = (server.cpu_seconds() - cpu0) if server else None
+    cpu[1] = server.cpu_seconds() if server else 0.0
     one = run_wrk(url, body, connections=1, seconds=args.latency_seconds, key=key)
+    cpu[2] = server.cpu_seconds() if server else 0.0
     for run in (many, one):
         if run.errors:
             raise RuntimeError(f"{run.errors} failed requests against {url}")
-    per_request = cpu / many.requests * 1e6 if cpu is not None and many.requests else None
-    return Measured(many, one, per_request)
+    if server is None:
+        return Measured(many, one)
+    return Measured(
+        many,
+        one,
+        (cpu[1] - cpu[0]) / max(1, many.requests) * 1e6,
+        (cpu[2] - cpu[1]) / max(1, one.requests) * 1e6,
+    )
 
 
 async def _check_apifast(server: ApiFastServer, bodies: dict[tuple[str, bool], Path]) -> None:
@@ -125,7 +134,11 @@ async def _check_apifast(server: ApiFastServer, bodies: dict[tuple[str, bool], P
         if r.status_code != 200 or "cost" not in r.json().get("usage", {}):
             raise RuntimeError(f"ApiFast answered {r.status_code}: {r.text[:200]}")
         r = await c.post("/v1/chat/completions", content=bodies["apifast", True].read_bytes())
-        if r.status_code != 200 or not r.text.endswith("data: [DONE]\n\n") or '"cost"' not in r.text:
+        if (
+            r.status_code != 200
+            or not r.text.endswith("data: [DONE]\n\n")
+            or '"cost"' not in r.text
+        ):
             raise RuntimeError(f"ApiFast stream answered {r.status_code}: {r.text[:200]}")
 
 
@@ -151,7 +164,7 @@ async def run(args: argparse.Namespace) -> dict[str, dict[str, Measured]]:
         try:
             if not args.skip_direct:
                 for sc in SCENARIOS:
-                    url = (upstream.stream_base_url if sc.stream else upstream.base_url)
+                    url = upstream.stream_base_url if sc.stream else upstream.base_url
                     results["direct"][sc.name] = _measure(
                         url + "/chat/completions", bodies["direct", sc.stream], args
                     )
@@ -214,22 +227,34 @@ def print_table(results: dict[str, dict[str, Measured]], args: argparse.Namespac
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(5)]
     line = "  ".join("-" * w for w in widths)
     print()
-    print("  ".join(h.ljust(w) if i == 0 else h.rjust(w) for i, (h, w) in enumerate(zip(header, widths, strict=True))))
+    print(
+        "  ".join(
+            h.ljust(w) if i == 0 else h.rjust(w)
+            for i, (h, w) in enumerate(zip(header, widths, strict=True))
+        )
+    )
     print(line)
     for r in rows:
-        print("  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths, strict=True))))
+        print(
+            "  ".join(
+                c.ljust(w) if i == 0 else c.rjust(w)
+                for i, (c, w) in enumerate(zip(r, widths, strict=True))
+            )
+        )
     print(line)
     for sc in SCENARIOS:
         a = results["apifast"][sc.name]
-        print(f"ApiFast CPU per {sc.name} request at {args.connections} conns: "
-              f"{_fmt(a.cpu_us_per_request, 0)} us")  # fmt: skip
+        print(f"ApiFast CPU per {sc.name} request: {_fmt(a.cpu_us_per_request, 0)} us at "
+              f"{args.connections} conns, {_fmt(a.cpu_us_sequential, 0)} us at 1")  # fmt: skip
     print(f"targets: >= {TARGET_RPS} req/s at {args.connections} conns (3x LiteLLM's ~{LITELLM_RPS}), "
           f"added p50 <= {TARGET_ADDED_P50_MS} ms at 1 conn: {'MET' if ok else 'NOT MET'}")  # fmt: skip
     return ok
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--seconds", type=float, default=8, help="each 32-connection run (default 8)")
     p.add_argument("--latency-seconds", type=float, default=5, help="each 1-connection run")
     p.add_argument("--warmup-seconds", type=float, default=2)
@@ -248,7 +273,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         or "nats://127.0.0.1:4222",
     )
     p.add_argument("--skip-direct", action="store_true", help="measure ApiFast only")
-    p.add_argument("--profile", help="py-spy the server during the non-stream 32-conn run (.svg/.json)")
+    p.add_argument(
+        "--profile", help="py-spy the server during the non-stream 32-conn run (.svg/.json)"
+    )
     p.add_argument("--json", help="also write the figures to this file")
     return p.parse_args(argv)
 
@@ -263,8 +290,8 @@ def main(argv: list[str] | None = None) -> int:
     if unreachable:
         return skip(unreachable)
     try:
-        import uvloop  # noqa: F401
         import httptools  # noqa: F401
+        import uvloop  # noqa: F401
     except ImportError as exc:
         return skip(f"{exc.name} is not installed; ApiFast serves with uvloop and httptools")
     started = time.monotonic()
@@ -274,7 +301,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         Path(args.json).write_bytes(orjson.dumps(
             {t: {s: {"rps_32": m.throughput.rps, "p50_ms_1": m.sequential.p50_ms,
-                     "p99_ms_1": m.sequential.p99_ms, "cpu_us": m.cpu_us_per_request}
+                     "p99_ms_1": m.sequential.p99_ms, "cpu_us": m.cpu_us_per_request,
+                     "cpu_us_1": m.cpu_us_sequential}
                  for s, m in r.items()} for t, r in results.items()},
             option=orjson.OPT_INDENT_2,
         ))  # fmt: skip

@@ -1,9 +1,14 @@
 """`apifast meter`: a durable JetStream pull consumer.
 
-For each batch: insert the events ClickHouse does not have yet, then debit Postgres (the
-ledger's unique generation id drops repeats), then ack. A failure in either store naks the
-batch, which is redelivered later; both steps are idempotent, so a redelivery or a meter
-killed mid-batch neither loses nor doubles anything.
+For each batch: debit Postgres (the ledger's unique generation id drops repeats), then insert
+the events ClickHouse does not have yet, then ack. Money goes first so that balances do not
+wait on analytics. When either store fails the batch is nak'ed and nothing is acked; the
+meter backs off and retries until the store is back, then catches up on the backlog. Both
+steps are idempotent, so a redelivery or a meter killed mid-batch neither loses nor doubles
+anything.
+
+Reservations of crashed routers are released once they expire, but only while the meter is
+caught up with the stream: an event still waiting in the stream settles its own hold.
 """
 
 from __future__ import annotations
@@ -11,6 +16,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
+from decimal import Decimal, InvalidOperation
 from typing import Any
 
 import asyncpg
@@ -25,7 +32,55 @@ from metering.ledger import debit_batch, release_expired
 
 log = logging.getLogger("apifast.meter")
 
-_REQUIRED = ("generation_id", "key_hash", "model", "cost_usd", "ts")
+_UINT32 = 1 << 32
+_TOKEN_FIELDS = (
+    "input_tokens", "output_tokens", "cached_tokens", "cache_write_tokens", "reasoning_tokens",
+    "latency_ms", "ttft_ms",
+)  # fmt: skip
+_MAX_BACKOFF_S = 30.0
+_RELEASE_EVERY_S = 30.0
+
+
+def event_problem(event: Any) -> str | None:
+    """Why an event can never be stored (so it must not block the stream), or None.
+
+    Only what would make a write fail forever is checked: a batch that fails is retried
+    until it succeeds, so one poisoned event would otherwise stop all billing.
+    """
+    if not isinstance(event, dict):
+        return "not an object"
+    gid = event.get("generation_id")
+    if not isinstance(gid, str) or not gid or len(gid) > 200:
+        return "bad generation_id"
+    key_hash = event.get("key_hash")
+    if not isinstance(key_hash, str) or len(key_hash) != 64:
+        return "bad key_hash"
+    try:
+        bytes.fromhex(key_hash)
+    except ValueError:
+        return "bad key_hash"
+    if not isinstance(event.get("model"), str):
+        return "bad model"
+    if "cost_usd" not in event:
+        return "no cost_usd"
+    for name in ("cost_usd", "upstream_cost_usd"):
+        try:
+            amount = Decimal(str(event.get(name, "0")))
+        except InvalidOperation:
+            return f"bad {name}"
+        if not amount.is_finite() or amount < 0 or amount >= Decimal(10) ** 18:
+            return f"bad {name}"
+    ts = event.get("ts")
+    if not isinstance(ts, int) or not 0 < ts < 1 << 45:
+        return "bad ts"
+    for name in _TOKEN_FIELDS:
+        value = event.get(name, 0)
+        if not isinstance(value, int) or not 0 <= value < _UINT32:
+            return f"bad {name}"
+    status = event.get("status", 200)
+    if not isinstance(status, int) or not 0 <= status < 1 << 16:
+        return "bad status"
+    return None
 
 
 class Meter:
@@ -40,6 +95,7 @@ class Meter:
         clickhouse: ClickHouseStore,
         batch_size: int = 500,
         batch_wait_s: float = 0.5,
+        ack_wait_s: float = 60.0,
     ) -> None:
         self.nats_url = nats_url
         self.stream = stream
@@ -49,7 +105,9 @@ class Meter:
         self.clickhouse = clickhouse
         self.batch_size = batch_size
         self.batch_wait_s = batch_wait_s
+        self.ack_wait_s = ack_wait_s
         self.processed = 0  # events newly counted, for tests and logs
+        self.failures = 0  # batches that failed and were nak'ed
         self._stop = asyncio.Event()
         self.idle = asyncio.Event()  # set whenever a fetch came back empty
 
@@ -65,7 +123,7 @@ class Meter:
                     await self._consume()
                 except asyncio.CancelledError:
                     raise
-                except Exception as exc:  # noqa: BLE001 - retried after a pause
+                except Exception as exc:  # retried after a pause
                     log.warning("meter: %s; retrying", type(exc).__name__)
                     await self._sleep(1.0)
         finally:
@@ -79,11 +137,13 @@ class Meter:
 
     async def _release_expired_forever(self) -> None:
         while not self._stop.is_set():
+            # Only when caught up: a hold whose event is still in the stream is not abandoned.
+            await self.idle.wait()
             try:
                 await release_expired(self.pool)
-            except Exception as exc:  # noqa: BLE001 - Postgres may be down; try later
+            except Exception as exc:  # Postgres may be down; try later
                 log.warning("meter: releasing expired holds failed: %s", type(exc).__name__)
-            await self._sleep(30)
+            await self._sleep(_RELEASE_EVERY_S)
 
     async def _consume(self) -> None:
         nc = await nats.connect(
@@ -100,10 +160,13 @@ class Meter:
                 config=ConsumerConfig(
                     ack_policy=AckPolicy.EXPLICIT,
                     deliver_policy=DeliverPolicy.ALL,
-                    ack_wait=60,
+                    ack_wait=self.ack_wait_s,
                     max_ack_pending=self.batch_size * 4,
                 ),
             )
+            info = await sub.consumer_info()
+            ack_wait = info.config.ack_wait or self.ack_wait_s
+            backoff = 0.0
             while not self._stop.is_set():
                 try:
                     msgs = await sub.fetch(self.batch_size, timeout=self.batch_wait_s)
@@ -114,41 +177,68 @@ class Meter:
                     self.idle.set()
                     continue
                 self.idle.clear()
-                await self._handle(msgs)
+                if await self._handle(msgs, ack_wait):
+                    backoff = 0.0
+                    continue
+                # A store is down: nothing was acked. Wait, then take the batch again.
+                backoff = min(_MAX_BACKOFF_S, max(0.5, backoff * 2))
+                await self._sleep(backoff)
         finally:
             with contextlib.suppress(Exception):
                 await nc.close()
 
-    async def _handle(self, msgs: list[Msg]) -> None:
+    async def _handle(self, msgs: list[Msg], ack_wait: float) -> bool:
+        """Store a batch and ack it; False (and every message nak'ed) when a store failed."""
         events: list[dict[str, Any]] = []
         good: list[Msg] = []
         for msg in msgs:
             try:
                 event = orjson.loads(msg.data)
-                if not isinstance(event, dict) or any(k not in event for k in _REQUIRED):
-                    raise ValueError("missing fields")
+                problem = event_problem(event)
             except ValueError:
-                # A malformed event can never succeed: terminate it instead of looping.
-                log.error("meter: dropping malformed event (seq %s)", msg.metadata.sequence.stream)
+                problem = "not JSON"
+            if problem is not None:
+                # It can never succeed: terminate it instead of blocking every later event.
+                log.error("meter: dropping malformed event (seq %s): %s",
+                          msg.metadata.sequence.stream, problem)  # fmt: skip
                 await msg.term()
                 continue
             events.append(event)
             good.append(msg)
         if not events:
-            return
+            return True
+        heartbeat = asyncio.create_task(_keep_in_progress(good, ack_wait))
         try:
             await self.process(events)
-        except Exception:
+        except Exception as exc:
+            self.failures += 1
+            log.warning("meter: batch of %d failed (%s); will retry", len(good), type(exc).__name__)
             for msg in good:
                 with contextlib.suppress(Exception):
-                    await msg.nak(delay=2)
-            raise
+                    await msg.nak(delay=1)
+            return False
+        finally:
+            heartbeat.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await heartbeat
         for msg in good:
             await msg.ack()
+        return True
 
     async def process(self, events: list[dict[str, Any]]) -> None:
-        """Write to ClickHouse, then debit Postgres. Safe to call again with the same events."""
+        """Debit Postgres, then write to ClickHouse. Safe to call again with the same events."""
         unique = list({e["generation_id"]: e for e in events}.values())
-        await self.clickhouse.insert_new_events(unique)
         counted = await debit_batch(self.pool, unique)
+        await self.clickhouse.insert_new_events(unique)
         self.processed += len(counted)
+
+
+async def _keep_in_progress(msgs: list[Msg], ack_wait: float) -> None:
+    """Tell the server the batch is still being worked on, so a slow store does not get
+    it redelivered (to another meter) while this one still holds it."""
+    interval = max(0.5, ack_wait / 3) if math.isfinite(ack_wait) else 10.0
+    while True:
+        await asyncio.sleep(interval)
+        for msg in msgs:
+            with contextlib.suppress(Exception):
+                await msg.in_progress()

@@ -14,6 +14,7 @@ import orjson
 from fastapi import FastAPI
 from starlette.requests import Request
 from starlette.responses import Response
+from starlette.types import Receive, Scope, Send
 
 from apifast import __version__
 from apifast.db import create_pool
@@ -23,6 +24,7 @@ from apifast.settings import Settings
 from router import (
     chat,
     embeddings,
+    fast_path,
     key_api,
     models_api,
     orders_api,  # payments (issue #3)
@@ -41,6 +43,18 @@ log = logging.getLogger("apifast")
 # A background service started after the core state exists; it gets the state and returns
 # an async "stop" callable. Features (payments, admin, ...) append theirs in create_app.
 Service = Callable[[RouterState], Awaitable[Callable[[], Awaitable[None]]]]
+
+
+class ApiFastApp(FastAPI):
+    """FastAPI, except that chat completions skip the framework (see router/fast_path.py)."""
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if fast_path.handles(scope):
+            state = getattr(self.state, "apifast", None)
+            if state is not None:
+                await fast_path.serve_chat(state, scope, receive, send)
+                return
+        await super().__call__(scope, receive, send)
 
 
 def load_configured_catalog(settings: Settings, known_types: set[str]) -> Catalog:
@@ -152,7 +166,7 @@ def create_app(
                 await clickhouse.close()
             await pool.close()
 
-    app = FastAPI(
+    app = ApiFastApp(
         title="ApiFast",
         version=__version__,
         description="Anonymous, prepaid, OpenAI-compatible LLM API gateway.",

@@ -9,7 +9,10 @@ from router.errors import ApiError
 
 
 def bearer_key(request: Request) -> str:
-    header = request.headers.get("authorization")
+    return bearer_key_from_header(request.headers.get("authorization"))
+
+
+def bearer_key_from_header(header: str | None) -> str:
     if not header:
         raise ApiError(
             401,
@@ -29,3 +32,7 @@ def bearer_key(request: Request) -> str:
 
 def key_hash_from_request(request: Request, secret: bytes) -> bytes:
     return hash_key(secret, bearer_key(request))
+
+
+def key_hash_from_header(header: str | None, secret: bytes) -> bytes:
+    return hash_key(secret, bearer_key_from_header(header))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
 from typing import Any
 
 import anyio
@@ -84,10 +85,14 @@ def input_token_bound(raw: bytes, body: dict[str, Any]) -> int:
     return len(raw) + _MESSAGE_OVERHEAD_TOKENS * (len(messages) + 1)
 
 
-def estimate_delivered(raw: bytes, chars: int, pieces: int) -> Usage:
+def estimate_delivered(raw: bytes, chars: int, pieces: int, max_output: int | None = None) -> Usage:
     """The documented estimate when a stream ends without upstream usage: input is the body
-    size / 4, output the larger of the content pieces delivered and delivered chars / 4."""
-    return Usage(input_tokens=math.ceil(len(raw) / 4), output_tokens=max(pieces, math.ceil(chars / 4)))
+    size / 4, output the larger of the content pieces delivered and delivered chars / 4, but
+    never more than the max_tokens sent upstream (the hold covers no more)."""
+    output = max(pieces, math.ceil(chars / 4))
+    if max_output is not None:
+        output = min(output, max_output)
+    return Usage(input_tokens=math.ceil(len(raw) / 4), output_tokens=output)
 
 
 def _delta_chars(chunk: dict[str, Any]) -> int:
@@ -106,12 +111,36 @@ def _delta_chars(chunk: dict[str, Any]) -> int:
     return total
 
 
+@dataclass(slots=True)
+class ChatReply:
+    """What a chat call answers with 200: a JSON body, or an SSE stream (`stream` is set).
+    Iterating `stream` to its end or closing it settles the request."""
+
+    headers: dict[str, str] = field(default_factory=dict)
+    content: bytes = b""
+    stream: AsyncIterator[bytes] | None = None
+
+
+STREAM_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+
+
 @api.post("/v1/chat/completions", openapi_extra=_CHAT_BODY_SCHEMA)
 async def chat_completions(request: Request) -> Response:
+    # The server normally answers this path in router/fast_path.py, without the framework;
+    # this route serves the OpenAPI schema and any request the fast path passes on.
     state: RouterState = request.app.state.apifast
     started = time.time()
     key_hash = key_hash_from_request(request, state.secret)
     raw = await read_body(request, state.settings.max_body_bytes)
+    reply = await handle_chat(state, key_hash, raw, started)
+    if reply.stream is not None:
+        media_type = "text/event-stream"
+        return StreamingResponse(reply.stream, media_type=media_type, headers=reply.headers)
+    return Response(reply.content, media_type="application/json", headers=reply.headers)
+
+
+async def handle_chat(state: RouterState, key_hash: bytes, raw: bytes, started: float) -> ChatReply:
+    """Everything after authentication and reading the body; raises ApiError on refusal."""
     body = parse_json_object(raw)
     model = find_model(state, model_name(body), "chat")
     stream, include_usage, asked, n = validate_chat(body)
@@ -171,7 +200,7 @@ def _finish(state: RouterState, event: UsageEvent, model: Model, route: Route | 
 
 async def _complete(
     state: RouterState, model: Model, ubody: dict[str, Any], event: UsageEvent, headers: dict[str, str]
-) -> Response:
+) -> ChatReply:
     async def call(provider: Provider, route: Route) -> Any:
         return await provider.chat(ChatRequest(body={**ubody, "model": route.model}, model=route.model))
 
@@ -186,7 +215,7 @@ async def _complete(
     event.ttft_ms = round((time.time() - event.started_at) * 1000)
     _finish(state, event, model, route)
     content = completion_body(result.body, event.generation_id, model.id, result.usage, event.cost_usd)
-    return Response(content, media_type="application/json", headers=headers)
+    return ChatReply(headers, content)
 
 
 async def _stream(
@@ -197,7 +226,7 @@ async def _stream(
     raw: bytes,
     include_usage: bool,
     headers: dict[str, str],
-) -> Response:
+) -> ChatReply:
     async def open_stream(provider: Provider, route: Route) -> tuple[AsyncIterator[StreamItem], StreamItem]:
         request = ChatRequest(body={**ubody, "model": route.model}, model=route.model, stream=True)
         iterator = provider.stream_chat(request).__aiter__()
@@ -231,54 +260,51 @@ async def _stream(
         if upstream_usage:
             event.usage = upstream_usage[-1]
         else:
-            event.usage = estimate_delivered(raw, tally["chars"], tally["pieces"])
+            sent_cap = ubody.get("max_completion_tokens") or ubody.get("max_tokens")
+            max_output = sent_cap * (ubody.get("n") or 1) if isinstance(sent_cap, int) else None
+            event.usage = estimate_delivered(raw, tally["chars"], tally["pieces"], max_output)
             event.usage_estimated = True
         _finish(state, event, model, route)
 
-    async def relay() -> AsyncIterator[bytes]:
+    async def body_iter() -> AsyncIterator[bytes]:
+        # One generator for the whole relay: a nested one would cost a frame per chunk.
         event.outcome = "client_disconnect"  # until the stream is seen to the end
         item: StreamItem = first
+        generation_id, public_model = event.generation_id, model.id
         try:
-            while True:
-                if isinstance(item, Usage):
-                    upstream_usage.append(item)
-                else:
-                    if not event.ttft_ms:
-                        event.ttft_ms = round((time.time() - event.started_at) * 1000)
-                    chars = _delta_chars(item)
-                    if chars:
-                        tally["chars"] += chars
-                        tally["pieces"] += 1
-                    yield chunk_bytes(item, event.generation_id, model.id, created)
-                try:
-                    item = await iterator.__anext__()
-                except StopAsyncIteration:
-                    break
-            event.outcome = "ok"
-        except UpstreamError as exc:
-            event.outcome = "upstream_error"
-            event.status = 504 if isinstance(exc, UpstreamTimeout) else 502
-            yield error_event_bytes("The model provider's stream failed.", event.status)
-        settle()
-        if include_usage:
-            yield usage_chunk_bytes(event.generation_id, model.id, created, event.usage, event.cost_usd)
-        yield DONE
-
-    async def body_iter() -> AsyncIterator[bytes]:
-        try:
-            async for piece in relay():
-                yield piece
+            try:
+                while True:
+                    if isinstance(item, Usage):
+                        upstream_usage.append(item)
+                    else:
+                        if not event.ttft_ms:
+                            event.ttft_ms = round((time.time() - event.started_at) * 1000)
+                        chars = _delta_chars(item)
+                        if chars:
+                            tally["chars"] += chars
+                            tally["pieces"] += 1
+                        yield chunk_bytes(item, generation_id, public_model, created)
+                    try:
+                        item = await iterator.__anext__()
+                    except StopAsyncIteration:
+                        break
+                event.outcome = "ok"
+            except UpstreamError as exc:
+                event.outcome = "upstream_error"
+                event.status = 504 if isinstance(exc, UpstreamTimeout) else 502
+                yield error_event_bytes("The model provider's stream failed.", event.status)
+            settle()
+            if include_usage:
+                usage, cost = event.usage, event.cost_usd
+                yield usage_chunk_bytes(generation_id, public_model, created, usage, cost)
+            yield DONE
         finally:
             # Runs on a client disconnect too: bill what was delivered, close the upstream.
             settle()
             with anyio.CancelScope(shield=True):
                 await _close_quietly(iterator)
 
-    return StreamingResponse(
-        body_iter(),
-        media_type="text/event-stream",
-        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no", **headers},
-    )
+    return ChatReply({**STREAM_HEADERS, **headers}, stream=body_iter())
 
 
 async def _close_quietly(iterator: AsyncIterator[StreamItem]) -> None:

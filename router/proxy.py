@@ -8,7 +8,8 @@ from collections.abc import Awaitable, Callable
 from decimal import Decimal
 from typing import TypeVar
 
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
+from starlette.types import Receive
 
 from apifast.providers import Provider, UpstreamError, UpstreamTimeout
 from router.catalog import Model, Route
@@ -36,6 +37,28 @@ async def read_body(request: Request, limit: int) -> bytes:
             raise ApiError(413, f"request body is larger than {limit} bytes", code="body_too_large")
         chunks.append(chunk)
     return b"".join(chunks)
+
+
+async def read_asgi_body(content_length: str | None, receive: Receive, limit: int) -> bytes:
+    """`read_body` for a raw ASGI request; raises ClientDisconnect if the client goes away."""
+    if content_length is not None and content_length.isdigit() and int(content_length) > limit:
+        raise ApiError(413, f"request body is larger than {limit} bytes", code="body_too_large")
+    chunks = []
+    size = 0
+    while True:
+        message = await receive()
+        if message["type"] != "http.request":
+            raise ClientDisconnect()
+        chunk = message.get("body", b"")
+        size += len(chunk)
+        if size > limit:
+            raise ApiError(413, f"request body is larger than {limit} bytes", code="body_too_large")
+        if not message.get("more_body", False):
+            if not chunks:
+                return chunk  # the usual case: the whole body in one message
+            chunks.append(chunk)
+            return b"".join(chunks)
+        chunks.append(chunk)
 
 
 def find_model(state: RouterState, model_id: str, kind: str) -> Model:

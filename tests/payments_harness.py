@@ -73,6 +73,13 @@ class PayEnv:
         return self.np.payment_for_order(order_id).payment_id
 
 
+def _write_models(data_dir: Path, text: str) -> Path:
+    data_dir.mkdir(parents=True, exist_ok=True)
+    models_file = data_dir / "models.toml"
+    models_file.write_text(text)
+    return models_file
+
+
 @contextlib.asynccontextmanager
 async def payments_env(
     *,
@@ -86,9 +93,7 @@ async def payments_env(
     np = await FakeNowPayments().start()
     btcpay = await FakeBTCPay().start()
     mailbox = Mailbox().start()
-    models_file = data_dir / "models.toml"
-    data_dir.mkdir(parents=True, exist_ok=True)
-    models_file.write_text(models_toml(upstream.url))
+    models_file = _write_models(data_dir, models_toml(upstream.url))
     values: dict[str, Any] = {
         "nowpayments_api_key": np.api_key,
         "nowpayments_ipn_secret": np.ipn_secret,

@@ -3,12 +3,19 @@
 
 from __future__ import annotations
 
+import hashlib
+import hmac
+import json
+import re
+import types
 from collections.abc import AsyncIterator
 from decimal import Decimal
+from pathlib import Path
 
 import pytest
+from aiohttp import web
 
-from apifast.payments import PaymentError, PaymentOrder, PaymentStatus
+from apifast.payments import PaymentError, PaymentOrder, PaymentStatus, WebhookSignatureError
 from apifast.plugins import make_plugin_manager, payment_processor_types
 from apifast.settings import Settings
 from plugins.payments.btcpay import BTCPayProcessor
@@ -203,3 +210,67 @@ async def test_btcpay_auth_and_store_errors(fake_btcpay: FakeBTCPay) -> None:
     with pytest.raises(PaymentError, match="store-not-found"):
         await wrong_store.create_payment(PaymentOrder(order_id="o", amount_usd=Decimal("1")))
     await wrong_store.close()
+
+
+# --- the example processor in docs/plugins.md --------------------------------------------------
+
+
+def _doc_example() -> types.ModuleType:
+    text = (Path(__file__).resolve().parent.parent / "docs" / "plugins.md").read_text()
+    block = re.search(r"```python\n(# apifast_examplepay\.py\n.*?)```", text, re.S)
+    assert block, "docs/plugins.md lost its payment example"
+    module = types.ModuleType("apifast_examplepay")
+    exec(compile(block.group(1), "docs/plugins.md", "exec"), module.__dict__)
+    return module
+
+
+async def test_documented_example_processor_works(monkeypatch: pytest.MonkeyPatch) -> None:
+    checkouts: dict[str, dict[str, str]] = {}
+
+    async def create(request: web.Request) -> web.Response:
+        body = await request.json()
+        checkout = {"id": f"co{len(checkouts) + 1}", "status": "open", "amount": body["amount"],
+                    "reference": body["reference"], "url": "http://127.0.0.1/pay"}  # fmt: skip
+        checkouts[checkout["id"]] = checkout
+        return web.json_response(checkout)
+
+    async def read(request: web.Request) -> web.Response:
+        return web.json_response(checkouts[request.match_info["id"]])
+
+    app = web.Application()
+    app.router.add_post("/checkouts", create)
+    app.router.add_get("/checkouts/{id}", read)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", 0).start()
+    url = f"http://127.0.0.1:{runner.addresses[0][1]}"
+    try:
+        module = _doc_example()
+        types_found = payment_processor_types(make_plugin_manager(extra_plugins=(module,)))
+        cls = types_found["examplepay"]
+        settings = Settings(_env_file=None)  # type: ignore[call-arg]
+        assert cls.from_settings(settings) is None
+        monkeypatch.setenv("EXAMPLEPAY_URL", url)
+        monkeypatch.setenv("EXAMPLEPAY_API_KEY", "k")
+        monkeypatch.setenv("EXAMPLEPAY_WEBHOOK_SECRET", "whsec")
+        processor = cls.from_settings(settings)
+        await processor.start()
+        created = await processor.create_payment(
+            PaymentOrder(order_id="ord_x", amount_usd=Decimal("9.50"))
+        )
+        assert created.payment_id == "co1"
+        checkouts["co1"]["status"] = "paid"
+        update = await processor.fetch_payment("co1")
+        assert (update.status, update.credit_usd, update.order_id) == (
+            PaymentStatus.FINISHED,
+            Decimal("9.50"),
+            "ord_x",
+        )
+        raw = json.dumps({"checkout": checkouts["co1"]}).encode()
+        sig = hmac.new(b"whsec", raw, hashlib.sha256).hexdigest()
+        assert processor.verify_webhook({"x-examplepay-signature": sig}, raw) == update
+        with pytest.raises(WebhookSignatureError):
+            processor.verify_webhook({"x-examplepay-signature": sig}, raw + b" ")
+        await processor.close()
+    finally:
+        await runner.cleanup()

@@ -354,3 +354,12 @@ def test_btcpay_malformed_event_is_a_payload_error() -> None:
 def test_fake_btcpay_signs_like_btcpay() -> None:
     fake = FakeBTCPay(webhook_secret="HelloWorld")
     assert fake.sign(BTCPAY_BODY) == BTCPAY_SIG
+
+
+def test_absurd_bodies_are_payload_errors_not_crashes() -> None:
+    deep = b"[" * 100_000 + b"]" * 100_000
+    for raw in (deep, b'{"a": NaN}', b'{"a": 1e400}', b"\xff\xfe"):
+        with pytest.raises(WebhookPayloadError):
+            _nowpayments().verify_webhook({"x-nowpayments-sig": "ab"}, raw)
+        with pytest.raises(WebhookPayloadError):
+            _btcpay().verify_webhook({"BTCPay-Sig": webhook_signature("HelloWorld", raw)}, raw)

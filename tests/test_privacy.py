@@ -34,8 +34,11 @@ async def clickhouse_text(stack: Stack) -> str:
                                {"db": store.database})  # fmt: skip
     parts = []
     for t in tables:
-        rows = await store.query(f"SELECT * FROM {store.database}.`{t['name']}`", {})
-        parts.extend(repr(r) for r in rows)
+        # formatRow renders every column type as text, aggregate states included.
+        rows = await store.query(
+            f"SELECT formatRowNoNewline('TSV', *) AS row FROM {store.database}.`{t['name']}`", {}
+        )
+        parts.extend(r["row"] for r in rows)
     return "\n".join(parts)
 
 

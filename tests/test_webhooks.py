@@ -89,7 +89,11 @@ async def test_partial_payment_credits_in_proportion_then_the_rest(env: PayEnv) 
     assert await env.np.deliver(partial) == 200
     assert await env.balance(key) == Decimal("2.50")
     info = await env.get_order(key, order_id)
-    assert (info["status"], info["credited_usd"], info["closed"]) == ("partially_paid", "2.50", True)
+    assert (info["status"], info["credited_usd"], info["closed"]) == (
+        "partially_paid",
+        "2.50",
+        True,
+    )
     # The processor later reports the payment finished: only the difference is credited.
     finished = env.np.pay(pid)
     assert await env.np.deliver(finished) == 200
@@ -230,6 +234,35 @@ async def test_btcpay_partial_payment_then_expiry(env: PayEnv) -> None:
         assert await env.btcpay.deliver(event) == 200
     assert await env.balance(key) == Decimal("5.00")
     assert (await env.get_order(key, order_id))["status"] == "partially_paid"
+
+
+async def test_btcpay_payment_after_expiry_is_credited(env: PayEnv) -> None:
+    order = await env.new_order("9.00", processor="btcpay")
+    key, order_id = order["api_key"], order["order_id"]
+    invoice = env.btcpay.invoice_for_order(order_id)
+    for event in env.btcpay.expire(invoice.id):
+        assert await env.btcpay.deliver(event) == 200
+    assert (await env.get_order(key, order_id))["status"] == "expired"
+    late = env.btcpay.pay(invoice.id)  # only "received payment (after expiration)" is sent
+    assert [e["type"] for e in late] == ["InvoiceReceivedPayment"]
+    assert late[0]["afterExpiration"] is True
+    assert await env.btcpay.deliver(late[0]) == 200
+    assert await env.balance(key) == Decimal("9.00")
+    assert (await env.get_order(key, order_id))["status"] == "finished"
+
+
+async def test_btcpay_webhook_gets_502_when_the_invoice_cannot_be_fetched(env: PayEnv) -> None:
+    order = await env.new_order("9.00", processor="btcpay")
+    invoice = env.btcpay.invoice_for_order(order["order_id"])
+    events = env.btcpay.pay(invoice.id) + env.btcpay.settle(invoice.id)
+    saved, env.btcpay.api_key = env.btcpay.api_key, "rotated"
+    try:
+        assert await env.btcpay.deliver(events[-1]) == 502  # BTCPay will deliver it again
+    finally:
+        env.btcpay.api_key = saved
+    assert await env.balance(order["api_key"]) == 0
+    assert await env.btcpay.deliver(events[-1], redelivery=True) == 200
+    assert await env.balance(order["api_key"]) == Decimal("9.00")
 
 
 async def test_btcpay_invalid_closes(env: PayEnv) -> None:

@@ -192,7 +192,7 @@ class BTCPayProcessor(PaymentProcessor):
             raise WebhookSignatureError("signature does not match")
         try:
             event = json.loads(raw_body, parse_float=Decimal)
-        except (ValueError, UnicodeDecodeError) as exc:
+        except (ValueError, RecursionError) as exc:
             raise WebhookPayloadError("body is not JSON") from exc
         if not isinstance(event, dict):
             raise WebhookPayloadError("body is not a JSON object")

@@ -40,6 +40,7 @@ log = logging.getLogger("apifast.payments.nowpayments")
 
 SIGNATURE_HEADER = "x-nowpayments-sig"
 _MIN_AMOUNT_TTL_S = 3600.0
+_MIN_AMOUNT_RETRY_S = 60.0
 _CENT = Decimal("0.01")
 
 
@@ -175,7 +176,10 @@ class NowPaymentsProcessor(PaymentProcessor):
             )
         except PaymentError as exc:
             log.warning("nowpayments min-amount for %s failed: %s", coin, exc)
-            return cached[1] if cached else None
+            # Keep what we had, and ask again in a minute rather than on every request.
+            fallback = cached[1] if cached else None
+            self._min_cache[coin] = (now - _MIN_AMOUNT_TTL_S + _MIN_AMOUNT_RETRY_S, fallback)
+            return fallback
         value = _decimal(answer.get("fiat_equivalent")) if isinstance(answer, dict) else None
         minimum = value.quantize(_CENT, rounding=ROUND_CEILING) if value is not None else None
         self._min_cache[coin] = (now, minimum)
@@ -226,11 +230,11 @@ class NowPaymentsProcessor(PaymentProcessor):
             raise WebhookSignatureError(f"missing {SIGNATURE_HEADER} header")
         try:
             body = loads_exact(raw_body)
-        except (ValueError, UnicodeDecodeError) as exc:
+        except (ValueError, RecursionError) as exc:
             raise WebhookPayloadError("body is not JSON") from exc
         try:
             expected = ipn_signature(self._ipn_secret, body)
-        except (TypeError, ValueError) as exc:
+        except (TypeError, ValueError, RecursionError) as exc:
             raise WebhookPayloadError("body cannot be canonicalized") from exc
         if not hmac.compare_digest(expected.encode(), signature.encode("ascii", "replace")):
             raise WebhookSignatureError("signature does not match")

@@ -1,8 +1,14 @@
--- One key's most recent requests; LIMIT 1 BY hides a duplicate not yet merged away.
-SELECT generation_id, model, endpoint, stream, input_tokens, output_tokens, cached_tokens,
-       reasoning_tokens, cost_usd, latency_ms, ttft_ms, status, outcome, ts
-FROM usage_events
-WHERE key_hash = {key_hash:String}
+-- One key's most recent requests. The inner query reads the key's rows newest first along
+-- the sort key; LIMIT 1 BY hides a duplicate that a merge has not yet collapsed.
+SELECT *
+FROM (
+    SELECT generation_id, model, endpoint, stream, input_tokens, output_tokens, cached_tokens,
+           reasoning_tokens, cost_usd, latency_ms, ttft_ms, status, outcome, ts
+    FROM usage_events
+    WHERE key_hash = {key_hash:String}
+    ORDER BY ts DESC
+    LIMIT {limit:UInt32} * 2
+)
 ORDER BY ts DESC
 LIMIT 1 BY generation_id
 LIMIT {limit:UInt32}

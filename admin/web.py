@@ -1,0 +1,174 @@
+"""What every admin page shares: templates, security headers, the session guard, the CSRF
+check and the audit trail."""
+
+from __future__ import annotations
+
+import hmac
+from dataclasses import dataclass
+from decimal import Decimal
+from typing import Any
+from urllib.parse import quote, urlsplit
+
+import jinja2
+import orjson
+from fastapi import FastAPI
+from starlette.datastructures import FormData
+from starlette.requests import Request
+from starlette.responses import HTMLResponse, RedirectResponse, Response
+
+from admin.sessions import AdminSession, SessionCodec, live_session, read_cookie
+from apifast import __version__
+from apifast.db import Queries
+from apifast.money import format_usd
+from router.state import RouterState
+
+Q = Queries()
+
+# Pages load only this origin's scripts, styles and fetches; nothing may frame them.
+PAGE_CSP = (
+    "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
+    "connect-src 'self'; font-src 'self'; form-action 'self'; frame-ancestors 'none'; "
+    "base-uri 'none'"
+)
+SECURITY_HEADERS = {
+    "Content-Security-Policy": PAGE_CSP,
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "no-referrer",
+    "X-Frame-Options": "DENY",
+    "Cross-Origin-Opener-Policy": "same-origin",
+    "Cross-Origin-Resource-Policy": "same-origin",
+    "Permissions-Policy": "camera=(), microphone=(), geolocation=(), interest-cohort=()",
+    "Cache-Control": "no-store",
+}
+
+
+class LoginRequired(Exception):  # noqa: N818 - a control-flow signal, not an error
+    def __init__(self, next_path: str = "/admin/") -> None:
+        super().__init__(next_path)
+        self.next_path = next_path
+
+
+class Forbidden(Exception):  # noqa: N818
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+@dataclass(frozen=True, slots=True)
+class Ctx:
+    """An authenticated admin request."""
+
+    request: Request
+    state: RouterState
+    session: AdminSession
+
+    @property
+    def pool(self) -> Any:
+        return self.state.pool
+
+
+def make_templates() -> jinja2.Environment:
+    env = jinja2.Environment(
+        loader=jinja2.PackageLoader("admin", "templates"),
+        autoescape=True,
+        undefined=jinja2.StrictUndefined,
+        trim_blocks=True,
+        lstrip_blocks=True,
+    )
+    env.filters["usd"] = lambda v: format_usd(Decimal(v)) if v is not None else ""
+    env.filters["signed_usd"] = _signed_usd
+    env.filters["when"] = lambda t: t.strftime("%Y-%m-%d %H:%M:%S UTC") if t else ""
+    env.filters["json"] = lambda v: orjson.dumps(v).decode()
+    env.globals["version"] = __version__
+    return env
+
+
+def _signed_usd(value: Decimal) -> str:
+    return ("+" if value >= 0 else "-") + format_usd(abs(Decimal(value)))
+
+
+def secure_headers(response: Response) -> Response:
+    for name, value in SECURITY_HEADERS.items():
+        response.headers.setdefault(name, value)
+    return response
+
+
+def render(request: Request, template: str, status: int = 200, **context: Any) -> HTMLResponse:
+    env: jinja2.Environment = request.app.state.admin_templates
+    html = env.get_template(template).render(request_path=request.url.path, **context)
+    return secure_headers(HTMLResponse(html, status_code=status))  # type: ignore[return-value]
+
+
+def redirect(url: str) -> Response:
+    return secure_headers(RedirectResponse(url, status_code=303))
+
+
+def state_of(request: Request) -> RouterState:
+    state: RouterState = request.app.state.apifast
+    return state
+
+
+def codec(request: Request) -> SessionCodec:
+    return SessionCodec(state_of(request).secret)
+
+
+async def admin_ctx(request: Request) -> Ctx:
+    """FastAPI dependency: the live admin session, else off to /admin/login."""
+    state = state_of(request)
+    c = codec(request)
+    token = c.token_from_cookie(read_cookie(request))
+    session_id = None if token is None else await live_session(state.pool, state.settings, token)
+    if token is None or session_id is None:
+        target = request.url.path if request.method == "GET" else "/admin/"
+        raise LoginRequired(target)
+    return Ctx(request, state, AdminSession(session_id, token, c.csrf_for(token)))
+
+
+def check_origin(request: Request) -> None:
+    """Refuse a cross-site form post (defence in depth behind the CSRF token)."""
+    if request.headers.get("sec-fetch-site") == "cross-site":
+        raise Forbidden("Cross-site request refused.")
+    origin = request.headers.get("origin")
+    if origin and origin != "null":
+        allowed = {request.headers.get("host", "")}
+        public = state_of(request).settings.public_url
+        if public:
+            allowed.add(urlsplit(public).netloc)
+        if urlsplit(origin).netloc not in allowed:
+            raise Forbidden("Cross-origin request refused.")
+
+
+async def form_with_csrf(ctx: Ctx) -> FormData:
+    """The posted form, once its CSRF token has been checked (403 without a good one)."""
+    check_origin(ctx.request)
+    form = await ctx.request.form()
+    sent = form.get("csrf")
+    if not isinstance(sent, str) or not hmac.compare_digest(sent, ctx.session.csrf):
+        raise Forbidden("Missing or invalid CSRF token. Reload the page and try again.")
+    return form
+
+
+def field(form: FormData, name: str, default: str = "", limit: int = 10_000) -> str:
+    value = form.get(name)
+    return value.strip()[:limit] if isinstance(value, str) else default
+
+
+async def audit(
+    pool: Any, session_id: int | None, action: str, target: str = "", **detail: Any
+) -> None:
+    await pool.execute(
+        Q.admin_audit_insert, session_id, action, target, orjson.dumps(detail, default=str).decode()
+    )
+
+
+def install_handlers(app: FastAPI) -> None:
+    async def login_required(request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, LoginRequired)
+        return redirect("/admin/login?next=" + quote(exc.next_path, safe="/"))
+
+    async def forbidden(request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, Forbidden)
+        return render(request, "error.html", status=403, title="Forbidden", message=exc.message)
+
+    app.add_exception_handler(LoginRequired, login_required)
+    app.add_exception_handler(Forbidden, forbidden)

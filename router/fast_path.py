@@ -1,0 +1,109 @@
+"""POST /v1/chat/completions answered straight from ASGI, without the framework's routing,
+middleware and response classes, which cost more CPU than the proxying itself.
+
+The work is `chat.handle_chat`, shared with the FastAPI route (which still serves the OpenAPI
+schema). Answers are byte-for-byte those of the route: the same statuses, headers and bodies,
+and a client that disconnects mid-stream is billed for what it received, as before.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+from starlette.requests import ClientDisconnect
+from starlette.types import Message, Receive, Scope, Send
+
+from router.auth import key_hash_from_header
+from router.chat import ChatReply, handle_chat
+from router.errors import ApiError
+from router.proxy import read_asgi_body
+from router.state import RouterState
+
+log = logging.getLogger("apifast.router")
+
+CHAT_PATH = "/v1/chat/completions"
+_JSON = b"application/json"
+_SSE = b"text/event-stream; charset=utf-8"
+
+
+def handles(scope: Scope) -> bool:
+    return scope["type"] == "http" and scope["path"] == CHAT_PATH and scope["method"] == "POST"
+
+
+async def serve_chat(state: RouterState, scope: Scope, receive: Receive, send: Send) -> None:
+    started = time.time()
+    authorization = content_length = None
+    for name, value in scope["headers"]:
+        # First occurrence wins, as with Starlette's Headers.get().
+        if name == b"authorization":
+            if authorization is None:
+                authorization = value.decode("latin-1")
+        elif name == b"content-length" and content_length is None:
+            content_length = value.decode("latin-1")
+    try:
+        key_hash = key_hash_from_header(authorization, state.secret)
+        raw = await read_asgi_body(content_length, receive, state.settings.max_body_bytes)
+        reply = await handle_chat(state, key_hash, raw, started)
+    except ApiError as exc:
+        await exc.response()(scope, receive, send)
+        return
+    except ClientDisconnect:
+        return
+    except Exception as exc:
+        # The exception text could echo request content: log the type only.
+        log.error("unhandled %s on POST %s", type(exc).__name__, CHAT_PATH)
+        await ApiError(500, "internal error", type="api_error").response()(scope, receive, send)
+        return
+    headers = [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in reply.headers.items()]
+    if reply.stream is None:
+        headers.append((b"content-length", str(len(reply.content)).encode()))
+        headers.append((b"content-type", _JSON))
+        await send({"type": "http.response.start", "status": 200, "headers": headers})
+        await send({"type": "http.response.body", "body": reply.content})
+        return
+    headers.append((b"content-type", _SSE))
+    await _relay(reply, headers, receive, send)
+
+
+async def _relay(
+    reply: ChatReply, headers: list[tuple[bytes, bytes]], receive: Receive, send: Send
+) -> None:
+    """Send the stream; a client disconnect cancels it at once, wherever it is waiting."""
+    stream = reply.stream
+    assert stream is not None
+    task = asyncio.current_task()
+    assert task is not None
+    state = {"done": False, "gone": False}
+
+    def on_disconnect(watcher: asyncio.Future[None]) -> None:
+        if not state["done"] and not watcher.cancelled():
+            state["gone"] = True
+            task.cancel()
+
+    watcher = asyncio.ensure_future(_disconnected(receive))
+    watcher.add_done_callback(on_disconnect)
+    try:
+        await send({"type": "http.response.start", "status": 200, "headers": headers})
+        async for piece in stream:
+            await send({"type": "http.response.body", "body": piece, "more_body": True})
+        # The server reports a disconnect once the response is complete: not a client's.
+        state["done"] = True
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
+    except asyncio.CancelledError:
+        if not state["gone"]:
+            raise
+        task.uncancel()
+    finally:
+        state["done"] = True
+        watcher.cancel()
+        # Settles the request (billing what was delivered) if the stream did not finish.
+        await stream.aclose()  # type: ignore[attr-defined]
+
+
+async def _disconnected(receive: Receive) -> None:
+    while True:
+        message: Message = await receive()
+        if message["type"] == "http.disconnect":
+            return
