@@ -48,6 +48,10 @@ class Window:
     def trunc(self) -> str:
         return "hour" if self.bucket_s == HOUR else "day"
 
+    @property
+    def last_day(self) -> date:
+        return (self.end - timedelta(microseconds=1)).date()
+
     def buckets(self) -> list[datetime]:
         step = timedelta(seconds=self.bucket_s)
         out, t = [], self.start
@@ -113,7 +117,8 @@ async def usage_figures(clickhouse: Any, w: Window) -> dict[str, Any]:
             "active_keys": int(keys_total.get("active_keys") or 0),
             "spend": format_usd(spend),
             "upstream_cost": format_usd(upstream),
-            "margin": format_usd(spend - upstream) if spend >= upstream
+            "margin": format_usd(spend - upstream)
+            if spend >= upstream
             else "-" + format_usd(upstream - spend),
         },
         "series": {
@@ -144,7 +149,8 @@ def _breakdown(row: dict[str, Any]) -> dict[str, Any]:
         "p95_ms": str(round(p95)),
         "spend": format_usd(spend),
         "upstream_cost": format_usd(upstream),
-        "margin": format_usd(spend - upstream) if spend >= upstream
+        "margin": format_usd(spend - upstream)
+        if spend >= upstream
         else "-" + format_usd(upstream - spend),
     }
 

@@ -79,13 +79,16 @@ def routes_text(spec: dict[str, Any]) -> str:
     for r in spec.get("routes", []):
         parts = [str(r.get("provider", "")), str(r.get("model", ""))]
         if "cost_input_usd_per_mtok" in r:
-            parts += [str(r["cost_input_usd_per_mtok"]), str(r.get("cost_output_usd_per_mtok", "0"))]
+            parts += [
+                str(r["cost_input_usd_per_mtok"]),
+                str(r.get("cost_output_usd_per_mtok", "0")),
+            ]
         lines.append(" ".join(parts))
     return "\n".join(lines)
 
 
 def model_form_values(model_id: str, spec: dict[str, Any], enabled: bool) -> dict[str, Any]:
-    values = {name: str(spec.get(name, "")) for name in PRICE_FIELDS}
+    values: dict[str, Any] = {name: str(spec.get(name, "")) for name in PRICE_FIELDS}
     values.update(
         id=model_id,
         type=spec.get("type", "chat"),

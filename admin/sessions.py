@@ -111,7 +111,9 @@ async def create_session(pool: asyncpg.Pool, settings: Settings) -> tuple[int, b
 
 async def live_session(pool: asyncpg.Pool, settings: Settings, token: bytes) -> int | None:
     """The session's id if it is live (and mark it used now), else None."""
-    row = await pool.fetchrow(Q.admin_session_touch, token_hash(token), settings.admin_session_idle_s)
+    row = await pool.fetchrow(
+        Q.admin_session_touch, token_hash(token), settings.admin_session_idle_s
+    )
     return None if row is None else int(row["id"])
 
 
@@ -160,12 +162,16 @@ def set_cookie(response: Response, request: Request, settings: Settings, value: 
         path="/",
         secure=secure,
         httponly=True,
-        samesite="strict",
+        samesite="Strict",  # type: ignore[arg-type]  # the usual spelling; any case is valid
     )
 
 
 def clear_cookie(response: Response, request: Request, settings: Settings) -> None:
     secure = cookie_is_secure(request, settings)
     response.delete_cookie(
-        cookie_name(secure), path="/", secure=secure, httponly=True, samesite="strict"
+        cookie_name(secure),
+        path="/",
+        secure=secure,
+        httponly=True,
+        samesite="Strict",  # type: ignore[arg-type]
     )

@@ -11,7 +11,16 @@ from starlette.responses import Response
 from admin.passwords import verify_password
 from admin.sessions import clear_cookie, create_session, end_session, set_cookie
 from admin.web import (
-    Ctx, Forbidden, admin_ctx, audit, check_origin, codec, field, form_with_csrf, redirect, render,
+    Ctx,
+    Forbidden,
+    admin_ctx,
+    audit,
+    check_origin,
+    codec,
+    field,
+    form_with_csrf,
+    redirect,
+    render,
     state_of,
 )  # fmt: skip
 from apifast.db import Queries
@@ -48,7 +57,7 @@ def _login_page(request: Request, status: int = 200, error: str = "",
 
 
 @router.get("/admin/login")
-async def login_form(request: Request, next: str = "/admin/") -> Response:  # noqa: A002
+async def login_form(request: Request, next: str = "/admin/") -> Response:
     state = state_of(request)
     configured = await state.pool.fetchval(Q.admin_password_get) is not None
     return _login_page(request, next_path=_safe_next(next), configured=configured)

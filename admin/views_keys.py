@@ -3,8 +3,10 @@ hand with a reason, disable or enable it. /admin/orders: orders and their status
 
 from __future__ import annotations
 
+import re
 import secrets
 from datetime import UTC, date, datetime, timedelta
+from urllib.parse import quote
 
 from fastapi import APIRouter, Depends
 from starlette.responses import Response
@@ -18,6 +20,7 @@ router = APIRouter()
 Q = Queries()
 PREFIX_LEN = len(PREFIX) + 8  # what api_keys.prefix holds (apifast.keys.key_prefix)
 MAX_ADJUST_USD = 1_000_000
+AMOUNT = re.compile(r"^\d{1,7}(\.\d{1,12})?$")
 
 
 def _like_prefix(text: str) -> str:
@@ -27,16 +30,24 @@ def _like_prefix(text: str) -> str:
 
 @router.get("/admin/keys")
 async def keys_page(q: str = "", ctx: Ctx = Depends(admin_ctx)) -> Response:
-    q = q.strip()
-    if q and is_well_formed(q):
-        # A whole key was pasted: find it by its hash (the key itself is never shown back).
+    """Keys whose prefix starts with `q` (a whole key is looked up by POST, never by URL)."""
+    q = q.strip()[:PREFIX_LEN]
+    rows = await ctx.pool.fetch(Q.admin_keys_find, _like_prefix(q), 50)
+    return render(ctx.request, "keys.html", ctx=ctx, rows=rows, q=q)
+
+
+@router.post("/admin/keys/find")
+async def find_key(ctx: Ctx = Depends(admin_ctx)) -> Response:
+    """Find by a pasted key or prefix. Posted, so that a whole key stays out of URLs and
+    browser history; a whole key is only hashed, like a request's."""
+    form = await form_with_csrf(ctx)
+    q = field(form, "q", limit=200)
+    if is_well_formed(q):
         key_id = await ctx.pool.fetchval(Q.admin_key_by_hash, hash_key(ctx.state.secret, q))
         if key_id is not None:
             return redirect(f"/admin/keys/{key_id}")
-        rows = []
-    else:
-        rows = await ctx.pool.fetch(Q.admin_keys_find, _like_prefix(q[:PREFIX_LEN]), 50)
-    return render(ctx.request, "keys.html", ctx=ctx, rows=rows, q="" if is_well_formed(q) else q)
+        return render(ctx.request, "keys.html", status=404, ctx=ctx, rows=[], q="")
+    return redirect("/admin/keys?q=" + quote(q[:PREFIX_LEN], safe=""))
 
 
 async def _key_page(ctx: Ctx, key_id: int, *, error: str = "", status: int = 200,
@@ -61,7 +72,10 @@ async def adjust(key_id: int, ctx: Ctx = Depends(admin_ctx)) -> Response:
     direction = field(form, "direction")
     reason = field(form, "reason", limit=500)
     try:
-        amount = parse_usd(field(form, "amount", limit=40), field="amount")
+        raw = field(form, "amount", limit=40)
+        if not AMOUNT.match(raw):
+            raise MoneyError("amount must be a plain decimal such as 5.00")
+        amount = parse_usd(raw, field="amount")
         if amount <= 0 or amount > MAX_ADJUST_USD:
             raise MoneyError(f"amount must be above 0 and at most {MAX_ADJUST_USD}")
         if direction not in ("credit", "debit"):
@@ -118,6 +132,6 @@ async def orders_page(status: str = "", start: str = "", end: str = "",
     statuses = [r["status"] for r in await ctx.pool.fetch(Q.admin_order_statuses)]
     return render(
         ctx.request, "orders.html", ctx=ctx, orders=orders, history=history, statuses=statuses,
-        status=status, start=start_day.isoformat(), end=end_day.isoformat(),
+        status_filter=status, start=start_day.isoformat(), end=end_day.isoformat(),
         truncated=len(orders) == limit,
     )  # fmt: skip

@@ -12,7 +12,13 @@ import orjson
 from fastapi import APIRouter, Depends
 from starlette.responses import Response
 
-from admin.catalog_forms import FormError, model_form_values, model_spec, parse_model_form
+from admin.catalog_forms import (
+    PRICE_FIELDS,
+    FormError,
+    model_form_values,
+    model_spec,
+    parse_model_form,
+)  # fmt: skip
 from admin.web import Ctx, admin_ctx, audit, field, form_with_csrf, redirect, render
 from apifast.db import Queries
 from router.catalog import MODEL_KINDS, Catalog
@@ -20,6 +26,9 @@ from router.catalog_sync import CatalogSync, StoredModel, load_overlay
 
 router = APIRouter()
 Q = Queries()
+_EDITOR_FIELDS = (
+    "id", "type", "description", *PRICE_FIELDS, "max_output_tokens", "context_window", "routes",
+)  # fmt: skip
 
 
 def sync_of(ctx: Ctx) -> CatalogSync:
@@ -75,8 +84,9 @@ async def new_model(ctx: Ctx = Depends(admin_ctx)) -> Response:
     return _editor(ctx, model_form_values("", blank, True), is_new=True)
 
 
-def _current_spec(catalog: Catalog, base: Catalog, model_id: str,
-                  stored: dict[str, StoredModel]) -> tuple[dict[str, Any], bool] | None:  # fmt: skip
+def _current_spec(
+    catalog: Catalog, base: Catalog, model_id: str, stored: dict[str, StoredModel]
+) -> tuple[dict[str, Any], bool] | None:
     if model_id in stored:
         return stored[model_id].spec, stored[model_id].enabled
     model = catalog.models.get(model_id) or base.models.get(model_id)
@@ -84,7 +94,7 @@ def _current_spec(catalog: Catalog, base: Catalog, model_id: str,
 
 
 @router.get("/admin/models/edit")
-async def edit_model(id: str, ctx: Ctx = Depends(admin_ctx)) -> Response:  # noqa: A002
+async def edit_model(id: str, ctx: Ctx = Depends(admin_ctx)) -> Response:
     found = _current_spec(ctx.state.catalog, sync_of(ctx).base, id, await stored_models(ctx))
     if found is None:
         return render(ctx.request, "error.html", status=404, title="Not found",
@@ -99,16 +109,15 @@ async def save_model(ctx: Ctx = Depends(admin_ctx)) -> Response:
     try:
         parsed = parse_model_form(form, set(ctx.state.catalog.providers))
     except FormError as exc:
-        values = {k: v for k, v in form.items() if isinstance(v, str)}
+        values: dict[str, Any] = {k: field(form, k) for k in _EDITOR_FIELDS}
         values["enabled"] = form.get("enabled") == "on"
-        values.setdefault("routes", "")
         return _editor(ctx, values, is_new=is_new, error=str(exc), status=400)
     stored = await stored_models(ctx)
     before = _current_spec(ctx.state.catalog, sync_of(ctx).base, parsed.id, stored)
     if is_new and before is not None:
         values = model_form_values(parsed.id, parsed.spec, parsed.enabled)
-        return _editor(ctx, values, is_new=True, status=409,
-                       error=f"id: a model {parsed.id!r} already exists; edit it instead")  # fmt: skip
+        error = f"id: a model {parsed.id!r} already exists; edit it instead"
+        return _editor(ctx, values, is_new=True, status=409, error=error)
     await ctx.pool.execute(
         Q.admin_model_upsert, parsed.id, orjson.dumps(parsed.spec).decode(), parsed.enabled
     )
@@ -134,7 +143,9 @@ async def _set_enabled(ctx: Ctx, enabled: bool) -> Response:
                       message=f"No model {model_id!r}.")  # fmt: skip
     spec, _ = found
     await ctx.pool.execute(Q.admin_model_upsert, model_id, orjson.dumps(spec).decode(), enabled)
-    await audit(ctx.pool, ctx.session.id, "model_enabled" if enabled else "model_disabled", model_id)
+    await audit(
+        ctx.pool, ctx.session.id, "model_enabled" if enabled else "model_disabled", model_id
+    )
     await sync_of(ctx).refresh()
     return redirect("/admin/models?saved=" + _q(model_id))
 

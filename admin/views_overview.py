@@ -59,7 +59,7 @@ def _charts(labels: list[str], usage: dict[str, Any] | None, credit: dict[str, A
 
 @router.get("/admin/")
 async def overview(
-    range: str = "7d",  # noqa: A002 - the query parameter's name
+    range: str = "7d",
     start: str | None = None,
     end: str | None = None,
     ctx: Ctx = Depends(admin_ctx),

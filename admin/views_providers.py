@@ -20,12 +20,17 @@ from apifast.db import Queries
 from apifast.emailcrypt import EncryptedKey, KeyRingError
 from apifast.providers import UpstreamError
 from router.catalog_sync import (
-    StoredProvider, load_overlay, mask_secret, open_api_key, seal_api_key,
+    StoredProvider,
+    load_overlay,
+    mask_secret,
+    open_api_key,
+    seal_api_key,
 )  # fmt: skip
 
 router = APIRouter()
 Q = Queries()
 TEST_TIMEOUT_S = 20.0
+_EDITOR_FIELDS = ("name", "type", "base_url", "api_key_env", "timeout_s", "connect_timeout_s")
 
 
 async def stored_providers(ctx: Ctx) -> dict[str, StoredProvider]:
@@ -137,7 +142,7 @@ async def save_provider(ctx: Ctx = Depends(admin_ctx)) -> Response:
         if is_new and (row is not None or name in ctx.state.catalog.providers):
             raise FormError(f"name: a provider {name!r} already exists; edit it instead")
     except FormError as exc:
-        values = {k: v for k, v in form.items() if isinstance(v, str) and k != "api_key"}
+        values = {k: field(form, k) for k in _EDITOR_FIELDS}
         key = "none" if is_new else _key_display(ctx, name, row)
         return _editor(ctx, values, is_new=is_new, key=key, error=str(exc), status=400)
     if parsed.api_key:

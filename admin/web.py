@@ -42,13 +42,13 @@ SECURITY_HEADERS = {
 }
 
 
-class LoginRequired(Exception):  # noqa: N818 - a control-flow signal, not an error
+class LoginRequired(Exception):
     def __init__(self, next_path: str = "/admin/") -> None:
         super().__init__(next_path)
         self.next_path = next_path
 
 
-class Forbidden(Exception):  # noqa: N818
+class Forbidden(Exception):
     def __init__(self, message: str) -> None:
         super().__init__(message)
         self.message = message
@@ -78,7 +78,6 @@ def make_templates() -> jinja2.Environment:
     env.filters["usd"] = lambda v: format_usd(Decimal(v)) if v is not None else ""
     env.filters["signed_usd"] = _signed_usd
     env.filters["when"] = lambda t: t.strftime("%Y-%m-%d %H:%M:%S UTC") if t else ""
-    env.filters["json"] = lambda v: orjson.dumps(v).decode()
     env.globals["version"] = __version__
     return env
 
@@ -130,7 +129,8 @@ def check_origin(request: Request) -> None:
         raise Forbidden("Cross-site request refused.")
     origin = request.headers.get("origin")
     if origin and origin != "null":
-        allowed = {request.headers.get("host", "")}
+        # A cross-site form cannot set X-Forwarded-Host; a proxy in front of us may.
+        allowed = {request.headers.get("host", ""), request.headers.get("x-forwarded-host", "")}
         public = state_of(request).settings.public_url
         if public:
             allowed.add(urlsplit(public).netloc)

@@ -10,6 +10,8 @@ import logging
 import sys
 from collections.abc import Iterator, Sequence
 
+from apifast.admin_cli import add_admin_parser, cmd_admin_set_password
+from apifast.reconcile import add_reconcile_parser, cmd_reconcile
 from apifast.settings import Settings
 
 
@@ -160,6 +162,8 @@ def build_parser() -> argparse.ArgumentParser:
     create.add_argument(
         "--json", action="store_true", help='print {"key": ..., "balance_usd": ...}'
     )
+    add_reconcile_parser(sub)
+    add_admin_parser(sub)
     return parser
 
 
@@ -169,6 +173,8 @@ COMMANDS = {
     ("meter", None): cmd_meter,
     ("migrate", None): cmd_migrate,
     ("keys", "create"): cmd_keys_create,
+    ("reconcile", None): cmd_reconcile,
+    ("admin", "set-password"): cmd_admin_set_password,
 }
 
 

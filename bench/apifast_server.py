@@ -113,6 +113,9 @@ class ApiFastServer:
             APIFAST_DATA_DIR=str(self.workdir / "data"),
             APIFAST_LOG_LEVEL="WARNING",
         )
+        # Serve this checkout's code, even packages added after `pip install -e .`.
+        root = str(Path(__file__).resolve().parent.parent)
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [root, env.get("PYTHONPATH")]))
         return env
 
     async def start(self) -> ApiFastServer:
@@ -129,7 +132,7 @@ class ApiFastServer:
         async with httpx.AsyncClient(timeout=1) as client:
             while time.monotonic() < deadline:
                 if self.proc.poll() is not None:
-                    raise RuntimeError(f"apifast serve exited; see {self.log_path}")
+                    raise RuntimeError("apifast serve exited: " + self.log_path.read_text()[-2000:])
                 try:
                     r = await client.get(self.base_url + "/healthz")
                     if r.status_code == 200 and r.json().get("nats") == "ok":

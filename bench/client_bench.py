@@ -1,6 +1,7 @@
-"""Which HTTP client should ApiFast use upstream? httpx, httpx2 and aiohttp against the same
-nginx fake upstream, each in its own process on uvloop: req/s with 32 concurrent requests,
-the client's CPU per request, and p50/p99 of sequential requests; JSON and SSE answers.
+"""Which HTTP client should ApiFast use upstream? httpx, httpx2, aiohttp and ApiFast's own
+plugins/providers/http1.py against the same nginx fake upstream, each in its own process on
+uvloop: req/s with 32 concurrent requests, the client's CPU per request, and p50/p99 of
+sequential requests; JSON and SSE answers.
 
     python bench/client_bench.py [--seconds 4]
 
@@ -27,7 +28,8 @@ import orjson
 
 from bench.nginx_upstream import UPSTREAM_MODEL, NginxUpstream, nginx_binary
 
-CLIENTS = ("aiohttp", "httpx", "httpx2")
+# http1: ApiFast's own lean client (plugins/providers/http1.py), what the openai provider uses.
+CLIENTS = ("aiohttp", "httpx", "httpx2", "http1")
 BODY = orjson.dumps(
     {
         "model": UPSTREAM_MODEL,
@@ -62,6 +64,25 @@ async def _make_calls(
                 return len(await resp.read())
 
         return aiohttp_call, session.close
+
+    if client == "http1":
+        from plugins.providers.http1 import Http1Client, encode_headers
+
+        base, _, path = url.rpartition("/")
+        http1 = Http1Client(base, limit=512)
+        hdr = encode_headers(HEADERS)
+
+        async def http1_call() -> int:
+            if stream:
+                n = 0
+                response = await http1.request(b"POST", "/" + path, BODY, hdr, stream=True)
+                async for chunk in response.chunks():
+                    n += len(chunk)
+                return n
+            _, data = await http1.fetch(b"POST", "/" + path, BODY, hdr)
+            return len(data)
+
+        return http1_call, http1.close
 
     mod = __import__(client)
     limits = mod.Limits(max_connections=512, max_keepalive_connections=512)
@@ -153,7 +174,7 @@ def main(argv: list[str] | None = None) -> int:
                 base = upstream.stream_base_url if stream else upstream.base_url
                 for client in args.clients.split(","):
                     try:
-                        __import__(client)
+                        __import__(client if client != "http1" else "httptools")
                     except ImportError:
                         rows.append((client, stream, None))
                         continue

@@ -25,9 +25,9 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from admin.analytics import RANGES, window_for  # noqa: E402
-from apifast.db import Queries  # noqa: E402
-from metering.clickhouse import ClickHouseStore  # noqa: E402
+from admin.analytics import RANGES, window_for
+from apifast.db import Queries
+from metering.clickhouse import ClickHouseStore
 
 Q = Queries()
 TARGET_MS = 100.0
@@ -117,8 +117,14 @@ async def run(args: argparse.Namespace) -> int:
             print(f"generated in {took:.1f} s ({(args.events - have) / took:,.0f} events/s, "
                   "materialized views included)")  # fmt: skip
         # Measure the steady state: no background merge competing for the two cores.
-        for table in ("usage_events", "usage_hourly", "usage_daily", "active_keys_hourly",
-                      "active_keys_daily", "usage_key_daily"):
+        for table in (
+            "usage_events",
+            "usage_hourly",
+            "usage_daily",
+            "active_keys_hourly",
+            "active_keys_daily",
+            "usage_key_daily",
+        ):
             await store.command(f"OPTIMIZE TABLE {table} FINAL")
         ranked = await store.query(_KEYS_BY_ACTIVITY, {})
         busiest, typical = ranked[0], ranked[len(ranked) // 2]
@@ -128,7 +134,10 @@ async def run(args: argparse.Namespace) -> int:
 
         today = datetime.now(UTC).date()
         cases: list[tuple[str, str, dict[str, Any]]] = []
-        for label, key in (("busiest key", busiest["key_hash"]), ("median key", typical["key_hash"])):
+        for label, key in (
+            ("busiest key", busiest["key_hash"]),
+            ("median key", typical["key_hash"]),
+        ):
             month = {"key_hash": key, "start": today - timedelta(days=29), "end": today}
             cases += [
                 (f"key: usage per day x model, 30 d, rollup ({label})", Q.admin_ch_key_usage_daily,
@@ -148,10 +157,16 @@ async def run(args: argparse.Namespace) -> int:
                 (f"overview: totals, {key}", Q.admin_ch_overview_totals, window),
                 (f"overview: latency by model, {key}", Q.admin_ch_latency_by_model, window),
                 (f"overview: latency by provider, {key}", Q.admin_ch_latency_by_provider, window),
-                (f"overview: active keys series, {key}", Q.admin_ch_active_keys_series,
-                 {**window, "table": w.keys_table}),
-                (f"overview: active keys total, {key}", Q.admin_ch_active_keys_total,
-                 {**window, "table": w.keys_table}),
+                (
+                    f"overview: active keys series, {key}",
+                    Q.admin_ch_active_keys_series,
+                    {**window, "table": w.keys_table},
+                ),
+                (
+                    f"overview: active keys total, {key}",
+                    Q.admin_ch_active_keys_total,
+                    {**window, "table": w.keys_table},
+                ),
             ]
         print(f"\n{'query':<62} {'p50 ms':>8} {'p95 ms':>8}")
         worst = 0.0
@@ -164,7 +179,9 @@ async def run(args: argparse.Namespace) -> int:
             flag = "" if p95 <= TARGET_MS else "  over target"
             print(f"{name:<62} {p50:8.1f} {p95:8.1f}{flag}{'  (reference)' if raw else ''}")
         verdict = "meets" if worst <= TARGET_MS else "MISSES"
-        print(f"\nworst dashboard p95: {worst:.1f} ms, which {verdict} the {TARGET_MS:.0f} ms target")
+        print(
+            f"\nworst dashboard p95: {worst:.1f} ms, which {verdict} the {TARGET_MS:.0f} ms target"
+        )
         return 0 if worst <= TARGET_MS else 1
     finally:
         await store.close()

@@ -37,7 +37,7 @@ _TOKEN_FIELDS = (
     "input_tokens", "output_tokens", "cached_tokens", "cache_write_tokens", "reasoning_tokens",
     "latency_ms", "ttft_ms",
 )  # fmt: skip
-_MAX_BACKOFF_S = 30.0
+_MAX_BACKOFF_S = 10.0
 _RELEASE_EVERY_S = 30.0
 
 

@@ -16,6 +16,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
+from admin.mount import install_admin
 from apifast import __version__
 from apifast.db import create_pool
 from apifast.plugins import make_plugin_manager, provider_types
@@ -36,6 +37,7 @@ from router.catalog import Catalog, demo_catalog, load_catalog
 from router.errors import install_error_handlers
 from router.payments_runtime import start_payments
 from router.publisher import EventPublisher
+from router.size_limits import oversize_refusal
 from router.state import RouterState
 
 log = logging.getLogger("apifast")
@@ -49,6 +51,13 @@ class ApiFastApp(FastAPI):
     """FastAPI, except that chat completions skip the framework (see router/fast_path.py)."""
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        settings = getattr(self.state, "settings", None)
+        if scope["type"] == "http" and settings is not None:
+            # Before routing, for every endpoint: uvicorn's httptools has no header limit.
+            refused = oversize_refusal(scope, settings.max_header_bytes, settings.max_body_bytes)
+            if refused is not None:
+                await refused.response()(scope, receive, send)
+                return
         if fast_path.handles(scope):
             state = getattr(self.state, "apifast", None)
             if state is not None:
@@ -106,6 +115,7 @@ def create_app(
             settings.resolved_data_dir() / "spool",
             settings.spool_max_events,
         )
+        publisher.keep_holds_alive(pool, settings.reservation_ttl_s)
         await publisher.start()
         clickhouse = None
         if settings.clickhouse_url:
@@ -181,6 +191,7 @@ def create_app(
         app.include_router(module.api)
     for module in (orders_api, webhooks_api, recover_api):  # payments (issue #3)
         app.include_router(module.api)
+    install_admin(app, services, settings)  # admin panel, dashboard, live catalog (issue #4)
 
     @app.get("/healthz", tags=["health"])
     async def healthz(request: Request) -> Response:

@@ -161,16 +161,16 @@ def merge(
             providers.pop(stored.name, None)
     # A route whose provider is missing is skipped per request, like a failing one.
     models: dict[str, Model] = dict(base.models)
-    for stored in overlay.models:
-        models.pop(stored.id, None)
-        if not stored.enabled:
+    for row in overlay.models:
+        models.pop(row.id, None)
+        if not row.enabled:
             continue
         try:
-            models[stored.id] = parse_model(
-                {**stored.spec, "id": stored.id}, SOURCE, f"model {stored.id}", set(providers)
+            models[row.id] = parse_model(
+                {**row.spec, "id": row.id}, SOURCE, f"model {row.id}", set(providers)
             )
         except CatalogError as exc:
-            problems[f"model {stored.id}"] = str(exc)
+            problems[f"model {row.id}"] = str(exc)
     return MergeResult(Catalog(models=models, providers=providers, source=base.source), problems)
 
 
@@ -252,7 +252,7 @@ class CatalogSync:
             provider = cls(cfg)
             try:
                 await provider.start()
-            except Exception as exc:  # noqa: BLE001 - one bad provider must not stop the rest
+            except Exception as exc:
                 log.error("provider %s failed to start: %s", name, type(exc).__name__)
                 continue
             new[name] = provider
@@ -300,7 +300,7 @@ class CatalogSync:
                 await self.refresh()
             except asyncio.CancelledError:
                 raise
-            except Exception as exc:  # noqa: BLE001 - keep serving the current catalog
+            except Exception as exc:
                 log.warning("catalog refresh failed: %s", type(exc).__name__)
 
 

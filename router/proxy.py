@@ -43,7 +43,7 @@ async def read_asgi_body(content_length: str | None, receive: Receive, limit: in
     """`read_body` for a raw ASGI request; raises ClientDisconnect if the client goes away."""
     if content_length is not None and content_length.isdigit() and int(content_length) > limit:
         raise ApiError(413, f"request body is larger than {limit} bytes", code="body_too_large")
-    chunks = []
+    chunks: list[bytes] = []
     size = 0
     while True:
         message = await receive()

@@ -12,15 +12,20 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import Awaitable
 from pathlib import Path
 
+import asyncpg
 import nats
 import orjson
 from nats.aio.client import Client as NATS
 from nats.errors import NoRespondersError
+from nats.js.api import PubAck
 from nats.js.client import JetStreamContext
+from nats.js.errors import NoStreamResponseError
 
+from apifast.db import Queries
 from apifast.jetstream import ensure_usage_stream
 from router.spool import Spool
 from router.usage_event import UsageEvent
@@ -31,8 +36,10 @@ _BATCH = 256
 _PUBLISH_TIMEOUT_S = 2.0
 _RETRY_S = 1.0
 _DRAIN_TIMEOUT_S = 10.0
+_RESCAN_OFFLINE_S = 5.0
 
 Item = tuple[str, bytes]  # (generation id, event JSON)
+_Q = Queries()
 
 
 class EventPublisher:
@@ -52,7 +59,16 @@ class EventPublisher:
         self._unspooled: list[Item] = []  # the spool's disk refused them; retried every tick
         self._stream_missing = False
         self._closing = False
+        self._pool: asyncpg.Pool | None = None
+        self._hold_ttl_s = 0
+        self._next_hold_refresh = 0.0
+        self._next_rescan = 0.0
         self.published = 0
+
+    def keep_holds_alive(self, pool: asyncpg.Pool, ttl_s: int) -> None:
+        """While events wait in the spool, keep their requests' holds from expiring: they
+        will be settled once the events are published (see docs/billing.md)."""
+        self._pool, self._hold_ttl_s = pool, ttl_s
 
     @property
     def accepting(self) -> bool:
@@ -111,22 +127,31 @@ class EventPublisher:
             except Exception:  # still down; spooled and retried
                 return batch
 
-        async def one(item: Item) -> bool:
+        # Send the whole batch, then wait for its acks together: one task and one timeout
+        # per batch rather than per event.
+        acks: list[asyncio.Future[PubAck] | None] = []
+        for generation_id, payload in batch:
             try:
-                await js.publish(
-                    self.subject, item[1], headers={"Nats-Msg-Id": item[0]},
-                    timeout=_PUBLISH_TIMEOUT_S,
-                )  # fmt: skip
-                return True
-            except NoRespondersError:
-                self._stream_missing = True
-                return False
-            except Exception:  # spooled and retried
-                return False
-
-        results = await asyncio.gather(*(one(item) for item in batch))
-        self.published += sum(results)
-        return [item for item, ok in zip(batch, results, strict=True) if not ok]
+                acks.append(await js.publish_async(
+                    self.subject, payload, headers={"Nats-Msg-Id": generation_id}
+                ))  # fmt: skip
+            except Exception:  # not sent: spooled and retried
+                acks.append(None)
+        sent = [ack for ack in acks if ack is not None]
+        if sent:
+            _, late = await asyncio.wait(sent, timeout=_PUBLISH_TIMEOUT_S)
+            for unanswered in late:
+                unanswered.cancel()  # frees its slot in the client; the event is spooled
+        failed = []
+        for item, ack in zip(batch, acks, strict=True):
+            if ack is None or ack.cancelled():
+                failed.append(item)
+            elif (error := ack.exception()) is not None:
+                if isinstance(error, (NoRespondersError, NoStreamResponseError)):
+                    self._stream_missing = True
+                failed.append(item)
+        self.published += len(batch) - len(failed)
+        return failed
 
     def _spool(self, items: list[Item]) -> None:
         items = self._unspooled + items
@@ -156,41 +181,71 @@ class EventPublisher:
             finally:
                 segment.release()
 
+    async def _refresh_holds(self) -> None:
+        """Extend the holds of every spooled event (this router's and any other's in the
+        directory), every quarter of the TTL."""
+        now = time.monotonic()
+        if self._pool is None or not self.spool.count or now < self._next_hold_refresh:
+            return
+        self._next_hold_refresh = now + max(0.5, self._hold_ttl_s / 4)
+        ids = [item[0] for item in map(_item, self.spool.all_lines()) if item is not None]
+        ids += [gid for gid, _ in self._unspooled]
+        try:
+            for i in range(0, len(ids), 5000):
+                await self._pool.execute(
+                    _Q.extend_reservations, ids[i : i + 5000], self._hold_ttl_s
+                )
+        except Exception as exc:  # Postgres down too: the holds last their TTL
+            log.warning("could not extend the holds of spooled events: %s", type(exc).__name__)
+
     async def _tick(self) -> None:
-        """Idle housekeeping: retry held events, adopt spools of crashed routers, replay."""
+        """Idle housekeeping: retry held events, keep their holds, adopt spools of crashed
+        routers, replay."""
         if self._unspooled:
             self._spool([])
+        await self._refresh_holds()
+        now = time.monotonic()
         if not self.connected():
+            # Other routers may be filling the shared spool too: recount now and then.
+            if now >= self._next_rescan:
+                self._next_rescan = now + _RESCAN_OFFLINE_S
+                self.spool.rescan()
             return
         self.spool.rescan()
         if self.spool.count:
             await self._replay_spool()
 
     async def _run(self) -> None:
+        next_tick = 0.0
         while True:
             try:
-                first = await asyncio.wait_for(self._queue.get(), timeout=_RETRY_S)
+                first: Item | None = await asyncio.wait_for(self._queue.get(), timeout=_RETRY_S)
             except TimeoutError:
+                first = None
+            if first is not None:
+                await self._publish_queued(first)
+            # Housekeeping about once a second, busy or idle.
+            if time.monotonic() >= next_tick:
+                next_tick = time.monotonic() + _RETRY_S
                 await self._guarded(self._tick())
-                continue
-            batch = [first]
-            while len(batch) < _BATCH and not self._queue.empty():
-                batch.append(self._queue.get_nowait())
-            # If this task is cancelled mid-publish, close() spools `_inflight`.
-            self._inflight = batch
-            try:
-                failed = await self._publish_batch(batch)
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:  # never lose a batch to a bug
-                log.error("publishing failed unexpectedly: %s", type(exc).__name__)
-                failed = batch
-            self._spool(failed)
-            self._inflight = []
-            for _ in batch:
-                self._queue.task_done()
-            if self.spool.count and self.connected():
-                await self._guarded(self._replay_spool())
+
+    async def _publish_queued(self, first: Item) -> None:
+        batch = [first]
+        while len(batch) < _BATCH and not self._queue.empty():
+            batch.append(self._queue.get_nowait())
+        # If this task is cancelled mid-publish, close() spools `_inflight`.
+        self._inflight = batch
+        try:
+            failed = await self._publish_batch(batch)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # never lose a batch to a bug
+            log.error("publishing failed unexpectedly: %s", type(exc).__name__)
+            failed = batch
+        self._spool(failed)
+        self._inflight = []
+        for _ in batch:
+            self._queue.task_done()
 
     async def _guarded(self, step: Awaitable[None]) -> None:
         try:

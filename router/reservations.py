@@ -13,6 +13,16 @@ from router.errors import ApiError
 
 Q = Queries()
 
+# Postgres unreachable (rather than a bug): refused, cut, shutting down, or gone.
+DATABASE_DOWN = (
+    OSError,
+    TimeoutError,
+    asyncpg.InterfaceError,
+    asyncpg.PostgresConnectionError,
+    asyncpg.InvalidCatalogNameError,
+    asyncpg.exceptions.OperatorInterventionError,
+)
+
 
 @dataclass(slots=True, frozen=True)
 class Hold:
@@ -32,7 +42,16 @@ async def reserve(
     ttl_s: int,
 ) -> Hold:
     """Hold between `min_usd` and `max_usd` of the key's available balance, or refuse."""
-    row = await pool.fetchrow(Q.reserve, key_hash, generation_id, min_usd, max_usd, ttl_s)
+    try:
+        row = await pool.fetchrow(Q.reserve, key_hash, generation_id, min_usd, max_usd, ttl_s)
+    except DATABASE_DOWN:
+        # No hold, no service: a paid request is never served unbilled.
+        raise ApiError(
+            503,
+            "The billing database is unavailable; retry shortly.",
+            code="database_unavailable",
+            headers={"Retry-After": "5"},
+        ) from None
     assert row is not None
     status = row["status"]
     if status == "ok":

@@ -136,6 +136,15 @@ class Spool:
             self._own = 0
         self._active, self._active_fd = None, -1
 
+    def all_lines(self) -> list[bytes]:
+        """Every complete line of every segment in the directory, without claiming any."""
+        lines: list[bytes] = []
+        for path in self.pending_files():
+            with contextlib.suppress(FileNotFoundError):
+                data = path.read_bytes()
+                lines.extend(x for x in data[: data.rfind(b"\n") + 1].split(b"\n") if x.strip())
+        return lines
+
     # --- replaying ---
 
     def claim(self) -> Iterator[Segment]:

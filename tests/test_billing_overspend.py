@@ -60,7 +60,8 @@ class GreedyUpstream(FakeOpenAI):
 
 @pytest.fixture
 async def greedy_upstream() -> AsyncIterator[GreedyUpstream]:
-    fake = await GreedyUpstream().start()
+    fake = GreedyUpstream()
+    await fake.start()
     try:
         yield fake
     finally:
@@ -87,7 +88,10 @@ async def _call(client: httpx.AsyncClient, url: str, key: str, i: int) -> dict[s
     headers = {"Authorization": f"Bearer {key}"}
     if not body.get("stream"):
         r = await client.post(url + "/v1/chat/completions", json=body, headers=headers)
-        out: dict[str, Any] = {"status": r.status_code, "lowered": "x-apifast-max-tokens-lowered" in r.headers}
+        out: dict[str, Any] = {
+            "status": r.status_code,
+            "lowered": "x-apifast-max-tokens-lowered" in r.headers,
+        }
         if r.status_code == 200:
             data = r.json(parse_float=Decimal)
             out.update(id=data["id"], cost=data["usage"]["cost"])

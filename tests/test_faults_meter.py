@@ -145,7 +145,7 @@ async def test_meter_killed_mid_batch_loses_and_doubles_nothing(
             meter = MeterProcess(settings, chdb_path, tmp_path / "meter")
             meter.start()
 
-            async def past(threshold: int = threshold) -> bool:
+            async def past(threshold: int = threshold, meter: MeterProcess = meter) -> bool:
                 assert meter.alive(), meter.log()
                 return await _ledger_count(settings) >= threshold
 
@@ -185,6 +185,12 @@ async def test_meter_killed_mid_batch_loses_and_doubles_nothing(
 async def _audit_in_process(
     settings: Settings, meter: InProcessMeter, events: list[tuple[str, bytes, Decimal]]
 ) -> Audit:
+    # The dashboards' rollups (filled by materialized views on insert) count each event once.
+    rows = await meter.store.query(
+        "SELECT sum(requests) AS n, sum(cost_usd) AS cost FROM usage_key_daily", {}
+    )
+    assert rows[0]["n"] == len(events)
+    assert rows[0]["cost"] == sum(cost for _, _, cost in events)
     return audit([gid for gid, _, _ in events], {
         "stream": await stream_generation_ids(settings.nats_url, settings.nats_stream),
         "ledger": await ledger_usage_ids(settings.database_url),
@@ -204,11 +210,11 @@ async def test_clickhouse_down_stops_acks_and_the_meter_catches_up(
         await publish_events(settings, events)
 
         async def failing() -> bool:
-            return meter.meter.failures >= 3
+            return meter.meter.failures >= 2
 
         await _until(failing, "the meter to fail on ClickHouse")
-        # Money does not wait for analytics: Postgres was debited, once...
-        await wait_in_ledger(settings.database_url, [gid for gid, _, _ in events])
+        # Money goes first: the batches tried were debited in Postgres (once)...
+        assert await _ledger_count(settings) > 0
         # ...but nothing is acked while ClickHouse is missing the events.
         state = await consumer_state(settings)
         assert state["ack_floor"] == 0, state
@@ -254,7 +260,7 @@ async def test_postgres_down_stops_acks_and_the_meter_catches_up(
                 await publish_events(settings, events)
 
                 async def failing() -> bool:
-                    return meter.meter.failures >= 3
+                    return meter.meter.failures >= 2
 
                 await _until(failing, "the meter to fail on Postgres")
                 state = await consumer_state(settings)

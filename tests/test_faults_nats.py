@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import asyncio
 import json
-from decimal import Decimal
 from collections.abc import AsyncIterator, Callable
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +35,10 @@ from tests.fault_tools import (
 )
 from tests.harness import SECRET, models_toml, stack_settings
 
-BODY = {"model": "fast-chat", "messages": [{"role": "user", "content": "hello under load"}]}
+BODY: dict[str, Any] = {
+    "model": "fast-chat",
+    "messages": [{"role": "user", "content": "hello under load"}],
+}
 
 
 @pytest.fixture
@@ -118,7 +121,9 @@ class Load:
 
     async def __aenter__(self) -> Load:
         self._client = httpx.AsyncClient(timeout=60)
-        self._tasks = [asyncio.create_task(self._worker(n, self._client)) for n in range(self.workers)]
+        self._tasks = [
+            asyncio.create_task(self._worker(n, self._client)) for n in range(self.workers)
+        ]
         return self
 
     async def until_served(self, count: int) -> None:
@@ -311,3 +316,43 @@ async def test_shutdown_drains_and_a_crashed_routers_spool_is_replayed(
         await later.stop()
     print(f"\nshutdown + crash: served={len(served)} audit: {report}")
     assert report.clean, str(report)
+
+
+async def test_holds_of_spooled_events_are_kept_alive(
+    fault_settings: Callable[..., Settings], own_nats: OwnNats, tmp_path: Path
+) -> None:
+    """NATS down for longer than the reservation TTL: the holds of the requests whose events
+    wait in the spool must not be released as abandoned (the key could then spend the money
+    twice). The router keeps them alive until the events are published."""
+    from apifast.db import create_pool
+    from metering.ledger import release_expired
+
+    settings = fault_settings(reservation_ttl_s=4)
+    key = await _new_key(settings)
+    router = RouterProcess(settings, tmp_path / "r")
+    router.start()
+    pool = await create_pool(settings.database_url, min_size=1, max_size=2)
+    try:
+        await router.wait_ready()
+        own_nats.kill()
+        async with httpx.AsyncClient(timeout=60) as client:
+            served = [(await _chat(client, router.base_url, key, 2 * i))[1] for i in range(5)]
+
+        async def spooled() -> bool:
+            return (await _health(router.base_url))["spooled_events"] == len(served)
+
+        await _wait(spooled, "the events to be spooled")
+        # Past the TTL, the meter's housekeeping would release expired holds.
+        await asyncio.sleep(settings.reservation_ttl_s * 1.5)
+        await release_expired(pool)
+        assert await pool.fetchval("SELECT count(*) FROM reservations") == len(served)
+
+        await own_nats.start()
+        async with InProcessMeter(settings) as meter:
+            report = await _audit(settings, meter, served)
+        assert report.clean, str(report)
+        assert await pool.fetchval("SELECT count(*) FROM reservations") == 0
+        assert await pool.fetchval("SELECT sum(reserved_usd) FROM api_keys") == 0
+    finally:
+        await pool.close()
+        await router.stop()

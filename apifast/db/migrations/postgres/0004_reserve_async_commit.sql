@@ -1,0 +1,42 @@
+-- The reservation commits without waiting for its WAL flush (synchronous_commit = off, for
+-- this one transaction only). Why: the key's row stays locked until the commit returns, so
+-- with a synchronous commit every request of a key waits for the one before it to reach the
+-- disk, and a busy key is capped at one request per fsync. What it risks: if the Postgres
+-- server itself crashes, holds made in the last moments before the crash (at most
+-- 3 x wal_writer_delay, 600 ms by default) may be lost; the usage of those requests is still
+-- debited by the meter (its commits stay synchronous), so money is never lost, but keys
+-- that were spending in that instant may go below zero by at most those holds. See
+-- docs/billing.md.
+CREATE OR REPLACE FUNCTION apifast_reserve(
+    p_key_hash bytea, p_generation_id text, p_min numeric, p_max numeric, p_ttl_s integer
+) RETURNS TABLE (
+    status text, key_id bigint, reserved_usd numeric, available_usd numeric,
+    rpm_limit integer, tpm_limit integer
+) LANGUAGE plpgsql AS $$
+DECLARE
+    k record;
+    amount numeric;
+BEGIN
+    -- Local to the calling transaction; no SET clause on the function, so it outlives it.
+    PERFORM set_config('synchronous_commit', 'off', true);
+    SELECT a.id, a.balance_usd - a.reserved_usd AS available, a.disabled, a.rpm_limit, a.tpm_limit
+      INTO k FROM api_keys a WHERE a.key_hash = p_key_hash FOR UPDATE;
+    IF NOT FOUND THEN
+        RETURN QUERY SELECT 'unknown'::text, NULL::bigint, 0::numeric, 0::numeric, NULL::int, NULL::int;
+        RETURN;
+    END IF;
+    IF k.disabled THEN
+        RETURN QUERY SELECT 'disabled'::text, k.id, 0::numeric, k.available, k.rpm_limit, k.tpm_limit;
+        RETURN;
+    END IF;
+    IF k.available < p_min OR k.available <= 0 THEN
+        RETURN QUERY SELECT 'insufficient'::text, k.id, 0::numeric, k.available, k.rpm_limit, k.tpm_limit;
+        RETURN;
+    END IF;
+    amount := least(p_max, k.available);
+    UPDATE api_keys SET reserved_usd = api_keys.reserved_usd + amount WHERE id = k.id;
+    INSERT INTO reservations (generation_id, key_id, amount_usd, expires_at)
+        VALUES (p_generation_id, k.id, amount, now() + make_interval(secs => p_ttl_s));
+    RETURN QUERY SELECT 'ok'::text, k.id, amount, k.available, k.rpm_limit, k.tpm_limit;
+END;
+$$;
