@@ -62,6 +62,8 @@ def model_spec(model: Model) -> dict[str, Any]:
         spec["context_window"] = model.context_window
     if model.owned_by != "apifast":
         spec["owned_by"] = model.owned_by
+    if model.demo:
+        spec["demo"] = True
     routes = []
     for r in model.routes:
         route: dict[str, Any] = {"provider": r.provider, "model": r.model}

@@ -11,7 +11,15 @@ from fastapi.staticfiles import StaticFiles
 from starlette.responses import Response
 
 from admin import dashboard, views_auth, views_keys, views_models, views_overview, views_providers
-from admin.web import Ctx, admin_ctx, install_handlers, make_templates, redirect, render
+from admin.web import (
+    PACKAGE_DIR,
+    Ctx,
+    admin_ctx,
+    install_handlers,
+    make_templates,
+    redirect,
+    render,
+)
 from apifast.settings import Settings
 from router import generations_api
 from router.catalog_sync import catalog_sync_service
@@ -21,7 +29,7 @@ def install_admin(app: FastAPI, services: MutableSequence[Any], settings: Settin
     app.state.admin_templates = make_templates()
     install_handlers(app)
     # Assets are public (the login page needs them); they hold nothing secret.
-    app.mount("/assets", StaticFiles(packages=[("admin", "static")]), name="assets")
+    app.mount("/assets", StaticFiles(directory=PACKAGE_DIR / "static"), name="assets")
     app.include_router(generations_api.api)
     app.include_router(dashboard.router)
     if settings.admin_enabled:

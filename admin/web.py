@@ -6,6 +6,7 @@ from __future__ import annotations
 import hmac
 from dataclasses import dataclass
 from decimal import Decimal
+from pathlib import Path
 from typing import Any
 from urllib.parse import quote, urlsplit
 
@@ -23,6 +24,7 @@ from apifast.money import format_usd
 from router.state import RouterState
 
 Q = Queries()
+PACKAGE_DIR = Path(__file__).resolve().parent
 
 # Pages load only this origin's scripts, styles and fetches; nothing may frame them.
 PAGE_CSP = (
@@ -69,7 +71,7 @@ class Ctx:
 
 def make_templates() -> jinja2.Environment:
     env = jinja2.Environment(
-        loader=jinja2.PackageLoader("admin", "templates"),
+        loader=jinja2.FileSystemLoader(PACKAGE_DIR / "templates"),
         autoescape=True,
         undefined=jinja2.StrictUndefined,
         trim_blocks=True,

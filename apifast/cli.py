@@ -38,6 +38,10 @@ def _run_uvicorn(app: object, settings: Settings, **options: object) -> None:
         http="httptools",
         # Access logs would write client IPs; IPs are never persisted.
         access_log=False,
+        # Behind a trusted proxy the client address comes from X-Forwarded-For; it is used
+        # in memory for per-IP limits and never stored or sent upstream.
+        proxy_headers=True,
+        forwarded_allow_ips=settings.forwarded_allow_ips,
         log_level=settings.log_level.lower(),
         h11_max_incomplete_event_size=settings.max_header_bytes,
         timeout_graceful_shutdown=30,

@@ -25,6 +25,8 @@ class Settings(BaseSettings):
     host: str = "127.0.0.1"
     port: int = 8000
     public_url: str = ""
+    # Proxies whose X-Forwarded-For gives the client address (for per-IP limits only).
+    forwarded_allow_ips: str = "127.0.0.1"
 
     # Secrets. HMAC key for API-key hashes; in `apifast dev` one is generated under data_dir.
     secret_key: str = ""

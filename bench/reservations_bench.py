@@ -67,6 +67,13 @@ def install_plain_lookup() -> None:
             rpm_limit=row["rpm_limit"], tpm_limit=row["tpm_limit"],
         )  # fmt: skip
 
+    async def lookup_method(
+        self: reservations.Reserver, key_hash: bytes, generation_id: str, min_usd: Decimal,
+        max_usd: Decimal,
+    ) -> reservations.Hold:  # fmt: skip
+        return await lookup(self.pool, key_hash, generation_id, min_usd, max_usd, self.ttl_s)
+
+    reservations.Reserver.reserve = lookup_method  # type: ignore[method-assign]
     import router.app  # noqa: F401 - imports every module that may hold a reference
 
     for module in list(sys.modules.values()):
@@ -170,6 +177,13 @@ async def measure(args: argparse.Namespace) -> dict[str, list[float]]:
                             raise RuntimeError(f"{r.errors} failed requests ({mode})")
                         results[mode].append(r.rps)
                         print(f"  {mode:<8} {r.rps:>9,.0f} req/s  p50 {r.p50_ms:.2f} ms")
+                # One connection, sequential requests: a lone hold must not wait for company.
+                for mode, server in servers.items():
+                    url = server.base_url + "/v1/chat/completions"
+                    r = run_wrk(url, body, connections=1, seconds=args.latency_seconds,
+                                key=server.key)  # fmt: skip
+                    results[f"{mode} p50 ms"] = [r.p50_ms]
+                    print(f"  {mode:<8} 1 connection: p50 {r.p50_ms:.3f} ms  p99 {r.p99_ms:.3f} ms")
                 # Sanity: the real build held money for its requests, the other did not.
                 if not await _held(servers["reserve"]) or await _held(servers["plain"]):
                     raise RuntimeError("the two builds did not differ as intended")
@@ -187,6 +201,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--seconds", type=float, default=6)
     p.add_argument("--warmup-seconds", type=float, default=4)
+    p.add_argument("--latency-seconds", type=float, default=4)
     p.add_argument("--connections", type=int, default=32)
     p.add_argument(
         "--database-url",
@@ -222,6 +237,8 @@ def main(argv: list[str] | None = None) -> int:
     cost = 1 - ratio
     print(f"with reservations:    {with_holds:>9,.0f} req/s (median)")
     print(f"without reservations: {without:>9,.0f} req/s (median)")
+    added = results["reserve p50 ms"][0] - results["plain p50 ms"][0]
+    print(f"added p50 latency at one connection: {added:+.3f} ms")
     verdict = "OK" if cost <= TARGET_COST else "OVER TARGET"
     print(
         f"ratio {ratio:.3f}: reservations cost {cost:.1%} of throughput "

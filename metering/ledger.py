@@ -19,6 +19,9 @@ async def debit_batch(pool: asyncpg.Pool, events: list[dict[str, Any]]) -> set[s
     hashes = [bytes.fromhex(e["key_hash"]) for e in events]
     costs = [Decimal(e["cost_usd"]) for e in events]
     async with pool.acquire() as conn, conn.transaction():
+        # Reservation batches lock keys in key-hash order; taking ours in the same order
+        # first means the two can never deadlock.
+        await conn.execute(Q.lock_keys_in_order, sorted(set(hashes)))
         rows = await conn.fetch(Q.settle_usage_batch, ids, hashes, costs)
     return {r["generation_id"] for r in rows}
 

@@ -37,6 +37,7 @@ from router.catalog import Catalog, demo_catalog, load_catalog
 from router.errors import install_error_handlers
 from router.payments_runtime import start_payments
 from router.publisher import EventPublisher
+from router.reservations import Reserver
 from router.size_limits import oversize_refusal
 from router.state import RouterState
 
@@ -131,6 +132,7 @@ def create_app(
             providers=providers,
             publisher=publisher,
             clickhouse=clickhouse,
+            reserver=Reserver(pool, settings.reservation_ttl_s),
         )
         state.extras["plugin_manager"] = pm
         app.state.apifast = state

@@ -97,9 +97,11 @@ async def hold_funds(
     min_usd: Decimal,
     max_usd: Decimal,
 ) -> Hold:
-    hold = await reserve(
-        state.pool, key_hash, generation_id, min_usd, max_usd, state.settings.reservation_ttl_s
-    )
+    if state.reserver is not None:
+        hold = await state.reserver.reserve(key_hash, generation_id, min_usd, max_usd)
+    else:
+        ttl_s = state.settings.reservation_ttl_s
+        hold = await reserve(state.pool, key_hash, generation_id, min_usd, max_usd, ttl_s)
     wait = state.key_limits.check_request(hold.key_id, hold.rpm_limit) or (
         state.key_limits.check_tokens(hold.key_id, hold.tpm_limit)
     )

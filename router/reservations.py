@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass
 from decimal import Decimal
+from typing import Any
 
 import asyncpg
 
@@ -33,26 +35,17 @@ class Hold:
     tpm_limit: int | None
 
 
-async def reserve(
-    pool: asyncpg.Pool,
-    key_hash: bytes,
-    generation_id: str,
-    min_usd: Decimal,
-    max_usd: Decimal,
-    ttl_s: int,
-) -> Hold:
-    """Hold between `min_usd` and `max_usd` of the key's available balance, or refuse."""
-    try:
-        row = await pool.fetchrow(Q.reserve, key_hash, generation_id, min_usd, max_usd, ttl_s)
-    except DATABASE_DOWN:
-        # No hold, no service: a paid request is never served unbilled.
-        raise ApiError(
-            503,
-            "The billing database is unavailable; retry shortly.",
-            code="database_unavailable",
-            headers={"Retry-After": "5"},
-        ) from None
-    assert row is not None
+def _unavailable() -> ApiError:
+    # No hold, no service: a paid request is never served unbilled.
+    return ApiError(
+        503,
+        "The billing database is unavailable; retry shortly.",
+        code="database_unavailable",
+        headers={"Retry-After": "5"},
+    )
+
+
+def _hold_or_refuse(row: Any, min_usd: Decimal) -> Hold:
     status = row["status"]
     if status == "ok":
         return Hold(
@@ -74,6 +67,104 @@ async def reserve(
         "Top up with POST /v1/orders.",
         code="insufficient_balance",
     )
+
+
+async def reserve(
+    pool: asyncpg.Pool,
+    key_hash: bytes,
+    generation_id: str,
+    min_usd: Decimal,
+    max_usd: Decimal,
+    ttl_s: int,
+) -> Hold:
+    """Hold between `min_usd` and `max_usd` of the key's available balance, or refuse."""
+    try:
+        row = await pool.fetchrow(Q.reserve, key_hash, generation_id, min_usd, max_usd, ttl_s)
+    except DATABASE_DOWN:
+        raise _unavailable() from None
+    assert row is not None
+    return _hold_or_refuse(row, min_usd)
+
+
+_Ask = tuple[bytes, str, Decimal, Decimal, "asyncio.Future[Any]"]
+
+
+class Reserver:
+    """`reserve`, with the requests that arrive while a round trip is in flight sent together
+    in the next one (group commit): one transaction and one commit for many holds. A lone
+    request goes at once, so it waits no longer than with `reserve`; under load, the holds
+    cost Postgres and this process far less CPU. The rules per request are the same."""
+
+    def __init__(
+        self, pool: asyncpg.Pool, ttl_s: int, *, max_inflight: int = 2, max_batch: int = 256
+    ) -> None:
+        self.pool = pool
+        self.ttl_s = ttl_s
+        self.max_inflight = max_inflight
+        self.max_batch = max_batch
+        self._pending: list[_Ask] = []
+        self._inflight = 0
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    async def reserve(
+        self, key_hash: bytes, generation_id: str, min_usd: Decimal, max_usd: Decimal
+    ) -> Hold:
+        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._pending.append((key_hash, generation_id, min_usd, max_usd, future))
+        if self._inflight < self.max_inflight:
+            self._inflight += 1
+            task = asyncio.create_task(self._flush())
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+        try:
+            row = await future
+        except DATABASE_DOWN:
+            raise _unavailable() from None
+        return _hold_or_refuse(row, min_usd)
+
+    async def _flush(self) -> None:
+        try:
+            while self._pending:
+                batch = self._pending[: self.max_batch]
+                del self._pending[: self.max_batch]
+                try:
+                    rows = await self._send(batch)
+                except Exception as exc:
+                    for *_, future in batch:
+                        if not future.done():
+                            future.set_exception(exc)
+                    continue
+                abandoned = []
+                for (_, generation_id, *_, future), row in zip(batch, rows, strict=True):
+                    if not future.done():
+                        future.set_result(row)
+                    elif row["status"] == "ok":
+                        abandoned.append(generation_id)  # its request was cancelled meanwhile
+                for generation_id in abandoned:
+                    await release(self.pool, generation_id)
+        finally:
+            self._inflight -= 1
+
+    async def _send(self, batch: list[_Ask]) -> list[Any]:
+        args = (
+            [a[0] for a in batch],
+            [a[1] for a in batch],
+            [a[2] for a in batch],
+            [a[3] for a in batch],
+            self.ttl_s,
+        )
+        for attempt in range(3):
+            try:
+                rows = await self.pool.fetch(Q.reserve_batch, *args)
+                break
+            except asyncpg.DeadlockDetectedError:
+                # Only with a writer that locks several keys out of order; the batch was
+                # rolled back whole, so sending it again is safe.
+                if attempt == 2:
+                    raise
+        ordered = sorted(rows, key=lambda r: r["i"])
+        assert len(ordered) == len(batch)
+        return ordered
 
 
 async def release(pool: asyncpg.Pool, generation_id: str) -> None:

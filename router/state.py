@@ -12,6 +12,7 @@ from apifast.settings import Settings
 from router.catalog import Catalog
 from router.limits import KeyRateLimiter
 from router.publisher import EventPublisher
+from router.reservations import Reserver
 
 if TYPE_CHECKING:
     from metering.clickhouse import ClickHouseStore
@@ -27,4 +28,5 @@ class RouterState:
     publisher: EventPublisher
     clickhouse: ClickHouseStore | None = None
     key_limits: KeyRateLimiter = field(default_factory=KeyRateLimiter)
+    reserver: Reserver | None = None  # batches holds; None: one round trip per request
     extras: dict[str, Any] = field(default_factory=dict)  # services added by other features
