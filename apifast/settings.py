@@ -34,8 +34,6 @@ class Settings(BaseSettings):
     # Request limits.
     max_body_bytes: int = 4 * 1024 * 1024
     max_header_bytes: int = 16 * 1024
-    upstream_connect_timeout_s: float = 10.0
-    upstream_read_timeout_s: float = 300.0
 
     # Metering.
     nats_stream: str = "APIFAST_USAGE"
