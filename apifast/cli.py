@@ -117,7 +117,13 @@ def cmd_keys_create(settings: Settings, args: argparse.Namespace) -> int:
     with database_settings(settings) as settings:
         asyncio.run(migrate(settings.database_url))
         key, balance = asyncio.run(
-            create_key(settings.database_url, secret_bytes(settings), credit)
+            create_key(
+                settings.database_url,
+                secret_bytes(settings),
+                credit,
+                rpm_limit=args.rpm_limit,
+                tpm_limit=args.tpm_limit,
+            )
         )
     if args.json:
         print(json.dumps({"key": key, "balance_usd": format_usd(balance)}))
@@ -149,6 +155,13 @@ def _require(settings: Settings, *names: str) -> None:
         raise SystemExit(f"apifast: set {', '.join(missing)} (or use `apifast dev`)")
 
 
+def _positive(text: str) -> int:
+    value = int(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError("must be a positive integer")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="apifast", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -163,6 +176,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     create = keys.add_parser("create", help="create a key and print it once")
     create.add_argument("--credit", default="0", help="initial balance in USD, e.g. 5.00")
+    create.add_argument("--rpm-limit", type=_positive, help="requests per minute for this key")
+    create.add_argument("--tpm-limit", type=_positive, help="tokens per minute for this key")
     create.add_argument(
         "--json", action="store_true", help='print {"key": ..., "balance_usd": ...}'
     )

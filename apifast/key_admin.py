@@ -27,11 +27,20 @@ async def insert_key(
     return key, row["id"], balance
 
 
-async def create_key(dsn: str, secret: bytes, credit: Decimal) -> tuple[str, Decimal]:
+async def create_key(
+    dsn: str,
+    secret: bytes,
+    credit: Decimal,
+    *,
+    rpm_limit: int | None = None,
+    tpm_limit: int | None = None,
+) -> tuple[str, Decimal]:
     conn = await asyncpg.connect(dsn)
     try:
         async with conn.transaction():
-            key, _, balance = await insert_key(conn, secret, credit)
+            key, key_id, balance = await insert_key(conn, secret, credit)
+            if rpm_limit or tpm_limit:
+                await conn.execute(Q.set_key_limits, key_id, rpm_limit, tpm_limit)
         return key, balance
     finally:
         await conn.close()

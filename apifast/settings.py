@@ -46,6 +46,9 @@ class Settings(BaseSettings):
     # Reservations: an unsettled hold is released after this many seconds.
     reservation_ttl_s: int = 900
     default_max_output_tokens: int = 4096
+    # Per-key limits for keys whose own rpm_limit / tpm_limit is unset; 0 means no limit.
+    default_rpm_limit: int = Field(default=0, ge=0)
+    default_tpm_limit: int = Field(default=0, ge=0)
 
     log_level: str = "INFO"
     workers: int = Field(default=1, ge=1)

@@ -102,9 +102,10 @@ async def hold_funds(
     else:
         ttl_s = state.settings.reservation_ttl_s
         hold = await reserve(state.pool, key_hash, generation_id, min_usd, max_usd, ttl_s)
-    wait = state.key_limits.check_request(hold.key_id, hold.rpm_limit) or (
-        state.key_limits.check_tokens(hold.key_id, hold.tpm_limit)
-    )
+    settings = state.settings
+    wait = state.key_limits.check_request(
+        hold.key_id, hold.rpm_limit or settings.default_rpm_limit
+    ) or state.key_limits.check_tokens(hold.key_id, hold.tpm_limit or settings.default_tpm_limit)
     if wait:
         await release(state.pool, generation_id)
         retry_after = str(max(1, round(wait + 0.5)))
