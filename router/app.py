@@ -176,6 +176,8 @@ def create_app(
                     await provider.close()
             if clickhouse is not None:
                 await clickhouse.close()
+            if state.reserver is not None:
+                await state.reserver.close()  # the pool's close waits for its connections
             await pool.close()
 
     app = ApiFastApp(

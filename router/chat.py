@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Generator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -268,9 +268,13 @@ async def _stream(
 
     async def body_iter() -> AsyncIterator[bytes]:
         # One generator for the whole relay: a nested one would cost a frame per chunk.
+        # Chunks the upstream delivered together go out together: each piece yielded is
+        # everything available before the next wait on the upstream.
         event.outcome = "client_disconnect"  # until the stream is seen to the end
         item: StreamItem = first
         generation_id, public_model = event.generation_id, model.id
+        burst: list[bytes] = []
+        waiting: _Waiting | None = None
         try:
             try:
                 while True:
@@ -283,34 +287,104 @@ async def _stream(
                         if chars:
                             tally["chars"] += chars
                             tally["pieces"] += 1
-                        yield chunk_bytes(item, generation_id, public_model, created)
+                        burst.append(chunk_bytes(item, generation_id, public_model, created))
                     try:
-                        item = await iterator.__anext__()
+                        ready, step = _next_step(iterator)
+                        if not ready:
+                            if burst:
+                                waiting = step
+                                yield b"".join(burst)
+                                burst = []
+                            waiting = None
+                            step = await step
                     except StopAsyncIteration:
+                        waiting = None
                         break
+                    item = step
                 event.outcome = "ok"
             except UpstreamError as exc:
+                waiting = None
                 event.outcome = "upstream_error"
                 event.status = 504 if isinstance(exc, UpstreamTimeout) else 502
-                yield error_event_bytes("The model provider's stream failed.", event.status)
+                burst.append(error_event_bytes("The model provider's stream failed.", event.status))
             settle()
             if include_usage:
                 usage, cost = event.usage, event.cost_usd
-                yield usage_chunk_bytes(generation_id, public_model, created, usage, cost)
-            yield DONE
+                burst.append(usage_chunk_bytes(generation_id, public_model, created, usage, cost))
+            burst.append(DONE)
+            yield b"".join(burst)
         finally:
             # Runs on a client disconnect too: bill what was delivered, close the upstream.
             settle()
-            with anyio.CancelScope(shield=True):
-                await _close_quietly(iterator)
+            if waiting is not None:
+                waiting.abandon()
+            await _close_quietly(iterator, shield=True)
 
     return ChatReply({**STREAM_HEADERS, **headers}, stream=body_iter())
 
 
-async def _close_quietly(iterator: AsyncIterator[StreamItem]) -> None:
-    aclose = getattr(iterator, "aclose", None)
-    if aclose is not None:
+class _Waiting:
+    """An `__anext__()` step that was started and is waiting on something (`signal`, what it
+    yielded to the event loop). Awaiting this carries on exactly where it stopped."""
+
+    __slots__ = ("signal", "step")
+
+    def __init__(self, step: Any, signal: Any) -> None:
+        self.step = step
+        self.signal = signal
+
+    def __await__(self) -> Generator[Any, Any, Any]:
+        # `yield from step`, minus its first yield, which `_next_step` already took.
+        step, signal = self.step, self.signal
+        while True:
+            try:
+                sent = yield signal
+            except BaseException as exc:  # cancellation and the like go into the step
+                try:
+                    signal = step.throw(exc)
+                except StopIteration as stop:
+                    return stop.value
+            else:
+                try:
+                    signal = step.send(sent)
+                except StopIteration as stop:
+                    return stop.value
+
+    def abandon(self) -> None:
+        """Unwind the step (its generator's `finally` blocks run); needed before `aclose()`."""
         try:
-            await aclose()
-        except Exception:  # noqa: BLE001 - the upstream connection is being dropped anyway
+            self.step.throw(GeneratorExit)
+        except BaseException:  # whatever it ends with, it has ended
             pass
+
+
+def _next_step(iterator: AsyncIterator[StreamItem]) -> tuple[bool, Any]:
+    """Start `iterator.__anext__()`: (True, item) if it produced one without waiting, else
+    (False, a `_Waiting` to await). StopAsyncIteration and upstream errors propagate."""
+    step = iterator.__anext__()
+    try:
+        signal = step.send(None)  # type: ignore[attr-defined]
+    except StopIteration as done:
+        return True, done.value
+    return False, _Waiting(step, signal)
+
+
+async def _close_quietly(iterator: AsyncIterator[StreamItem], *, shield: bool = False) -> None:
+    """Close the upstream stream. With `shield`, a cancellation cannot cut the close short;
+    a close that finishes without waiting (the usual case) needs no shield, which is costly."""
+    aclose = getattr(iterator, "aclose", None)
+    if aclose is None:
+        return
+    try:
+        step = aclose()
+        try:
+            signal = step.send(None)
+        except (StopIteration, StopAsyncIteration):
+            return
+        if shield:
+            with anyio.CancelScope(shield=True):
+                await _Waiting(step, signal)
+        else:
+            await _Waiting(step, signal)
+    except Exception:  # the upstream connection is being dropped anyway
+        pass

@@ -19,11 +19,11 @@ from pathlib import Path
 import asyncpg
 import nats
 import orjson
+from nats.aio.client import NO_RESPONDERS_STATUS
 from nats.aio.client import Client as NATS
-from nats.errors import NoRespondersError
-from nats.js.api import PubAck
+from nats.aio.msg import Msg
+from nats.js.api import Header
 from nats.js.client import JetStreamContext
-from nats.js.errors import NoStreamResponseError
 
 from apifast.db import Queries
 from apifast.jetstream import ensure_usage_stream
@@ -59,6 +59,10 @@ class EventPublisher:
         self._unspooled: list[Item] = []  # the spool's disk refused them; retried every tick
         self._stream_missing = False
         self._closing = False
+        self._acks: dict[str, asyncio.Future[bool]] = {}  # reply subject -> stored?
+        self._ack_prefix: str | None = None
+        self._ack_client: NATS | None = None
+        self._ack_seq = 0
         self._pool: asyncpg.Pool | None = None
         self._hold_ttl_s = 0
         self._next_hold_refresh = 0.0
@@ -127,31 +131,67 @@ class EventPublisher:
             except Exception:  # still down; spooled and retried
                 return batch
 
-        # Send the whole batch, then wait for its acks together: one task and one timeout
-        # per batch rather than per event.
-        acks: list[asyncio.Future[PubAck] | None] = []
+        nc = self._nc
+        assert nc is not None
+        # Send the whole batch, then wait for its acks together: one timeout per batch, and
+        # acks matched by reply subject (nats-py's publish() costs a task and a timer each).
+        try:
+            prefix = await self._ack_inbox(nc)
+        except Exception:  # not connected after all: spooled and retried
+            return batch
+        loop = asyncio.get_running_loop()
+        acks: list[asyncio.Future[bool] | None] = []
         for generation_id, payload in batch:
+            self._ack_seq += 1
+            reply = prefix + str(self._ack_seq)
+            ack: asyncio.Future[bool] = loop.create_future()
+            self._acks[reply] = ack
             try:
-                acks.append(await js.publish_async(
-                    self.subject, payload, headers={"Nats-Msg-Id": generation_id}
-                ))  # fmt: skip
+                await nc.publish(
+                    self.subject, payload, reply=reply, headers={"Nats-Msg-Id": generation_id}
+                )
+                acks.append(ack)
             except Exception:  # not sent: spooled and retried
+                del self._acks[reply]
                 acks.append(None)
         sent = [ack for ack in acks if ack is not None]
         if sent:
             _, late = await asyncio.wait(sent, timeout=_PUBLISH_TIMEOUT_S)
             for unanswered in late:
-                unanswered.cancel()  # frees its slot in the client; the event is spooled
-        failed = []
-        for item, ack in zip(batch, acks, strict=True):
-            if ack is None or ack.cancelled():
-                failed.append(item)
-            elif (error := ack.exception()) is not None:
-                if isinstance(error, (NoRespondersError, NoStreamResponseError)):
-                    self._stream_missing = True
-                failed.append(item)
+                unanswered.cancel()
+            if late:
+                # Forget the unanswered; a late ack finds nothing and is ignored.
+                self._acks = {k: v for k, v in self._acks.items() if not v.done()}
+        failed = [
+            item
+            for item, ack in zip(batch, acks, strict=True)
+            if ack is None or ack.cancelled() or not ack.result()
+        ]
         self.published += len(batch) - len(failed)
         return failed
+
+    async def _ack_inbox(self, nc: NATS) -> str:
+        """The reply-subject prefix of our acks, subscribed once per connection."""
+        if self._ack_prefix is None or self._ack_client is not nc:
+            prefix = nc.new_inbox() + "."
+            await nc.subscribe(prefix + "*", cb=self._on_ack)
+            self._ack_prefix, self._ack_client = prefix, nc
+        return self._ack_prefix
+
+    async def _on_ack(self, msg: Msg) -> None:
+        ack = self._acks.pop(msg.subject, None)
+        if ack is None or ack.done():
+            return
+        if msg.headers and msg.headers.get(Header.STATUS) == NO_RESPONDERS_STATUS:
+            self._stream_missing = True  # no stream listens: recreate it before retrying
+            ack.set_result(False)
+            return
+        try:
+            reply = orjson.loads(msg.data)
+        except orjson.JSONDecodeError:
+            reply = None
+        # A stored event, or a duplicate of one (dedupe by Nats-Msg-Id); anything else failed.
+        ack.set_result(isinstance(reply, dict) and "seq" in reply and "error" not in reply)
 
     def _spool(self, items: list[Item]) -> None:
         items = self._unspooled + items

@@ -87,6 +87,7 @@ async def reserve(
 
 
 _Ask = tuple[bytes, str, Decimal, Decimal, "asyncio.Future[Any]"]
+_KEEP_IDLE_S = 1.0  # connections unused this long go back to the pool
 
 
 class Reserver:
@@ -105,6 +106,11 @@ class Reserver:
         self._pending: list[_Ask] = []
         self._inflight = 0
         self._tasks: set[asyncio.Task[None]] = set()
+        # Connections kept between batches: the pool's acquire and release (with its session
+        # reset, a second round trip) cost more than the hold itself. Given back when idle.
+        self._kept: list[asyncpg.Connection] = []
+        self._last_used = 0.0
+        self._idle_timer: asyncio.TimerHandle | None = None
 
     async def reserve(
         self, key_hash: bytes, generation_id: str, min_usd: Decimal, max_usd: Decimal
@@ -127,14 +133,20 @@ class Reserver:
             while self._pending:
                 batch = self._pending[: self.max_batch]
                 del self._pending[: self.max_batch]
+                abandoned = []
                 try:
-                    rows = await self._send(batch)
+                    conn = self._kept.pop() if self._kept else await self.pool.acquire()
+                    try:
+                        rows = await self._send(conn, batch)
+                    except BaseException:
+                        await self.pool.release(conn)  # the pool checks and resets it
+                        raise
+                    self._keep(conn)
                 except Exception as exc:
                     for *_, future in batch:
                         if not future.done():
                             future.set_exception(exc)
                     continue
-                abandoned = []
                 for (_, generation_id, *_, future), row in zip(batch, rows, strict=True):
                     if not future.done():
                         future.set_result(row)
@@ -145,7 +157,38 @@ class Reserver:
         finally:
             self._inflight -= 1
 
-    async def _send(self, batch: list[_Ask]) -> list[Any]:
+    def _keep(self, conn: asyncpg.Connection) -> None:
+        self._kept.append(conn)
+        loop = asyncio.get_running_loop()
+        self._last_used = loop.time()
+        if self._idle_timer is None:
+            self._idle_timer = loop.call_later(_KEEP_IDLE_S, self._release_idle)
+
+    def _release_idle(self) -> None:
+        loop = asyncio.get_running_loop()
+        left = self._last_used + _KEEP_IDLE_S - loop.time()
+        if left > 0 and self._kept:
+            self._idle_timer = loop.call_later(left, self._release_idle)
+            return
+        self._idle_timer = None
+        kept, self._kept = self._kept, []
+        for conn in kept:
+            task = asyncio.create_task(self.pool.release(conn))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    async def close(self) -> None:
+        """Give the kept connections back (the pool's close waits for them)."""
+        if self._idle_timer is not None:
+            self._idle_timer.cancel()
+            self._idle_timer = None
+        kept, self._kept = self._kept, []
+        for conn in kept:
+            await self.pool.release(conn)
+        if self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    async def _send(self, conn: asyncpg.Connection, batch: list[_Ask]) -> list[Any]:
         args = (
             [a[0] for a in batch],
             [a[1] for a in batch],
@@ -155,7 +198,7 @@ class Reserver:
         )
         for attempt in range(3):
             try:
-                rows = await self.pool.fetch(Q.reserve_batch, *args)
+                rows = await conn.fetch(Q.reserve_batch, *args)
                 break
             except asyncpg.DeadlockDetectedError:
                 # Only with a writer that locks several keys out of order; the batch was
