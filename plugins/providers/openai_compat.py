@@ -110,7 +110,6 @@ class OpenAIProvider(Provider):
         body["stream"] = True
         body["stream_options"] = {**(body.get("stream_options") or {}), "include_usage": True}
         client = await self._client_ready()
-        usage: Usage | None = None
         failure: UpstreamError | None = None
         response = None
         name = self.config.name
@@ -137,10 +136,13 @@ class OpenAIProvider(Provider):
                     failure = UpstreamError(502, f"{name}: error event in stream")
                     break
                 reported = chunk.pop("usage", None)
-                if reported:
-                    usage = parse_usage(reported)
                 if chunk.get("choices"):
                     yield chunk
+                if reported:
+                    # Yielded at once: a client gone before [DONE] is billed this, not a guess.
+                    usage = parse_usage(reported)
+                    if usage is not None:
+                        yield usage
         except HttpTimeout:
             failure = UpstreamTimeout(f"{name}: stream timed out")
         except HttpError as exc:
@@ -148,9 +150,6 @@ class OpenAIProvider(Provider):
         finally:
             if response is not None:
                 response.close()
-        # Usage known so far is reported even when the stream then broke.
-        if usage is not None:
-            yield usage
         if failure is not None:
             raise failure
 
