@@ -2,8 +2,9 @@
 (nginx serving fixed answers) and through ApiFast (`apifast serve` on real Postgres and
 NATS), non-streaming and streaming. Prints req/s at 32 connections and p50/p99 latency at
 one connection (sequential requests), with ApiFast's ratios to direct and its added latency.
+Direct and ApiFast runs alternate over 3 rounds; every figure is the median of the rounds.
 
-    python bench/proxy_bench.py            # about a minute; see bench/README.md
+    python bench/proxy_bench.py            # about two minutes; see bench/README.md
 
 Skips (exit 0) with a message when nginx, wrk, Postgres or NATS is missing.
 """
@@ -14,6 +15,7 @@ import argparse
 import asyncio
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -160,14 +162,8 @@ async def run(args: argparse.Namespace) -> dict[str, dict[str, Measured]]:
         workdir = Path(tmp)
         bodies = _write_bodies(workdir)
         upstream = NginxUpstream(workdir).start()
-        results: dict[str, dict[str, Measured]] = {"direct": {}, "apifast": {}}
+        rounds: dict[str, dict[str, list[Measured]]] = {"direct": {}, "apifast": {}}
         try:
-            if not args.skip_direct:
-                for sc in SCENARIOS:
-                    url = upstream.stream_base_url if sc.stream else upstream.base_url
-                    results["direct"][sc.name] = _measure(
-                        url + "/chat/completions", bodies["direct", sc.stream], args
-                    )
             server = ApiFastServer(workdir, upstream, args.database_url, args.nats_url)
             try:
                 await server.start()
@@ -177,21 +173,55 @@ async def run(args: argparse.Namespace) -> dict[str, dict[str, Measured]]:
                     # Warm-up: connection pools, statement caches, the allocator.
                     run_wrk(url, bodies["apifast", sc.stream], connections=args.connections,
                             seconds=args.warmup_seconds, key=server.key)  # fmt: skip
-                for sc in SCENARIOS:
-                    profiler = None
-                    if args.profile and not sc.stream:
-                        profiler = _profile(server, args.seconds, Path(args.profile))
-                    results["apifast"][sc.name] = _measure(
-                        url, bodies["apifast", sc.stream], args, server.key, server
-                    )
-                    if profiler is not None:
-                        profiler.wait(timeout=60)
-                        print(f"profile written to {args.profile}")
+                # Direct and ApiFast runs alternate, so both see the machine in the same state.
+                for n in range(args.rounds):
+                    for sc in SCENARIOS:
+                        if not args.skip_direct:
+                            base = upstream.stream_base_url if sc.stream else upstream.base_url
+                            rounds["direct"].setdefault(sc.name, []).append(_measure(
+                                base + "/chat/completions", bodies["direct", sc.stream], args
+                            ))  # fmt: skip
+                        profiler = None
+                        if args.profile and not sc.stream and n == 0:
+                            profiler = _profile(server, args.seconds, Path(args.profile))
+                        rounds["apifast"].setdefault(sc.name, []).append(
+                            _measure(url, bodies["apifast", sc.stream], args, server.key, server)
+                        )
+                        if profiler is not None:
+                            profiler.wait(timeout=60)
+                            print(f"profile written to {args.profile}")
             finally:
                 await server.stop()
         finally:
             upstream.stop()
-        return results
+        return {t: {s: _median(ms) for s, ms in per.items()} for t, per in rounds.items()}
+
+
+def _median(runs: list[Measured]) -> Measured:
+    """Each figure's median over the rounds (CPU included)."""
+
+    def mid(values: list[float]) -> float:
+        return statistics.median(values)
+
+    def wrk(results: list[WrkResult]) -> WrkResult:
+        return WrkResult(
+            requests=round(mid([r.requests for r in results])),
+            duration_s=mid([r.duration_s for r in results]),
+            p50_ms=mid([r.p50_ms for r in results]),
+            p90_ms=mid([r.p90_ms for r in results]),
+            p99_ms=mid([r.p99_ms for r in results]),
+            errors=sum(r.errors for r in results),
+            rps_measured=mid([r.rps for r in results]),
+        )
+
+    cpu = [r.cpu_us_per_request for r in runs if r.cpu_us_per_request is not None]
+    cpu1 = [r.cpu_us_sequential for r in runs if r.cpu_us_sequential is not None]
+    return Measured(
+        wrk([r.throughput for r in runs]),
+        wrk([r.sequential for r in runs]),
+        mid(cpu) if cpu else None,
+        mid(cpu1) if cpu1 else None,
+    )
 
 
 def _fmt(value: float | None, digits: int = 2) -> str:
@@ -245,6 +275,7 @@ def print_table(results: dict[str, dict[str, Measured]], args: argparse.Namespac
             )
         )
     print(line)
+    print(f"(medians of {args.rounds} rounds; direct and ApiFast runs alternate)")
     for sc in SCENARIOS:
         a = results["apifast"][sc.name]
         print(f"ApiFast CPU per {sc.name} request: {_fmt(a.cpu_us_per_request, 0)} us at "
@@ -260,8 +291,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    p.add_argument("--seconds", type=float, default=8, help="each 32-connection run (default 8)")
-    p.add_argument("--latency-seconds", type=float, default=5, help="each 1-connection run")
+    p.add_argument("--rounds", type=int, default=3, help="median of this many rounds (default 3)")
+    p.add_argument("--seconds", type=float, default=5, help="each 32-connection run (default 5)")
+    p.add_argument("--latency-seconds", type=float, default=3, help="each 1-connection run")
     p.add_argument("--warmup-seconds", type=float, default=2)
     p.add_argument("--connections", type=int, default=32)
     p.add_argument(

@@ -22,9 +22,12 @@ class WrkResult:
     p90_ms: float
     p99_ms: float
     errors: int
+    rps_measured: float | None = None  # set when this is a median of several runs
 
     @property
     def rps(self) -> float:
+        if self.rps_measured is not None:
+            return self.rps_measured
         return self.requests / self.duration_s if self.duration_s else 0.0
 
 

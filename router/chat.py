@@ -289,7 +289,7 @@ async def _stream(
                             tally["pieces"] += 1
                         burst.append(chunk_bytes(item, generation_id, public_model, created))
                     try:
-                        ready, step = _next_step(iterator)
+                        ready, step = next_step(iterator)
                         if not ready:
                             if burst:
                                 waiting = step
@@ -334,7 +334,7 @@ class _Waiting:
         self.signal = signal
 
     def __await__(self) -> Generator[Any, Any, Any]:
-        # `yield from step`, minus its first yield, which `_next_step` already took.
+        # `yield from step`, minus its first yield, which `next_step` already took.
         step, signal = self.step, self.signal
         while True:
             try:
@@ -358,7 +358,7 @@ class _Waiting:
             pass
 
 
-def _next_step(iterator: AsyncIterator[StreamItem]) -> tuple[bool, Any]:
+def next_step(iterator: AsyncIterator[Any]) -> tuple[bool, Any]:
     """Start `iterator.__anext__()`: (True, item) if it produced one without waiting, else
     (False, a `_Waiting` to await). StopAsyncIteration and upstream errors propagate."""
     step = iterator.__anext__()

@@ -16,8 +16,9 @@ from starlette.requests import ClientDisconnect
 from starlette.types import Message, Receive, Scope, Send
 
 from router.auth import key_hash_from_header
-from router.chat import ChatReply, handle_chat
+from router.chat import ChatReply, handle_chat, next_step
 from router.errors import ApiError
+from router.openai_shape import DONE
 from router.proxy import read_asgi_body
 from router.state import RouterState
 
@@ -70,34 +71,51 @@ async def serve_chat(state: RouterState, scope: Scope, receive: Receive, send: S
 async def _relay(
     reply: ChatReply, headers: list[tuple[bytes, bytes]], receive: Receive, send: Send
 ) -> None:
-    """Send the stream; a client disconnect cancels it at once, wherever it is waiting."""
+    """Send the stream; a client disconnect cancels it at once, wherever it is waiting.
+
+    The disconnect watcher (a task) starts only when the stream first has to wait for the
+    upstream: a stream that is all there already is sent without one. The piece ending in
+    `data: [DONE]` is the last, and goes out with the end of the chunked body."""
     stream = reply.stream
     assert stream is not None
     task = asyncio.current_task()
     assert task is not None
     state = {"done": False, "gone": False}
+    watcher: asyncio.Future[None] | None = None
 
-    def on_disconnect(watcher: asyncio.Future[None]) -> None:
-        if not state["done"] and not watcher.cancelled():
+    def on_disconnect(watched: asyncio.Future[None]) -> None:
+        if not state["done"] and not watched.cancelled():
             state["gone"] = True
             task.cancel()
 
-    watcher = asyncio.ensure_future(_disconnected(receive))
-    watcher.add_done_callback(on_disconnect)
     try:
         await send({"type": "http.response.start", "status": 200, "headers": headers})
-        async for piece in stream:
-            await send({"type": "http.response.body", "body": piece, "more_body": True})
-        # The server reports a disconnect once the response is complete: not a client's.
-        state["done"] = True
-        await send({"type": "http.response.body", "body": b"", "more_body": False})
+        while True:
+            try:
+                ready, piece = next_step(stream)
+                if not ready:
+                    if watcher is None:
+                        watcher = asyncio.ensure_future(_disconnected(receive))
+                        watcher.add_done_callback(on_disconnect)
+                    piece = await piece
+            except StopAsyncIteration:
+                piece = b""
+            last = not piece or piece.endswith(DONE)
+            if last:
+                # The server reports a disconnect once the response is complete: not a
+                # client's.
+                state["done"] = True
+            await send({"type": "http.response.body", "body": piece, "more_body": not last})
+            if last:
+                break
     except asyncio.CancelledError:
         if not state["gone"]:
             raise
         task.uncancel()
     finally:
         state["done"] = True
-        watcher.cancel()
+        if watcher is not None:
+            watcher.cancel()
         # Settles the request (billing what was delivered) if the stream did not finish.
         await stream.aclose()  # type: ignore[attr-defined]
 
