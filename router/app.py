@@ -204,10 +204,10 @@ def create_app(
         try:
             await state.pool.fetchval("SELECT 1")
             body["postgres"] = "ok"
-        except Exception:  # noqa: BLE001 - reported, not raised
+        except Exception:
             body["postgres"] = "down"
             body["status"] = "degraded"
-        body["nats"] = "ok" if state.publisher._connected() else "down"  # noqa: SLF001
+        body["nats"] = "ok" if state.publisher._connected() else "down"
         body["spooled_events"] = state.publisher.spool.count
         if body["nats"] != "ok":
             body["status"] = "degraded"

@@ -25,7 +25,9 @@ def bearer_key_from_header(header: str | None) -> str:
         raise ApiError(401, "Authorization must be 'Bearer <key>'.", code="invalid_api_key")
     if not is_well_formed(key):
         raise ApiError(
-            401, "Invalid API key (bad format or checksum; check for a typo).", code="invalid_api_key"
+            401,
+            "Invalid API key (bad format or checksum; check for a typo).",
+            code="invalid_api_key",
         )
     return key
 

@@ -77,7 +77,9 @@ def _price(table: dict[str, Any], source: str, entry: str, prefix: str = "") -> 
     for name in _PRICE_FIELDS:
         raw = table.get(prefix + name)
         try:
-            values[name] = None if raw is None else parse_usd(raw, field=prefix + name, max_places=6)
+            values[name] = (
+                None if raw is None else parse_usd(raw, field=prefix + name, max_places=6)
+            )
         except MoneyError as exc:
             raise _fail(source, entry, str(exc)) from None
     request_raw = table.get(prefix + "request_usd")
@@ -183,7 +185,7 @@ def parse_model(table: Any, source: str, entry: str, providers: set[str]) -> Mod
         routes.append(Route(provider=provider, model=upstream, cost=cost))
     for name in ("input_usd_per_mtok", "output_usd_per_mtok"):
         if kind == "chat" and name not in table:
-            raise _fail(source, entry, f"missing price {name} (a decimal string such as \"0.50\")")
+            raise _fail(source, entry, f'missing price {name} (a decimal string such as "0.50")')
     if kind == "embeddings" and "input_usd_per_mtok" not in table:
         raise _fail(source, entry, "missing price input_usd_per_mtok")
     description = table.get("description", "")

@@ -14,7 +14,14 @@ from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 
 from apifast.money import quantize_up
-from apifast.providers import ChatRequest, Provider, StreamItem, UpstreamError, UpstreamTimeout, Usage
+from apifast.providers import (
+    ChatRequest,
+    Provider,
+    StreamItem,
+    UpstreamError,
+    UpstreamTimeout,
+    Usage,
+)
 from router.auth import key_hash_from_request
 from router.catalog import Model, Route
 from router.openai_shape import (
@@ -160,7 +167,9 @@ async def handle_chat(state: RouterState, key_hash: bytes, raw: bytes, started: 
     out_tokens = cap
     if hold.reserved < max_usd:
         # The balance covers a shorter answer: lower max_tokens instead of refusing.
-        out_tokens = max(1, min(cap, price.affordable_output_tokens(hold.reserved, input_bound) // n))
+        out_tokens = max(
+            1, min(cap, price.affordable_output_tokens(hold.reserved, input_bound) // n)
+        )
         headers[LOWERED_HEADER] = str(out_tokens)
     ubody = upstream_body(body, "")
     # Always bound the output upstream, so the hold covers the whole answer.
@@ -199,10 +208,16 @@ def _finish(state: RouterState, event: UsageEvent, model: Model, route: Route | 
 
 
 async def _complete(
-    state: RouterState, model: Model, ubody: dict[str, Any], event: UsageEvent, headers: dict[str, str]
+    state: RouterState,
+    model: Model,
+    ubody: dict[str, Any],
+    event: UsageEvent,
+    headers: dict[str, str],
 ) -> ChatReply:
     async def call(provider: Provider, route: Route) -> Any:
-        return await provider.chat(ChatRequest(body={**ubody, "model": route.model}, model=route.model))
+        return await provider.chat(
+            ChatRequest(body={**ubody, "model": route.model}, model=route.model)
+        )
 
     try:
         result, route = await try_routes(state, model, call)
@@ -214,7 +229,9 @@ async def _complete(
     event.usage = result.usage
     event.ttft_ms = round((time.time() - event.started_at) * 1000)
     _finish(state, event, model, route)
-    content = completion_body(result.body, event.generation_id, model.id, result.usage, event.cost_usd)
+    content = completion_body(
+        result.body, event.generation_id, model.id, result.usage, event.cost_usd
+    )
     return ChatReply(headers, content)
 
 
@@ -227,7 +244,9 @@ async def _stream(
     include_usage: bool,
     headers: dict[str, str],
 ) -> ChatReply:
-    async def open_stream(provider: Provider, route: Route) -> tuple[AsyncIterator[StreamItem], StreamItem]:
+    async def open_stream(
+        provider: Provider, route: Route
+    ) -> tuple[AsyncIterator[StreamItem], StreamItem]:
         request = ChatRequest(body={**ubody, "model": route.model}, model=route.model, stream=True)
         iterator = provider.stream_chat(request).__aiter__()
         try:

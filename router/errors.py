@@ -46,7 +46,9 @@ class ApiError(Exception):
         self.message = message
         self.code = code
         self.param = param
-        self.type = type or _TYPES.get(status, "api_error" if status >= 500 else "invalid_request_error")
+        self.type = type or _TYPES.get(
+            status, "api_error" if status >= 500 else "invalid_request_error"
+        )
         self.headers = headers or {}
 
     def body(self) -> dict[str, Any]:

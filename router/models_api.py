@@ -26,10 +26,14 @@ def model_json(model: Model) -> dict[str, Any]:
         "input_usd_per_mtok": format_usd(p.input_usd_per_mtok),
         "output_usd_per_mtok": format_usd(p.output_usd_per_mtok),
         "cached_input_usd_per_mtok": format_usd(
-            p.input_usd_per_mtok if p.cached_input_usd_per_mtok is None else p.cached_input_usd_per_mtok
+            p.input_usd_per_mtok
+            if p.cached_input_usd_per_mtok is None
+            else p.cached_input_usd_per_mtok
         ),
         "cache_write_usd_per_mtok": format_usd(
-            p.input_usd_per_mtok if p.cache_write_usd_per_mtok is None else p.cache_write_usd_per_mtok
+            p.input_usd_per_mtok
+            if p.cache_write_usd_per_mtok is None
+            else p.cache_write_usd_per_mtok
         ),
         "request_usd": format_usd(p.request_usd),
     }
