@@ -4,13 +4,14 @@ server, for the payment tests (orders, webhooks, recovery, end to end)."""
 from __future__ import annotations
 
 import contextlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
 import httpx
+import pytest
 
 from router.payments_runtime import PaymentsRuntime
 from tests.fakes.btcpay import FakeBTCPay
@@ -131,3 +132,25 @@ async def payments_env(
         await btcpay.close()
         await np.close()
         await upstream.stop()
+
+
+def payments_env_fixture(label: str, **overrides: Any) -> Any:
+    """A module-scoped `env` fixture: one running payments stack per test module."""
+
+    @pytest.fixture(scope="module")
+    async def env(
+        database_factory: Callable[[str], str],
+        nats_url: str,
+        clickhouse_url: str,
+        tmp_path_factory: pytest.TempPathFactory,
+    ) -> AsyncIterator[PayEnv]:
+        async with payments_env(
+            database_url=database_factory(label),
+            nats_url=nats_url,
+            clickhouse_url=clickhouse_url,
+            data_dir=tmp_path_factory.mktemp(label),
+            **overrides,
+        ) as running:
+            yield running
+
+    return env

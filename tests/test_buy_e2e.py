@@ -4,29 +4,13 @@ same key is topped up, and the key is recovered by email."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable
 from decimal import Decimal
 
 import openai
-import pytest
 
-from tests.payments_harness import PayEnv, payments_env
+from tests.payments_harness import PayEnv, payments_env_fixture
 
-
-@pytest.fixture(scope="module")
-async def env(
-    database_factory: Callable[[str], str],
-    nats_url: str,
-    clickhouse_url: str,
-    tmp_path_factory: pytest.TempPathFactory,
-) -> AsyncIterator[PayEnv]:
-    async with payments_env(
-        database_url=database_factory("buy_e2e"),
-        nats_url=nats_url,
-        clickhouse_url=clickhouse_url,
-        data_dir=tmp_path_factory.mktemp("buy_e2e"),
-    ) as running:
-        yield running
+env = payments_env_fixture("buy_e2e")
 
 
 async def test_buy_spend_top_up_and_recover(env: PayEnv) -> None:

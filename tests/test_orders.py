@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from decimal import Decimal
 from pathlib import Path
 
@@ -10,25 +10,9 @@ import pytest
 
 from apifast.keys import is_well_formed
 from router.ip_limits import IpRateLimiter
-from tests.payments_harness import PayEnv, payments_env
+from tests.payments_harness import PayEnv, payments_env, payments_env_fixture
 
-
-@pytest.fixture(scope="module")
-async def env(
-    database_factory: Callable[[str], str],
-    nats_url: str,
-    clickhouse_url: str,
-    tmp_path_factory: pytest.TempPathFactory,
-) -> AsyncIterator[PayEnv]:
-    async with payments_env(
-        database_url=database_factory("orders"),
-        nats_url=nats_url,
-        clickhouse_url=clickhouse_url,
-        data_dir=tmp_path_factory.mktemp("orders"),
-        min_order_usd=Decimal("2.00"),
-        max_order_usd=Decimal("500.00"),
-    ) as running:
-        yield running
+env = payments_env_fixture("orders", min_order_usd=Decimal("2.00"), max_order_usd=Decimal("500.00"))
 
 
 async def test_order_without_key_creates_one(env: PayEnv) -> None:

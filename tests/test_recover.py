@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import base64
 import os
-from collections.abc import AsyncIterator, Callable
 
 import pytest
 
@@ -14,23 +13,9 @@ from apifast.mailer import Mail, Mailer, SmtpConfig
 from router.ip_limits import IpRateLimiter
 from router.recover_api import ACCEPTED
 from tests.fakes.mailbox import Mailbox
-from tests.payments_harness import PayEnv, payments_env
+from tests.payments_harness import PayEnv, payments_env_fixture
 
-
-@pytest.fixture(scope="module")
-async def env(
-    database_factory: Callable[[str], str],
-    nats_url: str,
-    clickhouse_url: str,
-    tmp_path_factory: pytest.TempPathFactory,
-) -> AsyncIterator[PayEnv]:
-    async with payments_env(
-        database_url=database_factory("recover"),
-        nats_url=nats_url,
-        clickhouse_url=clickhouse_url,
-        data_dir=tmp_path_factory.mktemp("recover"),
-    ) as running:
-        yield running
+env = payments_env_fixture("recover")
 
 
 # --- units ------------------------------------------------------------------------------------

@@ -4,30 +4,15 @@ duplicates and out-of-order deliveries, partial payments, repeat deposits, closi
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable
 from decimal import Decimal
 
 import pytest
 
 from apifast.payments import PaymentStatus, PaymentUpdate
 from router.crediting import apply_update
-from tests.payments_harness import PayEnv, payments_env
+from tests.payments_harness import PayEnv, payments_env_fixture
 
-
-@pytest.fixture(scope="module")
-async def env(
-    database_factory: Callable[[str], str],
-    nats_url: str,
-    clickhouse_url: str,
-    tmp_path_factory: pytest.TempPathFactory,
-) -> AsyncIterator[PayEnv]:
-    async with payments_env(
-        database_url=database_factory("webhooks"),
-        nats_url=nats_url,
-        clickhouse_url=clickhouse_url,
-        data_dir=tmp_path_factory.mktemp("webhooks"),
-    ) as running:
-        yield running
+env = payments_env_fixture("webhooks")
 
 
 async def test_finished_credits_exactly_once(env: PayEnv) -> None:
