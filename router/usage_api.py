@@ -102,8 +102,15 @@ async def generation(generation_id: str, request: Request) -> Response:
     if not rows:
         raise ApiError(404, f"No generation '{generation_id}' for this key (metering may take "
                        "a moment).", param="id", code="generation_not_found")  # fmt: skip
-    r = rows[0]
-    body = {
+    body = generation_json(rows[0])
+    return Response(orjson.dumps(body), media_type="application/json")
+
+
+def generation_json(r: dict[str, Any]) -> dict[str, Any]:
+    """One usage_events row as the API shows it; optional columns appear when selected."""
+    ts = r["ts"] if r["ts"].tzinfo else r["ts"].replace(tzinfo=UTC)
+    cost = Decimal(r["cost_usd"])
+    out: dict[str, Any] = {
         "id": r["generation_id"],
         "object": "generation",
         "model": r["model"],
@@ -112,16 +119,18 @@ async def generation(generation_id: str, request: Request) -> Response:
         "input_tokens": int(r["input_tokens"]),
         "output_tokens": int(r["output_tokens"]),
         "cached_tokens": int(r["cached_tokens"]),
-        "cache_write_tokens": int(r["cache_write_tokens"]),
         "reasoning_tokens": int(r["reasoning_tokens"]),
-        "usage_estimated": bool(r["usage_estimated"]),
-        "cost_usd": format_usd(Decimal(r["cost_usd"])),
-        "cost": orjson.Fragment(json_number(Decimal(r["cost_usd"])).encode()),
+        "cost_usd": format_usd(cost),
+        "cost": orjson.Fragment(json_number(cost).encode()),
         "latency_ms": int(r["latency_ms"]),
         "ttft_ms": int(r["ttft_ms"]),
         "status": int(r["status"]),
         "outcome": r["outcome"],
-        "created": int(r["ts"].timestamp()),
-        "created_at": r["ts"].astimezone(UTC).isoformat(),
+        "created": int(ts.timestamp()),
+        "created_at": ts.astimezone(UTC).isoformat(),
     }
-    return Response(orjson.dumps(body), media_type="application/json")
+    if "cache_write_tokens" in r:
+        out["cache_write_tokens"] = int(r["cache_write_tokens"])
+    if "usage_estimated" in r:
+        out["usage_estimated"] = bool(r["usage_estimated"])
+    return out
