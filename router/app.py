@@ -34,7 +34,7 @@ from router import (
     webhooks_api,  # payments (issue #3)
 )
 from router.catalog import Catalog, demo_catalog, load_catalog
-from router.errors import install_error_handlers
+from router.errors import ContainUnhandledErrors, install_error_handlers
 from router.payments_runtime import start_payments
 from router.publisher import EventPublisher
 from router.reservations import Reserver
@@ -189,6 +189,7 @@ def create_app(
         redoc_url=None,
     )
     install_error_handlers(app)
+    app.add_middleware(ContainUnhandledErrors)
 
     # --- API routers: one line per resource. ---
     for module in (chat, embeddings, models_api, key_api, usage_api):

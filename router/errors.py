@@ -111,3 +111,36 @@ def install_error_handlers(app: FastAPI) -> None:
             "unhandled %s on %s %s", type(exc).__name__, request.method, request.url.path
         )
         return ApiError(500, "internal error", type="api_error").response()
+
+
+class ContainUnhandledErrors:
+    """Innermost-but-one ASGI layer: an unhandled exception becomes a 500 in OpenAI's shape
+    and a log line naming only its type. Without it Starlette re-raises after the handler,
+    and uvicorn logs the exception text and traceback, which could echo request content."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = False
+
+        async def tracking_send(message: Any) -> None:
+            nonlocal started
+            if message["type"] == "http.response.start":
+                started = True
+            await send(message)
+
+        try:
+            await self.app(scope, receive, tracking_send)
+        except Exception as exc:
+            import logging
+
+            logging.getLogger("apifast.router").error(
+                "unhandled %s on %s %s", type(exc).__name__, scope.get("method"), scope["path"]
+            )
+            if not started:
+                response = ApiError(500, "internal error", type="api_error").response()
+                await response(scope, receive, send)

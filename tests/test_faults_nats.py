@@ -226,6 +226,9 @@ async def test_full_spool_refuses_paid_requests_with_503(
             status, gen = await _chat(client, router.base_url, key, 0)
             assert status == 200
             served.append(gen)
+            # Request 0 must be metered before NATS dies, or it may sit acknowledged in the
+            # stream, neither spooled nor counted, and the spool arithmetic below breaks.
+            await wait_in_ledger(settings.database_url, served)
             own_nats.kill()
             refused = None
             for i in range(1, 200):

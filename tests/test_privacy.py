@@ -93,3 +93,20 @@ async def test_canary_is_never_kept(
     assert CANARY not in caplog.text
     out, err = capfd.readouterr()
     assert CANARY not in out and CANARY not in err
+
+
+async def test_unhandled_errors_log_no_exception_text(
+    stack: Stack, caplog: pytest.LogCaptureFixture, capfd
+):
+    async def boom() -> None:
+        raise RuntimeError(f"failed while handling {CANARY}")
+
+    stack.app.add_api_route("/v1/boom-for-test", boom)
+    caplog.set_level(logging.DEBUG)
+    async with stack.client() as c:
+        r = await c.get("/v1/boom-for-test")
+    assert r.status_code == 500
+    assert r.json()["error"]["type"] == "api_error" and CANARY not in r.text
+    assert "RuntimeError" in caplog.text and CANARY not in caplog.text
+    out, err = capfd.readouterr()
+    assert CANARY not in out and CANARY not in err
