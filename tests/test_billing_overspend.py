@@ -158,7 +158,9 @@ async def test_two_routers_never_overspend_a_small_balance(
             ok = [r for r in results if r["status"] == 200]
             statuses = {r["status"] for r in results}
             assert statuses <= {200, 402}, statuses
-            assert any(r["lowered"] for r in ok), "max_tokens was never lowered"
+            # Whether a request lands while the balance sits between its minimum and its full
+            # hold depends on timing; lowering itself is checked deterministically by
+            # tests/test_routing.py::test_low_balance_lowers_max_tokens.
             await wait_in_ledger(settings.database_url, [r["id"] for r in ok])
             ch_ids = await meter.ids()
         served_ids = [r["id"] for r in ok]
