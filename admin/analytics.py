@@ -6,14 +6,17 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import asyncpg
 
 from apifast.db import Queries
 from apifast.money import ZERO, format_usd
 
-Q = Queries()
+if TYPE_CHECKING:
+    from apifast.admin.state import UsageStore
+
+Q = Queries("apifast.admin")
 
 HOUR = 3600
 DAY = 86400
@@ -92,7 +95,7 @@ def _usd(value: Any) -> str:
     return format_usd(Decimal(value or 0))
 
 
-async def usage_figures(clickhouse: Any, w: Window) -> dict[str, Any]:
+async def usage_figures(clickhouse: UsageStore, w: Window) -> dict[str, Any]:
     params = {"table": w.table, "start": _naive(w.start), "end": _naive(w.end),
               "bucket_s": w.bucket_s}  # fmt: skip
     series = await clickhouse.query(Q.admin_ch_overview_series, params)

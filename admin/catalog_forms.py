@@ -10,10 +10,10 @@ from typing import Any
 
 from starlette.datastructures import FormData
 
-from admin.web import field
+from apifast.admin.web import field
+from apifast.catalog.pricing import Price
+from apifast.catalog.toml import MODEL_KINDS, CatalogError, Model, parse_model, parse_providers
 from apifast.money import ZERO
-from router.catalog import MODEL_KINDS, CatalogError, Model, parse_model, parse_providers
-from router.pricing import Price
 
 MODEL_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/@+-]{0,127}$")
 PROVIDER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")

@@ -8,7 +8,7 @@ from fastapi import APIRouter
 from starlette.requests import Request
 from starlette.responses import Response
 
-from admin.web import render
+from apifast.admin.web import render
 
 router = APIRouter()
 

@@ -1,17 +1,22 @@
-"""Wires the admin panel, the key holder's dashboard, /v1/generations and the live catalog
-into the router app. Called once from `router.app.create_app`."""
+"""Wires the admin panel and the key holder's dashboard into the app. Called once by the
+composition root (`server.app.create_app`), which also sets `app.state.admin` to an
+`AdminState` in its lifespan and runs the catalog sync the panel's pages use."""
 
 from __future__ import annotations
-
-from collections.abc import MutableSequence
-from typing import Any
 
 from fastapi import Depends, FastAPI
 from fastapi.staticfiles import StaticFiles
 from starlette.responses import Response
 
-from admin import dashboard, views_auth, views_keys, views_models, views_overview, views_providers
-from admin.web import (
+from apifast.admin import (
+    dashboard,
+    views_auth,
+    views_keys,
+    views_models,
+    views_overview,
+    views_providers,
+)
+from apifast.admin.web import (
     PACKAGE_DIR,
     Ctx,
     admin_ctx,
@@ -21,23 +26,18 @@ from admin.web import (
     render,
 )
 from apifast.settings import Settings
-from router import generations_api
-from router.catalog_sync import catalog_sync_service
 
 
-def install_admin(app: FastAPI, services: MutableSequence[Any], settings: Settings) -> None:
+def install_admin(app: FastAPI, settings: Settings) -> None:
     app.state.admin_templates = make_templates()
     install_handlers(app)
     # Assets are public (the login page needs them); they hold nothing secret.
     app.mount("/assets", StaticFiles(directory=PACKAGE_DIR / "static"), name="assets")
-    app.include_router(generations_api.api)
     app.include_router(dashboard.router)
     if settings.admin_enabled:
         for module in (views_auth, views_overview, views_models, views_providers, views_keys):
             app.include_router(module.router, include_in_schema=False)
         _catch_all(app)
-    # Every router keeps its catalog current, whether or not it serves the panel.
-    services.append(catalog_sync_service)
 
 
 def _catch_all(app: FastAPI) -> None:

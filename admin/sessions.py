@@ -23,7 +23,7 @@ from starlette.responses import Response
 from apifast.db import Queries
 from apifast.settings import Settings
 
-Q = Queries()
+Q = Queries("apifast.admin")
 SECURE_COOKIE = "__Host-apifast_admin"  # __Host-: Secure, Path=/, no Domain, set by us only
 INSECURE_COOKIE = "apifast_admin"
 LOGIN_FORM_TTL_S = 2 * 3600

@@ -8,9 +8,9 @@ from fastapi import APIRouter, Depends
 from starlette.requests import Request
 from starlette.responses import Response
 
-from admin.passwords import verify_password
-from admin.sessions import clear_cookie, create_session, end_session, set_cookie
-from admin.web import (
+from apifast.admin.passwords import verify_password
+from apifast.admin.sessions import clear_cookie, create_session, end_session, set_cookie
+from apifast.admin.web import (
     Ctx,
     Forbidden,
     admin_ctx,
@@ -24,21 +24,10 @@ from admin.web import (
     state_of,
 )  # fmt: skip
 from apifast.db import Queries
-from router.ip_limits import IpRateLimiter
 
 router = APIRouter()
-Q = Queries()
+Q = Queries("apifast.admin")
 FAILED = "Login failed."
-
-
-def _limiter(request: Request) -> IpRateLimiter:
-    state = state_of(request)
-    limiter = state.extras.get("admin_login_limiter")
-    if limiter is None:
-        s = state.settings
-        limiter = IpRateLimiter(s.admin_login_rate_limit, s.admin_login_window_s, name="login")
-        state.extras["admin_login_limiter"] = limiter
-    return limiter
 
 
 def _safe_next(value: str) -> str:
@@ -68,7 +57,7 @@ async def login(request: Request) -> Response:
     state = state_of(request)
     check_origin(request)
     ip = request.client.host if request.client else "unknown"
-    wait = _limiter(request).check(ip)
+    wait = state.login_limiter.check(ip)
     if wait:
         await audit(state.pool, None, "login_rate_limited")
         response = _login_page(request, 429, f"Too many attempts. Try again in {int(wait) + 1} s.")

@@ -11,13 +11,13 @@ from urllib.parse import quote
 from fastapi import APIRouter, Depends
 from starlette.responses import Response
 
-from admin.web import Ctx, admin_ctx, audit, field, form_with_csrf, redirect, render
+from apifast.admin.web import Ctx, admin_ctx, audit, field, form_with_csrf, redirect, render
 from apifast.db import Queries
 from apifast.keys import PREFIX, hash_key, is_well_formed
 from apifast.money import MoneyError, format_usd, parse_usd
 
 router = APIRouter()
-Q = Queries()
+Q = Queries("apifast.admin")
 PREFIX_LEN = len(PREFIX) + 8  # what api_keys.prefix holds (apifast.keys.key_prefix)
 MAX_ADJUST_USD = 1_000_000
 AMOUNT = re.compile(r"^\d{1,7}(\.\d{1,12})?$")

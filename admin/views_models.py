@@ -1,7 +1,7 @@
 """/admin/models: create, edit, disable and revert models, their routes and prices.
 
-Saved models go to `db_models`; this router applies the change before answering, and every
-other router within a moment (router.catalog_sync)."""
+Saved models go to `db_models`; this server applies the change before answering, and every
+other one within a moment (`catalog.live.CatalogSync`)."""
 
 from __future__ import annotations
 
@@ -12,27 +12,39 @@ import orjson
 from fastapi import APIRouter, Depends
 from starlette.responses import Response
 
-from admin.catalog_forms import (
+from apifast.admin.catalog_forms import (
     PRICE_FIELDS,
     FormError,
     model_form_values,
     model_spec,
     parse_model_form,
 )  # fmt: skip
-from admin.web import Ctx, admin_ctx, audit, field, form_with_csrf, redirect, render
+from apifast.admin.web import (
+    Ctx,
+    Unavailable,
+    admin_ctx,
+    audit,
+    field,
+    form_with_csrf,
+    redirect,
+    render,
+)
+from apifast.catalog.live import CatalogSync, StoredModel, load_overlay
+from apifast.catalog.toml import MODEL_KINDS, Catalog
 from apifast.db import Queries
-from router.catalog import MODEL_KINDS, Catalog
-from router.catalog_sync import CatalogSync, StoredModel, load_overlay
 
 router = APIRouter()
-Q = Queries()
+Q = Queries("apifast.admin")
 _EDITOR_FIELDS = (
     "id", "type", "description", *PRICE_FIELDS, "max_output_tokens", "context_window", "routes",
 )  # fmt: skip
 
 
 def sync_of(ctx: Ctx) -> CatalogSync:
-    sync: CatalogSync = ctx.state.extras["catalog_sync"]
+    sync = ctx.state.catalog_sync
+    if sync is None:
+        raise Unavailable("The live catalog is not running on this server, so models and "
+                          "providers cannot be managed here.")  # fmt: skip
     return sync
 
 
@@ -52,7 +64,7 @@ def _source(in_toml: bool, stored: StoredModel | None) -> str:
 async def models_page(saved: str = "", ctx: Ctx = Depends(admin_ctx)) -> Response:
     sync = sync_of(ctx)
     stored = await stored_models(ctx)
-    served = ctx.state.catalog.models
+    served = ctx.state.live.catalog.models
     rows = []
     for model_id in sorted({*sync.base.models, *stored, *served}):
         model = served.get(model_id) or sync.base.models.get(model_id)
@@ -74,7 +86,7 @@ def _editor(ctx: Ctx, values: dict[str, Any], *, is_new: bool, error: str = "",
             status: int = 200) -> Response:  # fmt: skip
     return render(
         ctx.request, "model_edit.html", status=status, ctx=ctx, v=values, is_new=is_new,
-        error=error, kinds=MODEL_KINDS, providers=sorted(ctx.state.catalog.providers),
+        error=error, kinds=MODEL_KINDS, providers=sorted(ctx.state.live.catalog.providers),
     )  # fmt: skip
 
 
@@ -95,7 +107,7 @@ def _current_spec(
 
 @router.get("/admin/models/edit")
 async def edit_model(id: str, ctx: Ctx = Depends(admin_ctx)) -> Response:
-    found = _current_spec(ctx.state.catalog, sync_of(ctx).base, id, await stored_models(ctx))
+    found = _current_spec(ctx.state.live.catalog, sync_of(ctx).base, id, await stored_models(ctx))
     if found is None:
         return render(ctx.request, "error.html", status=404, title="Not found",
                       message=f"No model {id!r}.")  # fmt: skip
@@ -107,13 +119,13 @@ async def save_model(ctx: Ctx = Depends(admin_ctx)) -> Response:
     form = await form_with_csrf(ctx)
     is_new = field(form, "is_new") == "1"
     try:
-        parsed = parse_model_form(form, set(ctx.state.catalog.providers))
+        parsed = parse_model_form(form, set(ctx.state.live.catalog.providers))
     except FormError as exc:
         values: dict[str, Any] = {k: field(form, k) for k in _EDITOR_FIELDS}
         values["enabled"] = form.get("enabled") == "on"
         return _editor(ctx, values, is_new=is_new, error=str(exc), status=400)
     stored = await stored_models(ctx)
-    before = _current_spec(ctx.state.catalog, sync_of(ctx).base, parsed.id, stored)
+    before = _current_spec(ctx.state.live.catalog, sync_of(ctx).base, parsed.id, stored)
     if is_new and before is not None:
         values = model_form_values(parsed.id, parsed.spec, parsed.enabled)
         error = f"id: a model {parsed.id!r} already exists; edit it instead"
@@ -137,7 +149,9 @@ def _q(text: str) -> str:
 async def _set_enabled(ctx: Ctx, enabled: bool) -> Response:
     form = await form_with_csrf(ctx)
     model_id = field(form, "id", limit=200)
-    found = _current_spec(ctx.state.catalog, sync_of(ctx).base, model_id, await stored_models(ctx))
+    found = _current_spec(
+        ctx.state.live.catalog, sync_of(ctx).base, model_id, await stored_models(ctx)
+    )
     if found is None:
         return render(ctx.request, "error.html", status=404, title="Not found",
                       message=f"No model {model_id!r}.")  # fmt: skip

@@ -8,12 +8,12 @@ from typing import Any
 from fastapi import APIRouter, Depends
 from starlette.responses import Response
 
-from admin.analytics import RANGES, bucket_labels, credit_figures, usage_figures, window_for
-from admin.web import Ctx, admin_ctx, render
+from apifast.admin.analytics import RANGES, bucket_labels, credit_figures, usage_figures, window_for
+from apifast.admin.web import Ctx, admin_ctx, render
 from apifast.db import Queries
 
 router = APIRouter()
-Q = Queries()
+Q = Queries("apifast.admin")
 
 
 def _day(value: str | None) -> date | None:

@@ -1,6 +1,6 @@
 """/admin/providers: add and edit provider endpoints, test their connection.
 
-Upstream API keys are stored AES-GCM encrypted (router.catalog_sync.seal_api_key) and only
+Upstream API keys are stored AES-GCM encrypted (`catalog.live.seal_api_key`) and only
 ever shown masked; a blank key field keeps the stored key."""
 
 from __future__ import annotations
@@ -13,22 +13,22 @@ import orjson
 from fastapi import APIRouter, Depends
 from starlette.responses import Response
 
-from admin.catalog_forms import FormError, parse_provider_form
-from admin.views_models import sync_of
-from admin.web import Ctx, admin_ctx, audit, field, form_with_csrf, redirect, render
-from apifast.db import Queries
-from apifast.emailcrypt import EncryptedKey, KeyRingError
-from apifast.providers import UpstreamError
-from router.catalog_sync import (
+from apifast.admin.catalog_forms import FormError, parse_provider_form
+from apifast.admin.views_models import sync_of
+from apifast.admin.web import Ctx, admin_ctx, audit, field, form_with_csrf, redirect, render
+from apifast.catalog.live import (
     StoredProvider,
     load_overlay,
     mask_secret,
     open_api_key,
     seal_api_key,
 )  # fmt: skip
+from apifast.crypto import EncryptedKey, KeyRingError
+from apifast.db import Queries
+from apifast.providers import UpstreamError
 
 router = APIRouter()
-Q = Queries()
+Q = Queries("apifast.admin")
 TEST_TIMEOUT_S = 20.0
 _EDITOR_FIELDS = ("name", "type", "base_url", "api_key_env", "timeout_s", "connect_timeout_s")
 
@@ -59,7 +59,7 @@ async def _page(ctx: Ctx, *, saved: str = "", test: dict[str, str] | None = None
                 status: int = 200) -> Response:  # fmt: skip
     sync = sync_of(ctx)
     stored = await stored_providers(ctx)
-    served = ctx.state.catalog.providers
+    served = ctx.state.live.catalog.providers
     rows = []
     for name in sorted({*sync.base.providers, *stored, *served}):
         cfg = served.get(name) or sync.base.providers.get(name)
@@ -74,7 +74,7 @@ async def _page(ctx: Ctx, *, saved: str = "", test: dict[str, str] | None = None
             "stored": row is not None,
             "served": name in served,
             "problem": sync.problems.get(f"provider {name}", ""),
-            "models": sorted(m.id for m in ctx.state.catalog.models.values()
+            "models": sorted(m.id for m in ctx.state.live.catalog.models.values()
                              if any(r.provider == name for r in m.routes)),
         })  # fmt: skip
     return render(ctx.request, "providers.html", status=status, ctx=ctx, rows=rows, saved=saved,
@@ -104,7 +104,7 @@ async def new_provider(ctx: Ctx = Depends(admin_ctx)) -> Response:
 @router.get("/admin/providers/edit")
 async def edit_provider(name: str, ctx: Ctx = Depends(admin_ctx)) -> Response:
     row = (await stored_providers(ctx)).get(name)
-    cfg = ctx.state.catalog.providers.get(name) or sync_of(ctx).base.providers.get(name)
+    cfg = ctx.state.live.catalog.providers.get(name) or sync_of(ctx).base.providers.get(name)
     if row is None and cfg is None:
         return render(ctx.request, "error.html", status=404, title="Not found",
                       message=f"No provider {name!r}.")  # fmt: skip
@@ -139,7 +139,7 @@ async def save_provider(ctx: Ctx = Depends(admin_ctx)) -> Response:
     keep = row.options if row else dict(base.options) if base else {}
     try:
         parsed = parse_provider_form(form, set(sync.types), keep)
-        if is_new and (row is not None or name in ctx.state.catalog.providers):
+        if is_new and (row is not None or name in ctx.state.live.catalog.providers):
             raise FormError(f"name: a provider {name!r} already exists; edit it instead")
     except FormError as exc:
         values = {k: field(form, k) for k in _EDITOR_FIELDS}
@@ -175,7 +175,7 @@ async def delete_provider(ctx: Ctx = Depends(admin_ctx)) -> Response:
     form = await form_with_csrf(ctx)
     sync = sync_of(ctx)
     name = field(form, "name", limit=100)
-    users = sorted(m.id for m in ctx.state.catalog.models.values()
+    users = sorted(m.id for m in ctx.state.live.catalog.models.values()
                    if any(r.provider == name for r in m.routes))  # fmt: skip
     if users and name not in sync.base.providers:
         return render(
@@ -193,7 +193,7 @@ async def test_provider(ctx: Ctx = Depends(admin_ctx)) -> Response:
     """Ask the provider's upstream for something cheap (its model list) with its credentials."""
     form = await form_with_csrf(ctx)
     name = field(form, "name", limit=100)
-    provider = ctx.state.providers.get(name)
+    provider = ctx.state.live.providers.get(name)
     started = time.perf_counter()
     if provider is None:
         result = {"name": name, "ok": "", "message": "not served (see the problem shown)"}

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote, urlsplit
 
+import asyncpg
 import jinja2
 import orjson
 from fastapi import FastAPI
@@ -17,13 +18,13 @@ from starlette.datastructures import FormData
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, RedirectResponse, Response
 
-from admin.sessions import AdminSession, SessionCodec, live_session, read_cookie
 from apifast import __version__
+from apifast.admin.sessions import AdminSession, SessionCodec, live_session, read_cookie
+from apifast.admin.state import AdminState
 from apifast.db import Queries
 from apifast.money import format_usd
-from router.state import RouterState
 
-Q = Queries()
+Q = Queries("apifast.admin")
 PACKAGE_DIR = Path(__file__).resolve().parent
 
 # Pages load only this origin's scripts, styles and fetches; nothing may frame them.
@@ -56,16 +57,24 @@ class Forbidden(Exception):
         self.message = message
 
 
+class Unavailable(Exception):
+    """A page whose service this server does not run (answered 503 with an error page)."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
 @dataclass(frozen=True, slots=True)
 class Ctx:
     """An authenticated admin request."""
 
     request: Request
-    state: RouterState
+    state: AdminState
     session: AdminSession
 
     @property
-    def pool(self) -> Any:
+    def pool(self) -> asyncpg.Pool:
         return self.state.pool
 
 
@@ -104,8 +113,8 @@ def redirect(url: str) -> Response:
     return secure_headers(RedirectResponse(url, status_code=303))
 
 
-def state_of(request: Request) -> RouterState:
-    state: RouterState = request.app.state.apifast
+def state_of(request: Request) -> AdminState:
+    state: AdminState = request.app.state.admin
     return state
 
 
@@ -172,5 +181,10 @@ def install_handlers(app: FastAPI) -> None:
         assert isinstance(exc, Forbidden)
         return render(request, "error.html", status=403, title="Forbidden", message=exc.message)
 
+    async def unavailable(request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, Unavailable)
+        return render(request, "error.html", status=503, title="Unavailable", message=exc.message)
+
     app.add_exception_handler(LoginRequired, login_required)
     app.add_exception_handler(Forbidden, forbidden)
+    app.add_exception_handler(Unavailable, unavailable)

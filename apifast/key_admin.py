@@ -9,7 +9,7 @@ import asyncpg
 from apifast.db import Queries
 from apifast.keys import generate_key, hash_key, key_prefix
 
-Q = Queries()
+Q = Queries("apifast")
 
 
 async def insert_key(

@@ -18,8 +18,8 @@ from pathlib import Path
 import asyncpg
 import httpx
 
-from apifast.db import migrate
 from apifast.key_admin import create_key
+from apifast.server.migrations import migrate_database
 from bench.nginx_upstream import NginxUpstream, free_port
 
 CHAT_MODEL = "bench-chat"
@@ -94,7 +94,7 @@ class ApiFastServer:
             await conn.execute(f'CREATE DATABASE "{self.database}"')
         finally:
             await conn.close()
-        await migrate(self.dsn)
+        await migrate_database(self.dsn)
         self.key, _ = await create_key(self.dsn, self.secret.encode(), CREDIT)
 
     def env(self) -> dict[str, str]:

@@ -66,7 +66,7 @@ async def _make_calls(
         return aiohttp_call, session.close
 
     if client == "http1":
-        from plugins.providers.http1 import Http1Client, encode_headers
+        from apifast.plugins.providers.http1 import Http1Client, encode_headers
 
         base, _, path = url.rpartition("/")
         http1 = Http1Client(base, limit=512)

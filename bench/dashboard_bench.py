@@ -25,11 +25,12 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from admin.analytics import RANGES, window_for
+from apifast.admin.analytics import RANGES, window_for
 from apifast.db import Queries
-from metering.clickhouse import ClickHouseStore
+from apifast.metering.clickhouse import ClickHouseStore
 
-Q = Queries()
+Q = Queries("apifast.admin")
+RQ = Queries("apifast.router")
 TARGET_MS = 100.0
 BLOCK = 1_000_000
 
@@ -140,9 +141,9 @@ async def run(args: argparse.Namespace) -> int:
         ):
             month = {"key_hash": key, "start": today - timedelta(days=29), "end": today}
             cases += [
-                (f"key: usage per day x model, 30 d, rollup ({label})", Q.admin_ch_key_usage_daily,
+                (f"key: usage per day x model, 30 d, rollup ({label})", RQ.ch_key_usage_daily,
                  month),
-                (f"key: recent 20 generations ({label})", Q.admin_ch_key_generations,
+                (f"key: recent 20 generations ({label})", RQ.ch_key_generations,
                  {"key_hash": key, "limit": 20}),
                 (f"key: usage per day x model, 30 d, raw FINAL ({label})", _RAW_USAGE,
                  {"key_hash": key, "start": _midnight(month["start"]),

@@ -46,8 +46,8 @@ def install_plain_lookup() -> None:
 
     import asyncpg
 
+    from apifast.errors import ApiError
     from router import reservations
-    from router.errors import ApiError
 
     original = reservations.reserve
 
@@ -74,7 +74,7 @@ def install_plain_lookup() -> None:
         return await lookup(self.pool, key_hash, generation_id, min_usd, max_usd, self.ttl_s)
 
     reservations.Reserver.reserve = lookup_method  # type: ignore[method-assign]
-    import router.app  # noqa: F401 - imports every module that may hold a reference
+    import apifast.server.app  # noqa: F401 - imports every module that may hold a reference
 
     for module in list(sys.modules.values()):
         if getattr(module, "__name__", "").startswith("router"):
@@ -86,7 +86,7 @@ def install_plain_lookup() -> None:
 def serve(mode: str) -> int:
     if mode == "plain":
         install_plain_lookup()
-    from apifast.cli import main
+    from apifast.cli.main import main
 
     return main(["serve"])
 

@@ -8,49 +8,15 @@ import asyncio
 import re
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from datetime import UTC, datetime
-from decimal import Decimal
 from typing import Any, TypeVar
 
 import clickhouse_connect
 
 from apifast.db.migrate import migration_files
+from apifast.metering.event import EVENT_COLUMNS, event_row
 
 T = TypeVar("T")
 _NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
-
-EVENT_COLUMNS = (
-    "generation_id", "key_hash", "model", "provider", "upstream_model", "endpoint",
-    "input_tokens", "output_tokens", "cached_tokens", "cache_write_tokens", "reasoning_tokens",
-    "usage_estimated", "cost_usd", "upstream_cost_usd", "latency_ms", "ttft_ms", "status",
-    "outcome", "stream", "ts",
-)  # fmt: skip
-
-
-def event_row(event: dict[str, Any]) -> list[Any]:
-    """A usage event (as published) in EVENT_COLUMNS order; money stays Decimal."""
-    return [
-        event["generation_id"],
-        event["key_hash"],
-        event["model"],
-        event.get("provider", ""),
-        event.get("upstream_model", ""),
-        event.get("endpoint", "chat"),
-        int(event.get("input_tokens", 0)),
-        int(event.get("output_tokens", 0)),
-        int(event.get("cached_tokens", 0)),
-        int(event.get("cache_write_tokens", 0)),
-        int(event.get("reasoning_tokens", 0)),
-        bool(event.get("usage_estimated", False)),
-        Decimal(event.get("cost_usd", "0")),
-        Decimal(event.get("upstream_cost_usd", "0")),
-        int(event.get("latency_ms", 0)),
-        int(event.get("ttft_ms", 0)),
-        int(event.get("status", 200)),
-        event.get("outcome", "ok"),
-        bool(event.get("stream", False)),
-        datetime.fromtimestamp(int(event["ts"]) / 1000, tz=UTC),
-    ]
 
 
 class ClickHouseStore:
@@ -79,7 +45,7 @@ class ClickHouseStore:
         )
         done = {r[0] for r in c.query("SELECT version FROM schema_migrations").result_rows}
         applied = []
-        for version, name, sql in migration_files("clickhouse"):
+        for version, name, sql in migration_files(["apifast.metering"], "clickhouse"):
             if version in done:
                 continue
             for statement in _statements(sql):

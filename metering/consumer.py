@@ -17,8 +17,7 @@ import asyncio
 import contextlib
 import logging
 import math
-from decimal import Decimal, InvalidOperation
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import asyncpg
 import nats
@@ -26,61 +25,18 @@ import orjson
 from nats.aio.msg import Msg
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
-from apifast.jetstream import ensure_usage_stream
-from metering.clickhouse import ClickHouseStore
-from metering.ledger import debit_batch, release_expired
+from apifast.metering.clickhouse import ClickHouseStore
+from apifast.metering.event import event_problem
+from apifast.metering.ledger import debit_batch, release_expired
+from apifast.metering.stream import ensure_usage_stream
+
+if TYPE_CHECKING:
+    from apifast.settings import Settings
 
 log = logging.getLogger("apifast.meter")
 
-_UINT32 = 1 << 32
-_TOKEN_FIELDS = (
-    "input_tokens", "output_tokens", "cached_tokens", "cache_write_tokens", "reasoning_tokens",
-    "latency_ms", "ttft_ms",
-)  # fmt: skip
 _MAX_BACKOFF_S = 10.0
 _RELEASE_EVERY_S = 30.0
-
-
-def event_problem(event: Any) -> str | None:
-    """Why an event can never be stored (so it must not block the stream), or None.
-
-    Only what would make a write fail forever is checked: a batch that fails is retried
-    until it succeeds, so one poisoned event would otherwise stop all billing.
-    """
-    if not isinstance(event, dict):
-        return "not an object"
-    gid = event.get("generation_id")
-    if not isinstance(gid, str) or not gid or len(gid) > 200:
-        return "bad generation_id"
-    key_hash = event.get("key_hash")
-    if not isinstance(key_hash, str) or len(key_hash) != 64:
-        return "bad key_hash"
-    try:
-        bytes.fromhex(key_hash)
-    except ValueError:
-        return "bad key_hash"
-    if not isinstance(event.get("model"), str):
-        return "bad model"
-    if "cost_usd" not in event:
-        return "no cost_usd"
-    for name in ("cost_usd", "upstream_cost_usd"):
-        try:
-            amount = Decimal(str(event.get(name, "0")))
-        except InvalidOperation:
-            return f"bad {name}"
-        if not amount.is_finite() or amount < 0 or amount >= Decimal(10) ** 18:
-            return f"bad {name}"
-    ts = event.get("ts")
-    if not isinstance(ts, int) or not 0 < ts < 1 << 45:
-        return "bad ts"
-    for name in _TOKEN_FIELDS:
-        value = event.get(name, 0)
-        if not isinstance(value, int) or not 0 <= value < _UINT32:
-            return f"bad {name}"
-    status = event.get("status", 200)
-    if not isinstance(status, int) or not 0 <= status < 1 << 16:
-        return "bad status"
-    return None
 
 
 class Meter:
@@ -110,6 +66,22 @@ class Meter:
         self.failures = 0  # batches that failed and were nak'ed
         self._stop = asyncio.Event()
         self.idle = asyncio.Event()  # set whenever a fetch came back empty
+
+    @classmethod
+    def from_settings(
+        cls, settings: Settings, pool: asyncpg.Pool, clickhouse: ClickHouseStore
+    ) -> Meter:
+        """The meter `apifast meter` and `apifast serve`/`dev` run, configured by settings."""
+        return cls(
+            nats_url=settings.nats_url,
+            stream=settings.nats_stream,
+            subject=settings.nats_subject,
+            durable=settings.meter_durable,
+            pool=pool,
+            clickhouse=clickhouse,
+            batch_size=settings.meter_batch_size,
+            batch_wait_s=settings.meter_batch_wait_s,
+        )
 
     def stop(self) -> None:
         self._stop.set()

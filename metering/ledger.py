@@ -9,7 +9,7 @@ import asyncpg
 
 from apifast.db import Queries
 
-Q = Queries()
+Q = Queries("apifast.metering")
 
 
 async def debit_batch(pool: asyncpg.Pool, events: list[dict[str, Any]]) -> set[str]:

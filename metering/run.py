@@ -6,25 +6,16 @@ import asyncio
 import signal
 
 from apifast.db import create_pool
+from apifast.metering.clickhouse import ClickHouseStore
+from apifast.metering.consumer import Meter
 from apifast.settings import Settings
-from metering.clickhouse import ClickHouseStore
-from metering.consumer import Meter
 
 
 async def run_meter(settings: Settings) -> None:
     pool = await create_pool(settings.database_url, min_size=1, max_size=4)
     clickhouse = ClickHouseStore(settings.clickhouse_url, settings.clickhouse_database)
     await clickhouse.start()
-    meter = Meter(
-        nats_url=settings.nats_url,
-        stream=settings.nats_stream,
-        subject=settings.nats_subject,
-        durable=settings.meter_durable,
-        pool=pool,
-        clickhouse=clickhouse,
-        batch_size=settings.meter_batch_size,
-        batch_wait_s=settings.meter_batch_wait_s,
-    )
+    meter = Meter.from_settings(settings, pool, clickhouse)
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, meter.stop)

@@ -1,3 +1,6 @@
-"""The OpenAI-compatible router: HTTP endpoints, the model catalog, pricing, reservations
-and the usage-event publisher. It may import `apifast` and the provider contract, never a
-particular plugin, `metering` internals (beyond the ClickHouse read helpers) or `admin`."""
+"""The router: the client-facing /v1 API (inference through the request core, the key, the
+models, usage and generations), holds and the usage-event publisher. It imports the core,
+the catalog and the metering event; never `admin`, `orders` or a particular plugin."""
+
+if __name__ != "apifast.router":
+    raise ImportError("import this package as apifast.router")

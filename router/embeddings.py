@@ -1,32 +1,19 @@
-"""POST /v1/embeddings."""
+"""POST /v1/embeddings: the OpenAI embeddings adapter over the core."""
 
 from __future__ import annotations
 
 import time
-from typing import Any
 
 from fastapi import APIRouter
 from starlette.requests import Request
 from starlette.responses import Response
 
-from apifast.money import quantize_up
-from apifast.providers import EmbeddingsRequest, EmbeddingsResponse, Provider
-from router.auth import key_hash_from_request
-from router.catalog import Route
-from router.openai_shape import embeddings_body
-from router.proxy import (
-    RoutesFailed,
-    ensure_metering,
-    find_model,
-    hold_funds,
-    new_generation_id,
-    read_body,
-    try_routes,
-    upstream_failure,
-)
-from router.state import RouterState
-from router.usage_event import UsageEvent
-from router.validation import model_name, parse_json_object, upstream_body, validate_embeddings
+from apifast.auth import key_hash_from_request
+from apifast.request_body import parse_json_object, read_body
+from apifast.router.core import embed, resolve
+from apifast.router.openai_shape import embeddings_body
+from apifast.router.state import RouterState
+from apifast.router.validation import model_name, upstream_body, validate_embeddings
 
 api = APIRouter(tags=["embeddings"])
 
@@ -53,45 +40,9 @@ async def embeddings(request: Request) -> Response:
     key_hash = key_hash_from_request(request, state.secret)
     raw = await read_body(request, state.settings.max_body_bytes)
     body = parse_json_object(raw)
-    model = find_model(state, model_name(body), "embeddings")
+    model = resolve(state, model_name(body), "embeddings")
     validate_embeddings(body)
-    ensure_metering(state)
-    generation_id = new_generation_id()
-    bound = quantize_up(model.price.bound(len(raw), 0))
-    hold = await hold_funds(state, key_hash, generation_id, bound, bound)
-    event = UsageEvent(
-        generation_id=generation_id,
-        key_hash=key_hash,
-        key_id=hold.key_id,
-        model=model.id,
-        endpoint="embeddings",
-        stream=False,
-        reserved_usd=hold.reserved,
-        started_at=started,
-    )
-    ubody = upstream_body(body, "")
-
-    async def call(provider: Provider, route: Route) -> Any:
-        request_ = EmbeddingsRequest(body={**ubody, "model": route.model}, model=route.model)
-        return await provider.embeddings(request_)
-
-    route: Route | None
-    try:
-        result, route = await try_routes(state, model, call)
-    except RoutesFailed as failed:
-        error = upstream_failure(failed.last)
-        event.status, event.outcome, route = error.status, "upstream_error", failed.route
-        result = None
-    if route is not None:
-        event.provider, event.upstream_model = route.provider, route.model
-    if isinstance(result, EmbeddingsResponse):
-        event.usage = result.usage
-        event.cost_usd = model.price.cost(result.usage)
-        if route is not None:
-            event.upstream_cost_usd = route.cost.cost(result.usage)
-    event.latency_ms = event.ttft_ms = round((time.time() - started) * 1000)
-    state.publisher.submit(event)
-    if result is None:
-        raise error
-    content = embeddings_body(result.body, model.id, result.usage, event.cost_usd)
+    # Input tokens are bounded by the body's bytes (a token covers at least one byte).
+    result, cost = await embed(state, key_hash, model, upstream_body(body, ""), len(raw), started)
+    content = embeddings_body(result.body, model.id, result.usage, cost)
     return Response(content, media_type="application/json")

@@ -1,28 +1,27 @@
 """POST /v1/chat/completions answered straight from ASGI, without the framework's routing,
 middleware and response classes, which cost more CPU than the proxying itself.
 
-The work is `chat.handle_chat`, shared with the FastAPI route (which still serves the OpenAPI
-schema). Answers are byte-for-byte those of the route: the same statuses, headers and bodies,
-and a client that disconnects mid-stream is billed for what it received, as before.
+The work is the adapters' (`chat.handle_chat`, ...), shared with the FastAPI routes (which
+still serve the OpenAPI schema). Answers are byte-for-byte those of the routes: the same
+statuses, headers and bodies, and a client that disconnects mid-stream is billed for what
+it received.
 """
 
 from __future__ import annotations
 
 import asyncio
-import logging
 import time
 
 from starlette.requests import ClientDisconnect
 from starlette.types import Message, Receive, Scope, Send
 
-from router.auth import key_hash_from_header
-from router.chat import ChatReply, handle_chat, next_step
-from router.errors import ApiError
-from router.openai_shape import DONE
-from router.proxy import read_asgi_body
-from router.state import RouterState
-
-log = logging.getLogger("apifast.router")
+from apifast.auth import key_hash_from_header
+from apifast.errors import ApiError, internal_error
+from apifast.request_body import read_asgi_body
+from apifast.router.chat import handle_chat
+from apifast.router.core import Reply
+from apifast.router.relay import next_step
+from apifast.router.state import RouterState
 
 CHAT_PATH = "/v1/chat/completions"
 _JSON = b"application/json"
@@ -30,10 +29,12 @@ _SSE = b"text/event-stream; charset=utf-8"
 
 
 def handles(scope: Scope) -> bool:
-    return scope["type"] == "http" and scope["path"] == CHAT_PATH and scope["method"] == "POST"
+    return bool(
+        scope["type"] == "http" and scope["path"] == CHAT_PATH and scope["method"] == "POST"
+    )
 
 
-async def serve_chat(state: RouterState, scope: Scope, receive: Receive, send: Send) -> None:
+async def serve(state: RouterState, scope: Scope, receive: Receive, send: Send) -> None:
     started = time.time()
     authorization = content_length = None
     for name, value in scope["headers"]:
@@ -53,9 +54,7 @@ async def serve_chat(state: RouterState, scope: Scope, receive: Receive, send: S
     except ClientDisconnect:
         return
     except Exception as exc:
-        # The exception text could echo request content: log the type only.
-        log.error("unhandled %s on POST %s", type(exc).__name__, CHAT_PATH)
-        await ApiError(500, "internal error", type="api_error").response()(scope, receive, send)
+        await internal_error(exc, "POST", CHAT_PATH).response()(scope, receive, send)
         return
     headers = [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in reply.headers.items()]
     if reply.stream is None:
@@ -69,13 +68,13 @@ async def serve_chat(state: RouterState, scope: Scope, receive: Receive, send: S
 
 
 async def _relay(
-    reply: ChatReply, headers: list[tuple[bytes, bytes]], receive: Receive, send: Send
+    reply: Reply, headers: list[tuple[bytes, bytes]], receive: Receive, send: Send
 ) -> None:
     """Send the stream; a client disconnect cancels it at once, wherever it is waiting.
 
     The disconnect watcher (a task) starts only when the stream first has to wait for the
-    upstream: a stream that is all there already is sent without one. The piece ending in
-    `data: [DONE]` is the last, and goes out with the end of the chunked body."""
+    upstream: a stream that is all there already is sent without one. The piece yielded
+    once `reply.finished` is set is the last, and goes out with the end of the chunked body."""
     stream = reply.stream
     assert stream is not None
     task = asyncio.current_task()
@@ -100,7 +99,7 @@ async def _relay(
                     piece = await piece
             except StopAsyncIteration:
                 piece = b""
-            last = not piece or piece.endswith(DONE)
+            last = not piece or reply.finished
             if last:
                 # The server reports a disconnect once the response is complete: not a
                 # client's.

@@ -8,14 +8,14 @@ from fastapi import APIRouter
 from starlette.requests import Request
 from starlette.responses import Response
 
+from apifast.auth import key_hash_from_request
 from apifast.db import Queries
-from router.auth import key_hash_from_request
-from router.errors import ApiError
-from router.state import RouterState
-from router.usage_api import generation_json
+from apifast.errors import ApiError
+from apifast.router.state import RouterState
+from apifast.router.usage_api import generation_json
 
 api = APIRouter(tags=["usage"])
-Q = Queries()
+Q = Queries("apifast.router")
 MAX_LIMIT = 100
 
 
@@ -30,7 +30,7 @@ async def generations(request: Request, limit: int = 20) -> Response:
         raise ApiError(503, "Usage analytics are not configured on this server.",
                        code="analytics_unavailable")  # fmt: skip
     rows = await state.clickhouse.query(
-        Q.admin_ch_key_generations, {"key_hash": key_hash.hex(), "limit": limit}
+        Q.ch_key_generations, {"key_hash": key_hash.hex(), "limit": limit}
     )
     body = {
         "object": "list",

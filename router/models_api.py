@@ -9,10 +9,10 @@ from fastapi import APIRouter
 from starlette.requests import Request
 from starlette.responses import Response
 
+from apifast.catalog.toml import Model
+from apifast.errors import ApiError
 from apifast.money import format_usd
-from router.catalog import Model
-from router.errors import ApiError
-from router.state import RouterState
+from apifast.router.state import RouterState
 
 api = APIRouter(tags=["models"])
 

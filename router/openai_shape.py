@@ -85,9 +85,7 @@ def error_event_bytes(message: str, status: int) -> bytes:
     )
 
 
-def embeddings_body(
-    upstream: dict[str, Any], model: str, usage: Usage, cost: Decimal
-) -> bytes:
+def embeddings_body(upstream: dict[str, Any], model: str, usage: Usage, cost: Decimal) -> bytes:
     data = upstream.get("data")
     return orjson.dumps(
         {

@@ -26,9 +26,9 @@ from nats.js.api import Header
 from nats.js.client import JetStreamContext
 
 from apifast.db import Queries
-from apifast.jetstream import ensure_usage_stream
-from router.spool import Spool
-from router.usage_event import UsageEvent
+from apifast.metering.event import UsageEvent
+from apifast.metering.stream import ensure_usage_stream
+from apifast.router.spool import Spool
 
 log = logging.getLogger("apifast.publisher")
 
@@ -39,7 +39,7 @@ _DRAIN_TIMEOUT_S = 10.0
 _RESCAN_OFFLINE_S = 5.0
 
 Item = tuple[str, bytes]  # (generation id, event JSON)
-_Q = Queries()
+_Q = Queries("apifast.router")
 
 
 class EventPublisher:
@@ -114,8 +114,6 @@ class EventPublisher:
 
     def connected(self) -> bool:
         return self._js is not None and self._nc is not None and self._nc.is_connected
-
-    _connected = connected  # the name /healthz uses
 
     async def _publish_batch(self, batch: list[Item]) -> list[Item]:
         """Publish concurrently; returns the events that failed."""

@@ -10,10 +10,10 @@ from typing import Any
 import asyncpg
 
 from apifast.db import Queries
+from apifast.errors import ApiError
 from apifast.money import format_usd
-from router.errors import ApiError
 
-Q = Queries()
+Q = Queries("apifast.router")
 
 # Postgres unreachable (rather than a bug): refused, cut, shutting down, or gone.
 DATABASE_DOWN = (

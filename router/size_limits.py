@@ -3,14 +3,14 @@ before any routing, for every endpoint (the fast chat path included).
 
 uvicorn's httptools parser, the one `apifast serve` uses, has no header size limit of its
 own, so this is the only one. Bodies sent without a Content-Length are limited where they
-are read (`router.proxy.read_body`).
+are read (`apifast.request_body.read_body`).
 """
 
 from __future__ import annotations
 
 from starlette.types import Scope
 
-from router.errors import ApiError
+from apifast.errors import ApiError
 
 
 def oversize_refusal(scope: Scope, max_header_bytes: int, max_body_bytes: int) -> ApiError | None:

@@ -1,32 +1,40 @@
-"""Everything a request needs, built by the lifespan and kept on `app.state.apifast`."""
+"""Everything the router needs per request, built by the composition root's lifespan and kept
+on `app.state.apifast`."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import asyncpg
 
+from apifast.catalog.live import LiveCatalog
+from apifast.catalog.toml import Catalog
 from apifast.providers import Provider
+from apifast.router.limits import KeyRateLimiter
+from apifast.router.publisher import EventPublisher
+from apifast.router.reservations import Reserver
 from apifast.settings import Settings
-from router.catalog import Catalog
-from router.limits import KeyRateLimiter
-from router.publisher import EventPublisher
-from router.reservations import Reserver
 
 if TYPE_CHECKING:
-    from metering.clickhouse import ClickHouseStore
+    from apifast.metering.clickhouse import ClickHouseStore
 
 
-@dataclass
+@dataclass(slots=True)
 class RouterState:
     settings: Settings
     secret: bytes
     pool: asyncpg.Pool
-    catalog: Catalog
-    providers: dict[str, Provider]
+    live: LiveCatalog  # swapped by the catalog sync; read through `catalog`/`providers`
     publisher: EventPublisher
     clickhouse: ClickHouseStore | None = None
     key_limits: KeyRateLimiter = field(default_factory=KeyRateLimiter)
     reserver: Reserver | None = None  # batches holds; None: one round trip per request
-    extras: dict[str, Any] = field(default_factory=dict)  # services added by other features
+
+    @property
+    def catalog(self) -> Catalog:
+        return self.live.catalog
+
+    @property
+    def providers(self) -> dict[str, Provider]:
+        return self.live.providers

@@ -11,14 +11,14 @@ from fastapi import APIRouter
 from starlette.requests import Request
 from starlette.responses import Response
 
+from apifast.auth import key_hash_from_request
 from apifast.db import Queries
+from apifast.errors import ApiError
 from apifast.money import format_usd, json_number
-from router.auth import key_hash_from_request
-from router.errors import ApiError
-from router.state import RouterState
+from apifast.router.state import RouterState
 
 api = APIRouter(tags=["usage"])
-Q = Queries()
+Q = Queries("apifast.router")
 
 _MAX_RANGE_DAYS = 366
 
@@ -64,7 +64,7 @@ async def usage(request: Request, start: str | None = None, end: str | None = No
                        param="start", code="invalid_value")  # fmt: skip
     # The per-key daily rollup (a materialized view) keeps this fast as events grow.
     rows = await _store(state).query(
-        Q.admin_ch_key_usage_daily,
+        Q.ch_key_usage_daily,
         {"key_hash": key_hash.hex(), "start": start_day, "end": end_day},
     )
     data = [

@@ -5,30 +5,12 @@ from __future__ import annotations
 
 from typing import Any
 
-import orjson
-
-from router.errors import ApiError
+from apifast.errors import ApiError, bad
 
 _ROLES = frozenset({"system", "developer", "user", "assistant", "tool", "function"})
 # Fields that identify the caller or make the upstream keep data: never sent upstream.
 # service_tier changes the upstream's price, which the catalog price does not follow.
 STRIPPED_FIELDS = ("user", "store", "metadata", "safety_identifier", "service_tier")
-
-
-def bad(param: str, message: str) -> ApiError:
-    return ApiError(400, f"{param}: {message}", param=param, code="invalid_value")
-
-
-def parse_json_object(raw: bytes) -> dict[str, Any]:
-    if not raw:
-        raise ApiError(400, "request body is empty; expected a JSON object", code="invalid_json")
-    try:
-        body = orjson.loads(raw)
-    except orjson.JSONDecodeError:
-        raise ApiError(400, "request body is not valid JSON", code="invalid_json") from None
-    if not isinstance(body, dict):
-        raise ApiError(400, "request body must be a JSON object", code="invalid_json")
-    return body
 
 
 def _optional_int(body: dict[str, Any], name: str, low: int, high: int) -> int | None:

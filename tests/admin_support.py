@@ -14,13 +14,13 @@ import httpx
 import pytest
 from aiohttp import web
 
-from admin.passwords import hash_password
+from apifast.admin.passwords import hash_password
 from apifast.db import Queries
 from tests.fakes.openai_upstream import FakeOpenAI
 from tests.harness import Stack, models_toml, running_stack
 
 ADMIN_PASSWORD = "correct horse battery staple"
-Q = Queries()
+Q = Queries("apifast.admin")
 _CSRF = re.compile(r'name="csrf" value="([^"]+)"')
 _LOGIN_TOKEN = re.compile(r'name="login_token" value="([^"]+)"')
 

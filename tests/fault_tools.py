@@ -282,18 +282,14 @@ class InProcessMeter:
 
     async def __aenter__(self) -> InProcessMeter:
         from apifast.db import create_pool
-        from metering.clickhouse import ClickHouseStore
-        from metering.consumer import Meter
+        from apifast.metering.clickhouse import ClickHouseStore
+        from apifast.metering.consumer import Meter
 
         s = self.settings
         self.pool = await create_pool(s.database_url, min_size=1, max_size=4)
         self.store = ClickHouseStore(s.clickhouse_url, s.clickhouse_database)
         await self.store.start()
-        self.meter = Meter(
-            nats_url=s.nats_url, stream=s.nats_stream, subject=s.nats_subject,
-            durable=s.meter_durable, pool=self.pool, clickhouse=self.store,
-            batch_size=s.meter_batch_size, batch_wait_s=s.meter_batch_wait_s,
-        )  # fmt: skip
+        self.meter = Meter.from_settings(s, self.pool, self.store)
         self._task = asyncio.create_task(self.meter.run())
         return self
 
@@ -340,8 +336,8 @@ def usage_events(
     import random
     import time
 
+    from apifast.metering.event import UsageEvent
     from apifast.providers import Usage
-    from router.usage_event import UsageEvent
 
     rng = random.Random(seed)
     out = []
@@ -364,7 +360,7 @@ def usage_events(
 
 
 async def publish_events(settings: Settings, events: list[tuple[str, bytes, Decimal]]) -> None:
-    from apifast.jetstream import ensure_usage_stream
+    from apifast.metering.stream import ensure_usage_stream
 
     nc = await nats.connect(settings.nats_url, connect_timeout=5)
     try:
@@ -384,7 +380,7 @@ async def create_consumer(settings: Settings, ack_wait_s: float) -> None:
     meter's unacked batch comes back in seconds rather than a minute."""
     from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
-    from apifast.jetstream import ensure_usage_stream
+    from apifast.metering.stream import ensure_usage_stream
 
     nc = await nats.connect(settings.nats_url, connect_timeout=5)
     try:

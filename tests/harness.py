@@ -18,10 +18,10 @@ import asyncpg
 import httpx
 import uvicorn
 
-from apifast.db import migrate
 from apifast.key_admin import insert_key
+from apifast.server.app import create_app
+from apifast.server.migrations import migrate_database
 from apifast.settings import Settings
-from router.app import create_app
 
 SECRET = "test-secret-key-0123456789abcdefghijklmnopqrstuvwxyz"
 
@@ -134,7 +134,7 @@ def stack_settings(
 
 @contextlib.asynccontextmanager
 async def running_stack(settings: Settings, *, run_meter: bool = True) -> AsyncIterator[Stack]:
-    await migrate(settings.database_url)
+    await migrate_database(settings.database_url)
     app = create_app(settings, run_meter=run_meter)
     config = uvicorn.Config(
         app, host="127.0.0.1", port=settings.port, log_level="warning", access_log=False,

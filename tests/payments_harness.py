@@ -13,7 +13,7 @@ from typing import Any
 import httpx
 import pytest
 
-from router.payments_runtime import PaymentsRuntime
+from apifast.orders.runtime import PaymentsRuntime
 from tests.fakes.btcpay import FakeBTCPay
 from tests.fakes.mailbox import Mailbox
 from tests.fakes.nowpayments import FakeNowPayments
@@ -31,7 +31,7 @@ class PayEnv:
 
     @property
     def runtime(self) -> PaymentsRuntime:
-        return self.stack.state.extras["payments"]  # type: ignore[no-any-return]
+        return self.stack.app.state.payments  # type: ignore[no-any-return]
 
     @property
     def pool(self) -> Any:

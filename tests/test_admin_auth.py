@@ -135,8 +135,8 @@ async def test_idle_and_absolute_timeouts(admin: AdminClient):
 
 
 async def test_new_password_signs_everyone_out(admin: AdminClient):
-    from admin.passwords import hash_password
-    from apifast.admin_cli import store_password
+    from apifast.admin.passwords import hash_password
+    from apifast.cli.admin import store_password
 
     await store_password(admin.stack.settings.database_url, hash_password("another long password"))
     assert (await admin.get("/admin/")).status_code == 303

@@ -201,7 +201,7 @@ async def test_overriding_a_toml_provider(admin: AdminClient, fake_openai: FakeO
 
 async def test_polling_catches_a_missed_notification(admin: AdminClient):
     stack = admin.stack
-    sync = stack.state.extras["catalog_sync"]
+    sync = stack.app.state.admin.catalog_sync
     await sync._listener.close()  # as if the LISTEN connection had dropped
     spec = (
         '{"type": "chat", "input_usd_per_mtok": "1", "output_usd_per_mtok": "2", '
@@ -229,7 +229,7 @@ async def test_a_broken_stored_model_is_not_served(admin: AdminClient):
     await stack.pool.execute(
         "INSERT INTO db_models (id, spec, enabled) VALUES ('fast-chat', $1::jsonb, true)", spec
     )
-    await stack.state.extras["catalog_sync"].refresh()
+    await stack.app.state.admin.catalog_sync.refresh()
     # Not served at a stale price: not served at all, and the panel says why.
     assert "fast-chat" not in stack.state.catalog.models
     page = await admin.get("/admin/models")

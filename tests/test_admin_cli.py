@@ -10,7 +10,7 @@ from pathlib import Path
 
 import asyncpg
 
-from admin.passwords import check_strength, hash_password, verify_password
+from apifast.admin.passwords import check_strength, hash_password, verify_password
 from tests.harness import SECRET
 from tests.services import run_async
 

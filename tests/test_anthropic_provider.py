@@ -12,7 +12,10 @@ import pluggy
 import pytest
 
 from apifast import hookspecs
-from apifast.plugins import provider_types
+from apifast.plugin_manager import provider_types
+from apifast.plugins.providers import anthropic_messages
+from apifast.plugins.providers.anthropic_messages import AnthropicProvider
+from apifast.plugins.providers.sse import SseDecoder
 from apifast.providers import (
     ChatRequest,
     ProviderConfig,
@@ -20,8 +23,6 @@ from apifast.providers import (
     UpstreamTimeout,
     Usage,
 )
-from plugins.providers import anthropic_messages
-from plugins.providers.anthropic_messages import AnthropicProvider, SseDecoder
 from tests.fakes.anthropic_upstream import API_KEY, FakeAnthropic
 
 MODEL = "claude-sonnet-4-5-20250929"
@@ -478,7 +479,7 @@ def test_sse_decoder_handles_any_split() -> None:
     events = []
     for i in range(len(stream)):
         events.extend(decoder.feed(stream[i : i + 1]))
-    assert events == [("message_start", '{"a":\n1}'), ("ping", '{"type": "ping"}')]
+    assert events == [("message_start", b'{"a":\n1}'), ("ping", b'{"type": "ping"}')]
 
 
 async def test_broken_stream_yields_what_arrived_then_raises(

@@ -9,9 +9,9 @@ from typing import Any
 
 import pytest
 
+from apifast.ip_limits import IpRateLimiter
 from apifast.keys import hash_key
-from router.ip_limits import IpRateLimiter
-from router.limits import KeyRateLimiter
+from apifast.router.limits import KeyRateLimiter
 from tests.fakes.openai_upstream import FakeOpenAI
 from tests.harness import SECRET, Stack, models_toml, running_stack
 
@@ -92,6 +92,29 @@ async def test_tokens_per_minute_per_key(limited_stack: Stack) -> None:
     _openai_error(refused, 429, "rate_limit_exceeded")
     _retry_after(refused)
     assert used >= 25  # refused only once the window held the limit
+
+
+async def test_embedding_tokens_count_toward_tpm(limited_stack: Stack) -> None:
+    # Embeddings go through the same finish step as chat, so their tokens fill the window.
+    stack = limited_stack
+    key = await stack.create_key("1.00")
+    await _set_limits(stack, key, rpm=None, tpm=25)
+    used, refused = 0, None
+    body = {"model": "embed-small", "input": "some words to embed"}
+    async with stack.client(key) as c:
+        for _ in range(20):
+            r = await c.post("/v1/embeddings", json=body)
+            if r.status_code != 200:
+                refused = r
+                break
+            used += r.json()["usage"]["total_tokens"]
+        assert refused is not None, "embedding tokens never reached the tpm limit"
+        _openai_error(refused, 429, "rate_limit_exceeded")
+        _retry_after(refused)
+        assert used >= 25
+        # The window is shared: a chat request is refused too.
+        r = await c.post("/v1/chat/completions", json=BODY)
+        _openai_error(r, 429, "rate_limit_exceeded")
 
 
 def test_key_rate_limiter_windows() -> None:

@@ -16,8 +16,8 @@ import asyncpg
 import httpx
 import pytest
 
-from apifast.db import migrate
 from apifast.key_admin import insert_key
+from apifast.server.migrations import migrate_database
 from tests.fakes.openai_upstream import FakeOpenAI
 from tests.fault_tools import (
     InProcessMeter,
@@ -126,7 +126,7 @@ async def test_two_routers_never_overspend_a_small_balance(
         clickhouse_url=clickhouse_url, data_dir=tmp_path / "data", models_file=models,
         clickhouse_database=clickhouse_database,
     )  # fmt: skip
-    await migrate(settings.database_url)
+    await migrate_database(settings.database_url)
     conn = await asyncpg.connect(settings.database_url)
     async with conn.transaction():
         key, key_id, _ = await insert_key(conn, SECRET.encode(), BALANCE)

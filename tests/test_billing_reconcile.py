@@ -12,10 +12,10 @@ from typing import Any
 
 import pytest
 
-from apifast.cli import COMMANDS, build_parser
+from apifast.cli.main import COMMANDS, build_parser
 from apifast.keys import hash_key
-from apifast.reconcile import reconcile
-from metering.clickhouse import EVENT_COLUMNS
+from apifast.metering.event import EVENT_COLUMNS
+from apifast.metering.reconcile import reconcile
 from tests.harness import SECRET, Stack
 
 BODY = {"model": "fast-chat", "messages": [{"role": "user", "content": "count me"}]}
@@ -131,7 +131,7 @@ async def test_reconcile_finds_and_repairs_every_kind_of_difference(
 
 def test_reconcile_dates_cover_whole_days() -> None:
     args = build_parser().parse_args(["reconcile", "--from", "2026-01-01", "--to", "2026-01-31"])
-    from apifast.reconcile import _moment
+    from apifast.cli.reconcile import _moment
 
     assert _moment(args.start, end=False) == datetime(2026, 1, 1, tzinfo=UTC)
     assert _moment(args.end, end=True) == datetime(2026, 2, 1, tzinfo=UTC)

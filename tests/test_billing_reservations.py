@@ -11,18 +11,19 @@ from decimal import Decimal
 import asyncpg
 import pytest
 
-from apifast.db import create_pool, migrate
+from apifast.db import create_pool
+from apifast.errors import ApiError
 from apifast.key_admin import insert_key
 from apifast.keys import hash_key
-from router.errors import ApiError
-from router.reservations import Hold, Reserver
+from apifast.router.reservations import Hold, Reserver
+from apifast.server.migrations import migrate_database
 from tests.harness import SECRET
 
 
 @pytest.fixture
 async def pool(database_factory: Callable[[str], str]) -> AsyncIterator[asyncpg.Pool]:
     url = database_factory("reservations")
-    await migrate(url)
+    await migrate_database(url)
     pool = await create_pool(url, min_size=2, max_size=8)
     try:
         yield pool

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
+from apifast.catalog.toml import CatalogError, load_catalog
 from apifast.providers import Usage
-from router.catalog import CatalogError, load_catalog
 
 EXAMPLE = """
 [providers.local]

@@ -13,14 +13,15 @@ from pathlib import Path
 import orjson
 import pytest
 
-from admin.analytics import window_for
+from apifast.admin.analytics import window_for
 from apifast.db import Queries
-from metering.clickhouse import ClickHouseStore
+from apifast.metering.clickhouse import ClickHouseStore
 from tests.admin_support import AdminClient, admin, admin_stack
 from tests.harness import Stack
 
 __all__ = ["admin", "admin_stack"]
-Q = Queries()
+Q = Queries("apifast.admin")
+RQ = Queries("apifast.router")
 STATIC = Path(__file__).resolve().parent.parent / "admin" / "static"
 
 
@@ -169,9 +170,9 @@ async def test_rollups_are_exact_and_count_each_event_once(store: ClickHouseStor
     keys = (await store.query(Q.admin_ch_active_keys_total, {**params, "table": w.keys_table}))[0]
     assert keys["active_keys"] == 2
     today = datetime.now(UTC).date()
-    per_key = await store.query(Q.admin_ch_key_usage_daily, {
+    per_key = await store.query(RQ.ch_key_usage_daily, {
         "key_hash": "b" * 64, "start": today - timedelta(days=1), "end": today})  # fmt: skip
     assert sum(r["requests"] for r in per_key) == 10
     assert sum(r["cost_usd"] for r in per_key) == Decimal("0.000123") * 10
-    recent = await store.query(Q.admin_ch_key_generations, {"key_hash": "b" * 64, "limit": 3})
+    recent = await store.query(RQ.ch_key_generations, {"key_hash": "b" * 64, "limit": 3})
     assert [r["generation_id"] for r in recent] == ["gen-0", "gen-3", "gen-6"]

@@ -16,7 +16,7 @@ from pathlib import Path
 import httpx
 import openai
 
-from apifast.db import migrate
+from apifast.server.migrations import migrate_database
 from tests.fakes.openai_upstream import FakeOpenAI
 from tests.harness import free_port, models_toml
 
@@ -73,7 +73,9 @@ async def test_dev_stack_end_to_end(tmp_path: Path, fake_openai: FakeOpenAI):
         cost = raw.http_response.json(parse_float=Decimal)["usage"]["cost"]
         resp = raw.parse()
         assert cost > 0
-        async with httpx.AsyncClient(base_url=base, headers={"Authorization": f"Bearer {key}"}) as c:
+        async with httpx.AsyncClient(
+            base_url=base, headers={"Authorization": f"Bearer {key}"}
+        ) as c:
             for _ in range(200):
                 info = (await c.get("/v1/key")).json()
                 if Decimal(info["spent_usd"]) > 0:
@@ -102,6 +104,6 @@ async def test_keys_create_without_a_running_dev_server(tmp_path: Path):
 
 async def test_migrating_twice_is_harmless(database_factory):
     url = database_factory("migrate")
-    first = await migrate(url)
+    first = await migrate_database(url)
     assert first and first[0].startswith("0001_")
-    assert await migrate(url) == []
+    assert await migrate_database(url) == []

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from apifast.cli import COMMANDS
+from apifast.cli.main import COMMANDS
 from apifast.settings import Settings
 
 README = (Path(__file__).resolve().parent.parent / "README.md").read_text()

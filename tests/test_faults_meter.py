@@ -14,9 +14,9 @@ from urllib.parse import urlsplit
 import asyncpg
 import pytest
 
-from apifast.db import migrate
 from apifast.key_admin import insert_key
 from apifast.keys import hash_key
+from apifast.server.migrations import migrate_database
 from apifast.settings import Settings
 from tests.fault_tools import (
     Audit,
@@ -39,7 +39,7 @@ CREDIT = Decimal("100.00")
 
 
 async def _keys(settings: Settings, n: int = 4) -> list[bytes]:
-    await migrate(settings.database_url)
+    await migrate_database(settings.database_url)
     conn = await asyncpg.connect(settings.database_url)
     try:
         hashes = []

@@ -19,8 +19,8 @@ import asyncpg
 import httpx
 import pytest
 
-from apifast.db import migrate
 from apifast.key_admin import insert_key
+from apifast.server.migrations import migrate_database
 from apifast.settings import Settings
 from tests.fakes.openai_upstream import FakeOpenAI
 from tests.fault_tools import (
@@ -73,7 +73,7 @@ def fault_settings(
 
 
 async def _new_key(settings: Settings, credit: str = "100.00") -> str:
-    await migrate(settings.database_url)
+    await migrate_database(settings.database_url)
     conn = await asyncpg.connect(settings.database_url)
     try:
         async with conn.transaction():
@@ -328,7 +328,7 @@ async def test_holds_of_spooled_events_are_kept_alive(
     wait in the spool must not be released as abandoned (the key could then spend the money
     twice). The router keeps them alive until the events are published."""
     from apifast.db import create_pool
-    from metering.ledger import release_expired
+    from apifast.metering.ledger import release_expired
 
     settings = fault_settings(reservation_ttl_s=4)
     key = await _new_key(settings)

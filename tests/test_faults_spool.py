@@ -7,7 +7,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from router.spool import Segment, Spool
+from apifast.router.spool import Segment, Spool
 
 
 def test_live_segment_is_not_claimed_until_sealed(tmp_path: Path) -> None:

@@ -10,8 +10,8 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 import pytest
 from aiohttp import web
 
-from plugins.providers.http1 import Http1Client, HttpError, HttpTimeout, encode_headers
-from plugins.providers.openai_compat import sse_data
+from apifast.plugins.providers.http1 import Http1Client, HttpError, HttpTimeout, encode_headers
+from apifast.plugins.providers.sse import sse_data
 
 HEADERS = encode_headers({"Content-Type": "application/json", "Accept": "application/json"})
 

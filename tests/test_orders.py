@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
+from apifast.ip_limits import IpRateLimiter
 from apifast.keys import is_well_formed
-from router.ip_limits import IpRateLimiter
 from tests.payments_harness import PayEnv, payments_env, payments_env_fixture
 
 env = payments_env_fixture("orders", min_order_usd=Decimal("2.00"), max_order_usd=Decimal("500.00"))

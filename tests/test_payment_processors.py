@@ -16,10 +16,10 @@ import pytest
 from aiohttp import web
 
 from apifast.payments import PaymentError, PaymentOrder, PaymentStatus, WebhookSignatureError
-from apifast.plugins import make_plugin_manager, payment_processor_types
+from apifast.plugin_manager import make_plugin_manager, payment_processor_types
+from apifast.plugins.payments.btcpay import BTCPayProcessor
+from apifast.plugins.payments.nowpayments import NowPaymentsProcessor
 from apifast.settings import Settings
-from plugins.payments.btcpay import BTCPayProcessor
-from plugins.payments.nowpayments import NowPaymentsProcessor
 from tests.fakes.btcpay import FakeBTCPay
 from tests.fakes.nowpayments import FakeNowPayments
 

@@ -10,9 +10,9 @@ from decimal import Decimal
 import pytest
 
 from apifast.payments import PaymentStatus, WebhookPayloadError, WebhookSignatureError
-from plugins.payments.btcpay import BTCPayProcessor, webhook_signature
-from plugins.payments.js_json import canonical_json, js_number, loads_exact
-from plugins.payments.nowpayments import NowPaymentsProcessor, ipn_signature
+from apifast.plugins.payments.btcpay import BTCPayProcessor, webhook_signature
+from apifast.plugins.payments.js_json import canonical_json, js_number, loads_exact
+from apifast.plugins.payments.nowpayments import NowPaymentsProcessor, ipn_signature
 from tests.fakes.btcpay import FakeBTCPay
 from tests.fakes.nowpayments import FakeNowPayments, sign_ipn
 

@@ -14,7 +14,7 @@ import pluggy
 import pytest
 
 from apifast import hookspecs
-from apifast.plugins import make_plugin_manager, payment_processor_types, provider_types
+from apifast.plugin_manager import make_plugin_manager, payment_processor_types, provider_types
 from tests.harness import running_stack
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -8,10 +8,11 @@ import os
 
 import pytest
 
-from apifast.emailcrypt import KeyRing, KeyRingError, email_hash, key_aad, normalize_email
-from apifast.mailer import Mail, Mailer, SmtpConfig
-from router.ip_limits import IpRateLimiter
-from router.recover_api import ACCEPTED
+from apifast.crypto import KeyRing, KeyRingError
+from apifast.ip_limits import IpRateLimiter
+from apifast.orders.email_keys import email_hash, key_aad, normalize_email
+from apifast.orders.mailer import Mail, Mailer, SmtpConfig
+from apifast.orders.recover_api import ACCEPTED
 from tests.fakes.mailbox import Mailbox
 from tests.payments_harness import PayEnv, payments_env_fixture
 
@@ -195,7 +196,7 @@ async def test_stored_copy_opens_with_the_rotated_ring(env: PayEnv) -> None:
         "SELECT e.* FROM email_keys e JOIN orders o ON o.key_id = e.key_id WHERE o.id = $1",
         order["order_id"],
     )
-    from apifast.emailcrypt import EncryptedKey
+    from apifast.crypto import EncryptedKey
 
     sealed = EncryptedKey(row["enc_key_id"], bytes(row["nonce"]), bytes(row["key_ciphertext"]))
     hashed = email_hash(env.stack.state.secret, "rotate@example.com")

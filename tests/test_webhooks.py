@@ -8,8 +8,8 @@ from decimal import Decimal
 
 import pytest
 
+from apifast.orders.crediting import apply_update
 from apifast.payments import PaymentStatus, PaymentUpdate
-from router.crediting import apply_update
 from tests.payments_harness import PayEnv, payments_env_fixture
 
 env = payments_env_fixture("webhooks")

@@ -1,8 +1,13 @@
-"""Applies numbered migrations from `migrations/postgres/NNNN_name.sql`, all pending ones in
-one transaction, under an advisory lock so that concurrent starters do not race."""
+"""Numbered migrations, each feature's in its own `migrations/postgres/NNNN_name.sql` folder.
+
+The numbers are global (unique across features), so the whole schema has one order. All
+pending steps are applied in one transaction, under an advisory lock so that concurrent
+starters do not race; the applied versions are kept in `schema_migrations`.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from importlib import resources
 
 import asyncpg
@@ -10,13 +15,19 @@ import asyncpg
 _LOCK_ID = 0x41504946  # "APIF"
 
 
-def migration_files(engine: str) -> list[tuple[int, str, str]]:
-    folder = resources.files("apifast.db").joinpath("migrations", engine)
+def migration_files(
+    packages: Sequence[str], engine: str = "postgres"
+) -> list[tuple[int, str, str]]:
+    """(version, file name, SQL) of every migration of `packages` for `engine`, in order."""
     found = []
-    for entry in folder.iterdir():
-        if entry.name.endswith(".sql"):
-            version = int(entry.name.split("_", 1)[0])
-            found.append((version, entry.name, entry.read_text(encoding="utf-8")))
+    for package in packages:
+        folder = resources.files(package).joinpath("migrations", engine)
+        if not folder.is_dir():
+            continue
+        for entry in folder.iterdir():
+            if entry.name.endswith(".sql"):
+                version = int(entry.name.split("_", 1)[0])
+                found.append((version, entry.name, entry.read_text(encoding="utf-8")))
     found.sort()
     versions = [v for v, _, _ in found]
     if len(versions) != len(set(versions)):
@@ -24,8 +35,8 @@ def migration_files(engine: str) -> list[tuple[int, str, str]]:
     return found
 
 
-async def migrate(dsn_or_conn: str | asyncpg.Connection) -> list[str]:
-    """Apply pending Postgres migrations; returns the names applied (empty when up to date)."""
+async def migrate(dsn_or_conn: str | asyncpg.Connection, packages: Sequence[str]) -> list[str]:
+    """Apply pending Postgres migrations of `packages`; returns the names applied."""
     conn = await asyncpg.connect(dsn_or_conn) if isinstance(dsn_or_conn, str) else dsn_or_conn
     try:
         async with conn.transaction():
@@ -37,7 +48,7 @@ async def migrate(dsn_or_conn: str | asyncpg.Connection) -> list[str]:
             )
             done = {r["version"] for r in await conn.fetch("SELECT version FROM schema_migrations")}
             applied = []
-            for version, name, sql in migration_files("postgres"):
+            for version, name, sql in migration_files(packages):
                 if version in done:
                     continue
                 await conn.execute(sql)

@@ -31,7 +31,7 @@ from apifast.payments import (
     WebhookSignatureError,
     get_header,
 )
-from plugins.payments.http import JsonClient
+from apifast.plugins.payments.http import JsonClient
 
 log = logging.getLogger("apifast.payments.btcpay")
 

@@ -10,7 +10,7 @@ from typing import Any
 import aiohttp
 
 from apifast.payments import PaymentError
-from plugins.payments.js_json import loads_exact
+from apifast.plugins.payments.js_json import loads_exact
 
 
 class JsonClient:

@@ -33,8 +33,8 @@ from apifast.payments import (
     get_header,
     proportional_credit,
 )
-from plugins.payments.http import JsonClient
-from plugins.payments.js_json import canonical_json, loads_exact
+from apifast.plugins.payments.http import JsonClient
+from apifast.plugins.payments.js_json import canonical_json, loads_exact
 
 log = logging.getLogger("apifast.payments.nowpayments")
 

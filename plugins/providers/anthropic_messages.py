@@ -50,6 +50,7 @@ import aiohttp
 import orjson
 
 from apifast import hookimpl
+from apifast.plugins.providers.sse import SseDecoder
 from apifast.providers import (
     ChatRequest,
     ChatResponse,
@@ -427,34 +428,6 @@ def to_openai_completion(message: dict[str, Any], model: str) -> ChatResponse:
 # --- Streaming -----------------------------------------------------------------------------
 
 
-class SseDecoder:
-    """Incremental server-sent-events parser: feed bytes, get complete (event, data) pairs."""
-
-    def __init__(self) -> None:
-        self._buffer = b""
-        self._event = ""
-        self._data: list[str] = []
-
-    def feed(self, chunk: bytes) -> list[tuple[str, str]]:
-        self._buffer += chunk
-        events = []
-        start = 0
-        while (end := self._buffer.find(b"\n", start)) >= 0:
-            line = self._buffer[start:end].rstrip(b"\r").decode(errors="replace")
-            start = end + 1
-            if not line:
-                if self._data:
-                    events.append((self._event, "\n".join(self._data)))
-                self._event, self._data = "", []
-            elif line.startswith("data:"):
-                self._data.append(line[6:] if line.startswith("data: ") else line[5:])
-            elif line.startswith("event:"):
-                self._event = line[6:].strip()
-            # Comments (":...") and other fields (id:, retry:) are ignored.
-        self._buffer = self._buffer[start:]
-        return events
-
-
 class StreamTranslator:
     """Turns Anthropic stream events into OpenAI `chat.completion.chunk` dicts."""
 
@@ -566,7 +539,7 @@ def _transport_error(exc: BaseException, stage: str) -> UpstreamError:
     return UpstreamError(None, f"anthropic {stage} failed ({type(exc).__name__})")
 
 
-def _parse_event(data: str) -> dict[str, Any]:
+def _parse_event(data: bytes) -> dict[str, Any]:
     try:
         event = orjson.loads(data)
     except orjson.JSONDecodeError:

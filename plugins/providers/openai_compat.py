@@ -12,6 +12,8 @@ from typing import Any
 import orjson
 
 from apifast import hookimpl
+from apifast.plugins.providers.http1 import Http1Client, HttpError, HttpTimeout, encode_headers
+from apifast.plugins.providers.sse import sse_data
 from apifast.providers import (
     ChatRequest,
     ChatResponse,
@@ -23,7 +25,6 @@ from apifast.providers import (
     UpstreamTimeout,
     Usage,
 )
-from plugins.providers.http1 import Http1Client, HttpError, HttpTimeout, encode_headers
 
 
 def parse_usage(usage: dict[str, Any] | None) -> Usage | None:
@@ -167,30 +168,6 @@ class OpenAIProvider(Provider):
             raise UpstreamError(None, str(exc)) from None
         if status != 200:
             raise UpstreamError(status, f"{self.config.name}: HTTP {status}")
-
-
-async def sse_data(chunks: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
-    """The `data` of each Server-Sent Event in a body: plugins/providers/sse.py's rules,
-    applied to whole network reads rather than to lines one by one."""
-    data: list[bytes] = []
-    rest = b""
-    async for chunk in chunks:
-        lines = (rest + chunk if rest else chunk).split(b"\n")
-        rest = lines.pop()
-        for raw in lines:
-            line = raw.rstrip(b"\r\n")
-            if not line:
-                if data:
-                    yield b"\n".join(data)
-                    data = []
-            elif line.startswith(b"data:"):
-                data.append(line[5:].lstrip(b" "))
-            # event:, id:, retry: and comments carry nothing the OpenAI format uses.
-    line = rest.rstrip(b"\r\n")
-    if line.startswith(b"data:"):
-        data.append(line[5:].lstrip(b" "))
-    if data:
-        yield b"\n".join(data)
 
 
 @hookimpl

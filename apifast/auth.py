@@ -1,0 +1,57 @@
+"""Bearer-key parsing and hashing. Shape and checksum are checked before any database use."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import asyncpg
+from starlette.requests import Request
+
+from apifast.db import Queries
+from apifast.errors import ApiError
+from apifast.keys import hash_key, is_well_formed
+
+_Q = Queries("apifast")
+
+
+def bearer_key(request: Request) -> str:
+    return bearer_key_from_header(request.headers.get("authorization"))
+
+
+def bearer_key_from_header(header: str | None) -> str:
+    if not header:
+        raise ApiError(
+            401,
+            "Missing API key: send 'Authorization: Bearer af-...'.",
+            code="missing_api_key",
+        )
+    scheme, _, key = header.partition(" ")
+    key = key.strip()
+    if scheme.lower() != "bearer" or not key:
+        raise ApiError(401, "Authorization must be 'Bearer <key>'.", code="invalid_api_key")
+    if not is_well_formed(key):
+        raise ApiError(
+            401,
+            "Invalid API key (bad format or checksum; check for a typo).",
+            code="invalid_api_key",
+        )
+    return key
+
+
+def key_hash_from_request(request: Request, secret: bytes) -> bytes:
+    return hash_key(secret, bearer_key(request))
+
+
+def key_hash_from_header(header: str | None, secret: bytes) -> bytes:
+    return hash_key(secret, bearer_key_from_header(header))
+
+
+async def key_summary(
+    request: Request, pool: asyncpg.Pool, secret: bytes
+) -> tuple[bytes, dict[str, Any]]:
+    """The calling key's hash and its summary row (balance, limits); 401 for an unknown key."""
+    key_hash = key_hash_from_request(request, secret)
+    row = await pool.fetchrow(_Q.key_summary, key_hash)
+    if row is None:
+        raise ApiError(401, "Invalid API key.", code="invalid_api_key")
+    return key_hash, dict(row)

@@ -1,0 +1,5 @@
+"""`python -m apifast.cli`: the `apifast` command."""
+
+from apifast.cli.main import main
+
+raise SystemExit(main())

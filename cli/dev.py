@@ -1,0 +1,52 @@
+"""`apifast dev`: the router and the meter in one process on embedded engines.
+
+One process, because a chdb path can be opened by one process only.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import sys
+
+from apifast.settings import Settings
+
+log = logging.getLogger("apifast.dev")
+
+
+def run_dev(settings: Settings) -> int:
+    from apifast.catalog.toml import CatalogError
+    from apifast.embedded import EmbeddedError, embedded_stack
+    from apifast.server.app import create_app
+    from apifast.server.migrations import migrate_database
+    from apifast.server.serve import run_uvicorn
+
+    try:
+        with embedded_stack(settings) as resolved:
+            applied = asyncio.run(migrate_database(resolved.database_url))
+            if applied:
+                log.info("applied migrations: %s", ", ".join(applied))
+            try:
+                app = create_app(resolved, run_meter=True)
+            except CatalogError as exc:
+                print(f"apifast: {exc}", file=sys.stderr)
+                return 2
+            url = f"http://{resolved.host}:{resolved.port}"
+            models = (
+                "the offline demo model 'apifast-demo'"
+                if resolved.models_file is None
+                else (f"the models in {resolved.models_file}")
+            )
+            print(
+                f"ApiFast dev stack on {url} serving {models}.\n"
+                f"  data:     {resolved.data_dir}\n"
+                f"  new key:  apifast keys create --credit 5.00\n"
+                f"  try:      curl {url}/v1/models",
+                file=sys.stderr,
+                flush=True,
+            )
+            run_uvicorn(app, resolved)
+    except EmbeddedError as exc:
+        print(f"apifast: {exc}", file=sys.stderr)
+        return 1
+    return 0

@@ -1,0 +1,156 @@
+"""The `apifast` command: dev, serve, meter, migrate and keys."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+from collections.abc import Sequence
+
+from apifast.cli.admin import add_admin_parser, cmd_admin_set_password
+from apifast.cli.common import configure_logging, database_settings, require
+from apifast.cli.reconcile import add_reconcile_parser, cmd_reconcile
+from apifast.settings import Settings
+
+
+def cmd_serve(settings: Settings, args: argparse.Namespace) -> int:
+    from apifast.server.app import create_app
+    from apifast.server.serve import run_uvicorn
+
+    require(settings, "database_url", "nats_url")
+    if settings.workers > 1:
+        if settings.clickhouse_url.startswith("chdb"):
+            raise SystemExit("apifast: a chdb path opens in one process only; use workers = 1")
+        # Each worker process builds its own app (and pools) from the environment.
+        run_uvicorn(
+            "apifast.server.app:create_app", settings, factory=True, workers=settings.workers
+        )
+    else:
+        run_uvicorn(create_app(settings), settings)
+    return 0
+
+
+def cmd_meter(settings: Settings, args: argparse.Namespace) -> int:
+    from apifast.metering.run import run_meter
+
+    require(settings, "database_url", "nats_url", "clickhouse_url")
+    asyncio.run(run_meter(settings))
+    return 0
+
+
+def cmd_migrate(settings: Settings, args: argparse.Namespace) -> int:
+    from apifast.server.migrations import migrate_database
+
+    with database_settings(settings) as settings:
+        applied = asyncio.run(migrate_database(settings.database_url))
+    print("applied: " + ", ".join(applied) if applied else "database is up to date")
+    if settings.clickhouse_url and not settings.clickhouse_url.startswith("chdb"):
+        from apifast.metering.clickhouse import ClickHouseStore
+
+        async def ch() -> list[str]:
+            store = ClickHouseStore(settings.clickhouse_url, settings.clickhouse_database)
+            try:
+                return await store.start()
+            finally:
+                await store.close()
+
+        ch_applied = asyncio.run(ch())
+        print(
+            "clickhouse applied: " + ", ".join(ch_applied)
+            if ch_applied
+            else "clickhouse is up to date"
+        )
+    return 0
+
+
+def cmd_dev(settings: Settings, args: argparse.Namespace) -> int:
+    from apifast.cli.dev import run_dev
+
+    return run_dev(settings)
+
+
+def cmd_keys_create(settings: Settings, args: argparse.Namespace) -> int:
+    from apifast.key_admin import create_key
+    from apifast.money import MoneyError, format_usd, parse_usd
+
+    try:
+        credit = parse_usd(args.credit, field="--credit")
+    except MoneyError as exc:
+        print(f"apifast: {exc}", file=sys.stderr)
+        return 2
+    from apifast.server.app import secret_bytes
+    from apifast.server.migrations import migrate_database
+
+    with database_settings(settings) as settings:
+        asyncio.run(migrate_database(settings.database_url))
+        key, balance = asyncio.run(
+            create_key(
+                settings.database_url,
+                secret_bytes(settings),
+                credit,
+                rpm_limit=args.rpm_limit,
+                tpm_limit=args.tpm_limit,
+            )
+        )
+    if args.json:
+        print(json.dumps({"key": key, "balance_usd": format_usd(balance)}))
+    else:
+        print(key)
+        print(f"balance: ${format_usd(balance)}  (the key is shown only once; keep it safe)",
+              file=sys.stderr)  # fmt: skip
+    return 0
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError("must be a positive integer")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="apifast", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser(
+        "dev", help="run the router and the meter on embedded engines (no services needed)"
+    )
+    sub.add_parser("serve", help="run the router against APIFAST_DATABASE_URL and APIFAST_NATS_URL")
+    sub.add_parser("meter", help="run the metering consumer (NATS -> ClickHouse + Postgres)")
+    sub.add_parser("migrate", help="apply pending database migrations")
+    keys = sub.add_parser("keys", help="manage API keys").add_subparsers(
+        dest="keys_command", required=True
+    )
+    create = keys.add_parser("create", help="create a key and print it once")
+    create.add_argument("--credit", default="0", help="initial balance in USD, e.g. 5.00")
+    create.add_argument("--rpm-limit", type=_positive, help="requests per minute for this key")
+    create.add_argument("--tpm-limit", type=_positive, help="tokens per minute for this key")
+    create.add_argument(
+        "--json", action="store_true", help='print {"key": ..., "balance_usd": ...}'
+    )
+    add_reconcile_parser(sub)
+    add_admin_parser(sub)
+    return parser
+
+
+COMMANDS = {
+    ("dev", None): cmd_dev,
+    ("serve", None): cmd_serve,
+    ("meter", None): cmd_meter,
+    ("migrate", None): cmd_migrate,
+    ("keys", "create"): cmd_keys_create,
+    ("reconcile", None): cmd_reconcile,
+    ("admin", "set-password"): cmd_admin_set_password,
+}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    settings = Settings()
+    configure_logging(settings)
+    handler = COMMANDS[(args.command, getattr(args, f"{args.command}_command", None))]
+    return handler(settings, args)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

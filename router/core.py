@@ -1,0 +1,475 @@
+"""The request core every client protocol shares, as named steps:
+
+    authenticate -> parse -> resolve model -> hold -> call routes (with fallback) -> relay
+    -> finish (price, record limits, publish)
+
+A protocol adapter (chat completions, embeddings, and the translating ones) reads its own
+request shape, turns it into a `Generation` (a chat-completions body for the providers, the
+bounds that size the hold), and gives the core a `Renderer` that writes the provider's
+answer back in the adapter's shape. Everything that touches money is here, once.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from decimal import Decimal
+from typing import Any, Protocol, TypeVar
+
+from apifast.auth import key_hash_from_header
+from apifast.catalog.toml import Model, Route
+from apifast.errors import ApiError
+from apifast.metering.event import UsageEvent
+from apifast.money import quantize_up
+from apifast.providers import (
+    ChatRequest,
+    EmbeddingsRequest,
+    EmbeddingsResponse,
+    Provider,
+    StreamItem,
+    UpstreamError,
+    UpstreamTimeout,
+    Usage,
+)
+from apifast.router.relay import Waiting, close_quietly, next_step
+from apifast.router.reservations import Hold, release, reserve
+from apifast.router.state import RouterState
+
+log = logging.getLogger("apifast.router")
+T = TypeVar("T")
+
+# Per-message chat-template overhead, added to the byte count when bounding input tokens.
+MESSAGE_OVERHEAD_TOKENS = 8
+LOWERED_HEADER = "X-ApiFast-Max-Tokens-Lowered"
+STREAM_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+
+
+# --- what adapters hand the core, and what it hands back ---------------------------------
+
+
+@dataclass(slots=True)
+class Generation:
+    """A chat generation as the providers speak it (OpenAI chat completions), plus what the
+    adapter learnt while reading the client's request."""
+
+    body: dict[str, Any]  # validated; caller-identifying fields already stripped
+    stream: bool
+    input_bound: int  # an upper bound of prompt tokens
+    max_output: int | None  # what the client asked for, if anything
+    n: int = 1
+    endpoint: str = "chat"  # the usage event's endpoint label
+    input_bytes: int = 0  # the client's body size, for the estimate when usage is missing
+
+
+class Renderer(Protocol):
+    """Writes the provider's (OpenAI-shaped) answer in one client protocol's shape. One
+    instance per request, so a streaming renderer may keep state between chunks. The core
+    sets `generation_id` (ApiFast's own id for the request) before rendering anything."""
+
+    generation_id: str
+
+    def completion(self, upstream: dict[str, Any], usage: Usage, cost: Decimal) -> bytes: ...
+
+    def chunk(self, chunk: dict[str, Any]) -> bytes: ...
+
+    def stream_end(self, usage: Usage, cost: Decimal) -> bytes: ...
+
+    def stream_error(self, status: int) -> bytes: ...
+
+
+@dataclass(slots=True)
+class Reply:
+    """A 200 answer: a JSON body, or an SSE stream (`stream` is set). Iterating `stream` to
+    its end or closing it settles the request; `finished` is set before its last piece."""
+
+    headers: dict[str, str] = field(default_factory=dict)
+    content: bytes = b""
+    stream: AsyncIterator[bytes] | None = None
+    finished: bool = False
+
+
+# --- steps ---------------------------------------------------------------------------------
+
+
+def authenticate(state: RouterState, header: str | None) -> bytes:
+    """The key's hash from `Authorization: Bearer ...`; the key itself is checked by the hold."""
+    return key_hash_from_header(header, state.secret)
+
+
+def new_generation_id() -> str:
+    return "gen-" + os.urandom(12).hex()
+
+
+def resolve(state: RouterState, model_id: str, kind: str) -> Model:
+    model = state.catalog.get(model_id)
+    if model is None:
+        raise ApiError(
+            404,
+            f"The model '{model_id}' does not exist. GET /v1/models lists the models on offer.",
+            param="model",
+            code="model_not_found",
+        )
+    if model.kind != kind:
+        raise ApiError(
+            400,
+            f"model: '{model_id}' is a {model.kind} model and cannot serve this endpoint",
+            param="model",
+            code="wrong_model_type",
+        )
+    return model
+
+
+def ensure_metering(state: RouterState) -> None:
+    if not state.publisher.accepting:
+        raise ApiError(
+            503,
+            "Usage metering is backed up; paid requests are paused. Retry shortly.",
+            code="metering_unavailable",
+            headers={"Retry-After": "5"},
+        )
+
+
+def input_token_bound(raw_size: int, messages: int) -> int:
+    """An upper bound of prompt tokens for text: a byte-level BPE token covers >= 1 byte."""
+    return raw_size + MESSAGE_OVERHEAD_TOKENS * (messages + 1)
+
+
+async def hold(
+    state: RouterState, key_hash: bytes, generation_id: str, min_usd: Decimal, max_usd: Decimal
+) -> Hold:
+    """Hold money on the key (this also authenticates it), then apply its rate limits."""
+    if state.reserver is not None:
+        held = await state.reserver.reserve(key_hash, generation_id, min_usd, max_usd)
+    else:
+        ttl_s = state.settings.reservation_ttl_s
+        held = await reserve(state.pool, key_hash, generation_id, min_usd, max_usd, ttl_s)
+    settings = state.settings
+    wait = state.key_limits.check_request(
+        held.key_id, held.rpm_limit or settings.default_rpm_limit
+    ) or state.key_limits.check_tokens(held.key_id, held.tpm_limit or settings.default_tpm_limit)
+    if wait:
+        await release(state.pool, generation_id)
+        raise ApiError(
+            429,
+            "Rate limit reached for this key. Retry after the number of seconds in Retry-After.",
+            code="rate_limit_exceeded",
+            headers={"Retry-After": str(max(1, round(wait + 0.5)))},
+        )
+    return held
+
+
+class RoutesFailed(Exception):
+    def __init__(self, last: UpstreamError | None, route: Route | None) -> None:
+        super().__init__("all routes failed")
+        self.last = last
+        self.route = route
+
+
+async def call_routes(
+    state: RouterState, model: Model, call: Callable[[Provider, Route], Awaitable[T]]
+) -> tuple[T, Route]:
+    """Call each route in order until one answers; fall back only on retryable errors."""
+    last: UpstreamError | None = None
+    for route in model.routes:
+        provider = state.providers.get(route.provider)
+        if provider is None:
+            continue
+        try:
+            return await call(provider, route), route
+        except UpstreamError as exc:
+            last = exc
+            # Status only: upstream error bodies may echo the prompt.
+            log.warning(
+                "model %s route %s failed: status=%s %s",
+                model.id, route.provider, exc.status, type(exc).__name__,
+            )  # fmt: skip
+            if not exc.retryable:
+                break
+    raise RoutesFailed(last, model.routes[-1] if model.routes else None)
+
+
+def upstream_failure(exc: UpstreamError | None) -> ApiError:
+    """What the client learns of an upstream failure: a status, never the upstream's text."""
+    if isinstance(exc, UpstreamTimeout):
+        return ApiError(504, "The model provider timed out.", code="upstream_timeout")
+    if exc is not None and exc.status in (400, 422):
+        return ApiError(
+            400,
+            "The model provider rejected the request; check its parameters.",
+            code="upstream_rejected",
+        )
+    if exc is not None and exc.status == 413:
+        return ApiError(413, "The request is too large for this model.", code="body_too_large")
+    return ApiError(502, "The model provider failed; try again later.", code="upstream_error")
+
+
+def finish(state: RouterState, event: UsageEvent, model: Model, route: Route | None) -> None:
+    """Price the usage, count its tokens toward the key's tpm limit and hand the event to
+    the publisher (which never blocks). Every request that took a hold ends here once."""
+    if route is not None:
+        event.provider = route.provider
+        event.upstream_model = route.model
+        event.upstream_cost_usd = route.cost.cost(event.usage)
+    used = event.usage.input_tokens or event.usage.output_tokens
+    # A failed request with no usage costs nothing, not even the per-request price.
+    if used or event.outcome != "upstream_error":
+        event.cost_usd = model.price.cost(event.usage)
+    event.latency_ms = round((time.time() - event.started_at) * 1000)
+    state.key_limits.record_tokens(
+        event.key_id, event.usage.input_tokens + event.usage.output_tokens
+    )
+    state.publisher.submit(event)
+
+
+def _failed(state: RouterState, event: UsageEvent, model: Model, failed: RoutesFailed) -> ApiError:
+    error = upstream_failure(failed.last)
+    event.status, event.outcome = error.status, "upstream_error"
+    finish(state, event, model, failed.route)
+    return error
+
+
+# --- chat generations (chat completions and the protocols translated to it) ----------------
+
+
+async def generate(
+    state: RouterState,
+    key_hash: bytes,
+    model: Model,
+    gen: Generation,
+    renderer: Renderer,
+    started: float,
+) -> Reply:
+    """Hold, call the routes and relay the answer through `renderer`; raises ApiError."""
+    ensure_metering(state)
+    cap = gen.max_output or model.max_output_tokens or state.settings.default_max_output_tokens
+    if model.max_output_tokens:
+        cap = min(cap, model.max_output_tokens)
+    price, n = model.price, gen.n
+    generation_id = renderer.generation_id = new_generation_id()
+    max_usd = quantize_up(price.bound(gen.input_bound, cap * n))
+    min_usd = quantize_up(price.bound(gen.input_bound, n))
+    held = await hold(state, key_hash, generation_id, min_usd, max_usd)
+
+    headers: dict[str, str] = {}
+    out_tokens = cap
+    if held.reserved < max_usd:
+        # The balance covers a shorter answer: lower max_tokens instead of refusing.
+        affordable = price.affordable_output_tokens(held.reserved, gen.input_bound) // n
+        out_tokens = max(1, min(cap, affordable))
+        headers[LOWERED_HEADER] = str(out_tokens)
+    ubody = gen.body
+    # Always bound the output upstream, so the hold covers the whole answer.
+    ubody["max_completion_tokens" if "max_completion_tokens" in ubody else "max_tokens"] = (
+        out_tokens
+    )
+    event = UsageEvent(
+        generation_id=generation_id,
+        key_hash=key_hash,
+        key_id=held.key_id,
+        model=model.id,
+        endpoint=gen.endpoint,
+        stream=gen.stream,
+        reserved_usd=held.reserved,
+        started_at=started,
+    )
+    if gen.stream:
+        return await _stream(state, model, ubody, event, gen, renderer, headers, out_tokens * n)
+    return await _complete(state, model, ubody, event, renderer, headers)
+
+
+async def _complete(
+    state: RouterState,
+    model: Model,
+    ubody: dict[str, Any],
+    event: UsageEvent,
+    renderer: Renderer,
+    headers: dict[str, str],
+) -> Reply:
+    async def call(provider: Provider, route: Route) -> Any:
+        return await provider.chat(
+            ChatRequest(body={**ubody, "model": route.model}, model=route.model)
+        )
+
+    try:
+        result, route = await call_routes(state, model, call)
+    except RoutesFailed as failed:
+        raise _failed(state, event, model, failed) from None
+    event.usage = result.usage
+    event.ttft_ms = round((time.time() - event.started_at) * 1000)
+    finish(state, event, model, route)
+    return Reply(headers, renderer.completion(result.body, result.usage, event.cost_usd))
+
+
+def estimate_delivered(input_bytes: int, chars: int, pieces: int, max_output: int) -> Usage:
+    """The documented estimate when a stream ends without upstream usage: input is the body
+    size / 4, output the larger of the content pieces delivered and delivered chars / 4, but
+    never more than the max_tokens sent upstream (the hold covers no more)."""
+    output = min(max(pieces, math.ceil(chars / 4)), max_output)
+    return Usage(input_tokens=math.ceil(input_bytes / 4), output_tokens=output)
+
+
+def delta_chars(chunk: dict[str, Any]) -> int:
+    """Characters of content and tool-call arguments in one chat-completions chunk."""
+    total = 0
+    for choice in chunk.get("choices") or ():
+        delta = choice.get("delta") if isinstance(choice, dict) else None
+        if not isinstance(delta, dict):
+            continue
+        content = delta.get("content")
+        if isinstance(content, str):
+            total += len(content)
+        for call in delta.get("tool_calls") or ():
+            fn = call.get("function") if isinstance(call, dict) else None
+            if isinstance(fn, dict) and isinstance(fn.get("arguments"), str):
+                total += len(fn["arguments"])
+    return total
+
+
+async def _stream(
+    state: RouterState,
+    model: Model,
+    ubody: dict[str, Any],
+    event: UsageEvent,
+    gen: Generation,
+    renderer: Renderer,
+    headers: dict[str, str],
+    max_output: int,
+) -> Reply:
+    async def open_stream(
+        provider: Provider, route: Route
+    ) -> tuple[AsyncIterator[StreamItem], StreamItem]:
+        request = ChatRequest(body={**ubody, "model": route.model}, model=route.model, stream=True)
+        iterator = provider.stream_chat(request).__aiter__()
+        try:
+            # Fallback is only possible before the first byte reaches the client.
+            first = await iterator.__anext__()
+        except StopAsyncIteration:
+            raise UpstreamError(None, "empty stream") from None
+        except BaseException:
+            await close_quietly(iterator)
+            raise
+        return iterator, first
+
+    try:
+        (iterator, first), route = await call_routes(state, model, open_stream)
+    except RoutesFailed as failed:
+        raise _failed(state, event, model, failed) from None
+
+    reply = Reply({**STREAM_HEADERS, **headers})
+    tally = [0, 0]  # content chars, content pieces
+    upstream_usage: list[Usage] = []
+    finished = [False]
+    input_bytes = gen.input_bytes
+
+    def settle() -> None:
+        if finished[0]:
+            return
+        finished[0] = True
+        if upstream_usage:
+            event.usage = upstream_usage[-1]
+        else:
+            event.usage = estimate_delivered(input_bytes, tally[0], tally[1], max_output)
+            event.usage_estimated = True
+        finish(state, event, model, route)
+
+    async def body_iter() -> AsyncIterator[bytes]:
+        # One generator for the whole relay: a nested one would cost a frame per chunk.
+        # Chunks the upstream delivered together go out together: each piece yielded is
+        # everything available before the next wait on the upstream.
+        event.outcome = "client_disconnect"  # until the stream is seen to the end
+        item: StreamItem = first
+        render_chunk = renderer.chunk
+        burst: list[bytes] = []
+        waiting: Waiting | None = None
+        try:
+            try:
+                while True:
+                    if isinstance(item, Usage):
+                        upstream_usage.append(item)
+                    else:
+                        if not event.ttft_ms:
+                            event.ttft_ms = round((time.time() - event.started_at) * 1000)
+                        chars = delta_chars(item)
+                        if chars:
+                            tally[0] += chars
+                            tally[1] += 1
+                        piece = render_chunk(item)
+                        if piece:
+                            burst.append(piece)
+                    try:
+                        ready, step = next_step(iterator)
+                        if not ready:
+                            if burst:
+                                waiting = step
+                                yield b"".join(burst)
+                                burst = []
+                            waiting = None
+                            step = await step
+                    except StopAsyncIteration:
+                        waiting = None
+                        break
+                    item = step
+                event.outcome = "ok"
+            except UpstreamError as exc:
+                waiting = None
+                event.outcome = "upstream_error"
+                event.status = 504 if isinstance(exc, UpstreamTimeout) else 502
+                burst.append(renderer.stream_error(event.status))
+            settle()
+            burst.append(renderer.stream_end(event.usage, event.cost_usd))
+            reply.finished = True
+            yield b"".join(burst)
+        finally:
+            # Runs on a client disconnect too: bill what was delivered, close the upstream.
+            settle()
+            if waiting is not None:
+                waiting.abandon()
+            await close_quietly(iterator, shield=True)
+
+    reply.stream = body_iter()
+    return reply
+
+
+# --- embeddings ----------------------------------------------------------------------------
+
+
+async def embed(
+    state: RouterState,
+    key_hash: bytes,
+    model: Model,
+    body: dict[str, Any],
+    input_bound: int,
+    started: float,
+) -> tuple[EmbeddingsResponse, Decimal]:
+    """Hold, call the routes and finish; returns the provider's answer and its cost."""
+    ensure_metering(state)
+    generation_id = new_generation_id()
+    bound = quantize_up(model.price.bound(input_bound, 0))
+    held = await hold(state, key_hash, generation_id, bound, bound)
+    event = UsageEvent(
+        generation_id=generation_id,
+        key_hash=key_hash,
+        key_id=held.key_id,
+        model=model.id,
+        endpoint="embeddings",
+        stream=False,
+        reserved_usd=held.reserved,
+        started_at=started,
+    )
+
+    async def call(provider: Provider, route: Route) -> EmbeddingsResponse:
+        request = EmbeddingsRequest(body={**body, "model": route.model}, model=route.model)
+        return await provider.embeddings(request)
+
+    try:
+        result, route = await call_routes(state, model, call)
+    except RoutesFailed as failed:
+        raise _failed(state, event, model, failed) from None
+    event.usage = result.usage
+    event.ttft_ms = round((time.time() - started) * 1000)
+    finish(state, event, model, route)
+    return result, event.cost_usd

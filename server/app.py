@@ -1,0 +1,227 @@
+"""`create_app()`: the composition root. It builds the shared core (settings, plugins, pool),
+then each feature's state, routes and background services. Nothing is built at import time;
+the lifespan owns every pool, client and task."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager, suppress
+
+import orjson
+from fastapi import FastAPI
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.types import Receive, Scope, Send
+
+from apifast import __version__
+from apifast.admin.mount import install_admin
+from apifast.admin.state import AdminState
+from apifast.catalog.live import CatalogSync, LiveCatalog
+from apifast.catalog.toml import Catalog, demo_catalog, load_catalog
+from apifast.context import Core
+from apifast.crypto import KeyRing
+from apifast.db import create_pool
+from apifast.errors import ContainUnhandledErrors, install_error_handlers
+from apifast.metering.clickhouse import ClickHouseStore
+from apifast.metering.consumer import Meter
+from apifast.orders import install_payments
+from apifast.orders.runtime import start_payments
+from apifast.plugin_manager import make_plugin_manager, provider_types
+from apifast.providers import Provider
+from apifast.router import fast_path
+from apifast.router.publisher import EventPublisher
+from apifast.router.reservations import Reserver
+from apifast.router.routes import install_router
+from apifast.router.size_limits import oversize_refusal
+from apifast.router.state import RouterState
+from apifast.settings import Settings
+
+
+class ApiFastApp(FastAPI):
+    """FastAPI, except that chat completions skip the framework (see router/fast_path.py)."""
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        settings = getattr(self.state, "settings", None)
+        if scope["type"] == "http" and settings is not None:
+            # Before routing, for every endpoint: uvicorn's httptools has no header limit.
+            refused = oversize_refusal(scope, settings.max_header_bytes, settings.max_body_bytes)
+            if refused is not None:
+                await refused.response()(scope, receive, send)
+                return
+        if fast_path.handles(scope):
+            state = getattr(self.state, "apifast", None)
+            if state is not None:
+                await fast_path.serve(state, scope, receive, send)
+                return
+        await super().__call__(scope, receive, send)
+
+
+def load_configured_catalog(settings: Settings, known_types: set[str]) -> Catalog:
+    if settings.models_file is None:
+        return demo_catalog()
+    return load_catalog(settings.models_file, known_types=known_types)
+
+
+def build_providers(catalog: Catalog, types: dict[str, type[Provider]]) -> dict[str, Provider]:
+    return {name: types[cfg.type](cfg) for name, cfg in catalog.providers.items()}
+
+
+def secret_bytes(settings: Settings) -> bytes:
+    if not settings.secret_key:
+        raise RuntimeError(
+            "APIFAST_SECRET_KEY is not set: it keys the hashes of API keys. "
+            "Generate one with: python -c 'import secrets; print(secrets.token_urlsafe(48))'"
+        )
+    if len(settings.secret_key) < 32:
+        raise RuntimeError("APIFAST_SECRET_KEY must be at least 32 characters")
+    return settings.secret_key.encode()
+
+
+def create_app(
+    settings: Settings | None = None,
+    *,
+    run_meter: bool = False,
+    extra_plugins: tuple[object, ...] = (),
+) -> FastAPI:
+    settings = settings or Settings()
+    pm = make_plugin_manager(extra_plugins=extra_plugins)
+    types = provider_types(pm)
+    # A broken catalog stops start-up here, before anything listens.
+    catalog = load_configured_catalog(settings, set(types))
+    secret = secret_bytes(settings)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        async with contextlib.AsyncExitStack() as stack:
+            pool = await create_pool(settings.database_url)
+            stack.push_async_callback(pool.close)
+            core = Core(settings=settings, secret=secret, pool=pool, plugin_manager=pm)
+            app.state.core = core
+
+            initial = build_providers(catalog, types)
+            # The catalog sync closes the providers it started; these are ours to close.
+            stack.push_async_callback(_close_providers, initial)
+            for provider in initial.values():
+                await provider.start()
+            live = LiveCatalog(catalog, dict(initial))
+
+            clickhouse = None
+            if settings.clickhouse_url:
+                clickhouse = ClickHouseStore(settings.clickhouse_url, settings.clickhouse_database)
+                await clickhouse.start()
+                stack.push_async_callback(clickhouse.close)
+
+            reserver = Reserver(pool, settings.reservation_ttl_s)
+            stack.push_async_callback(reserver.close)  # before the pool: it holds connections
+            publisher = EventPublisher(
+                settings.nats_url,
+                settings.nats_stream,
+                settings.nats_subject,
+                settings.resolved_data_dir() / "spool",
+                settings.spool_max_events,
+            )
+            publisher.keep_holds_alive(pool, settings.reservation_ttl_s)
+            await publisher.start()
+
+            if run_meter:
+                assert clickhouse is not None, "the meter needs APIFAST_CLICKHOUSE_URL"
+                meter = Meter.from_settings(settings, pool, clickhouse)
+                meter_task = asyncio.create_task(meter.run())
+                stack.push_async_callback(_stop_meter, meter, meter_task, publisher)
+            # Drain usage events before the meter stops, so it can still count them.
+            stack.push_async_callback(publisher.close)
+
+            app.state.apifast = RouterState(
+                settings=settings,
+                secret=secret,
+                pool=pool,
+                live=live,
+                publisher=publisher,
+                clickhouse=clickhouse,
+                reserver=reserver,
+            )
+
+            # Every router keeps its catalog current, whether or not it serves the panel.
+            sync = CatalogSync(
+                live,
+                pool,
+                database_url=settings.database_url,
+                base=catalog,
+                types=types,
+                ring=KeyRing.from_settings(settings.encryption_keys, secret),
+                poll_s=settings.catalog_poll_s,
+            )
+            await sync.start()
+            stack.push_async_callback(_quietly, sync.stop)
+            app.state.admin = AdminState.create(core, live, sync, clickhouse)
+
+            payments = await start_payments(core)
+            stack.push_async_callback(_quietly, payments.stop)
+            app.state.payments = payments
+            yield
+
+    app = ApiFastApp(
+        title="ApiFast",
+        version=__version__,
+        description="Anonymous, prepaid, OpenAI-compatible LLM API gateway.",
+        lifespan=lifespan,
+        docs_url="/docs",
+        redoc_url=None,
+    )
+    install_error_handlers(app)
+    app.add_middleware(ContainUnhandledErrors)
+    install_router(app)  # /v1 inference, key, models, usage and generations
+    install_payments(app)  # orders, webhooks, recovery
+    install_admin(app, settings)  # admin panel and the key holder's dashboard
+    app.add_api_route("/healthz", healthz, methods=["GET"], tags=["health"])
+    app.state.settings = settings
+    return app
+
+
+async def healthz(request: Request) -> Response:
+    state: RouterState = request.app.state.apifast
+    body: dict[str, object] = {"status": "ok", "version": __version__}
+    try:
+        await state.pool.fetchval("SELECT 1")
+        body["postgres"] = "ok"
+    except Exception:
+        body["postgres"] = "down"
+        body["status"] = "degraded"
+    body["nats"] = "ok" if state.publisher.connected() else "down"
+    body["spooled_events"] = state.publisher.spool.count
+    if body["nats"] != "ok":
+        body["status"] = "degraded"
+    status = 200 if body["postgres"] == "ok" else 503
+    return Response(orjson.dumps(body), status_code=status, media_type="application/json")
+
+
+async def _quietly(stop: object) -> None:
+    with suppress(Exception):
+        await stop()  # type: ignore[operator]
+
+
+async def _close_providers(providers: dict[str, Provider]) -> None:
+    for provider in providers.values():
+        with suppress(Exception):
+            await provider.close()
+
+
+async def _stop_meter(meter: Meter, task: asyncio.Task[None], publisher: EventPublisher) -> None:
+    with suppress(TimeoutError):
+        await asyncio.wait_for(_wait_idle(meter, publisher), timeout=10)
+    meter.stop()
+    with suppress(Exception):
+        await task
+
+
+async def _wait_idle(meter: Meter, publisher: EventPublisher) -> None:
+    # The meter is idle once a fetch came back empty after the publisher's last event.
+    target = publisher.published
+    while True:
+        meter.idle.clear()
+        await meter.idle.wait()
+        if publisher.published <= target:
+            return
+        target = publisher.published
