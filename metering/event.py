@@ -65,6 +65,7 @@ FIELDS: tuple[EventField, ...] = (
     EventField("outcome", "String", "ok"),
     EventField("stream", "Bool", False),
     EventField("ts", "DateTime64"),  # request start, Unix milliseconds
+    EventField("api", "String", "chat"),  # the client protocol: chat | messages | responses
 )
 EVENT_COLUMNS = tuple(f.name for f in FIELDS if f.column is not None)
 COUNT_FIELDS = tuple(f.name for f in FIELDS if f.column == "UInt32")
@@ -93,6 +94,7 @@ class UsageEvent:
     started_at: float = field(default_factory=time.time)
     latency_ms: int = 0
     ttft_ms: int = 0
+    api: str = "chat"  # the client protocol: chat | messages | responses
 
     def to_bytes(self) -> bytes:
         """The published event: the keys of FIELDS, in order."""
@@ -122,6 +124,7 @@ class UsageEvent:
                 "outcome": self.outcome,
                 "stream": self.stream,
                 "ts": round(self.started_at * 1000),
+                "api": self.api,
             }
         )
 

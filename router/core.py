@@ -62,6 +62,7 @@ class Generation:
     max_output: int | None  # what the client asked for, if anything
     n: int = 1
     endpoint: str = "chat"  # the usage event's endpoint label
+    api: str = "chat"  # the client protocol: chat | messages | responses
     input_bytes: int = 0  # the client's body size, for the estimate when usage is missing
 
 
@@ -275,6 +276,7 @@ async def generate(
         stream=gen.stream,
         reserved_usd=held.reserved,
         started_at=started,
+        api=gen.api,
     )
     if gen.stream:
         return await _stream(state, model, ubody, event, gen, renderer, headers, out_tokens * n)
