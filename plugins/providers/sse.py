@@ -44,7 +44,7 @@ class SseDecoder:
             self._event, self._data = "", []
         elif line.startswith(b"data:"):
             value = line[5:]
-            self._data.append(value[1:] if value.startswith(b" ") else value)
+            self._data.append(value.lstrip(b" "))
         elif line.startswith(b"event:"):
             self._event = line[6:].strip().decode("utf-8", "replace")
         # Comments (":") and other fields (id:, retry:) carry nothing we use.
