@@ -11,6 +11,7 @@ from starlette.responses import Response
 from apifast.admin.analytics import RANGES, bucket_labels, credit_figures, usage_figures, window_for
 from apifast.admin.web import Ctx, admin_ctx, render
 from apifast.db import Queries
+from apifast.money import format_usd
 
 router = APIRouter()
 Q = Queries("apifast.admin")
@@ -70,12 +71,15 @@ async def overview(
     if ctx.state.clickhouse is not None:
         usage = await usage_figures(ctx.state.clickhouse, w)
     labels = bucket_labels(w)
+    over = await ctx.pool.fetchrow(Q.admin_overages, w.start, w.end)
+    overages = {"requests": over["requests"], "usd": format_usd(over["overage_usd"])}
     sessions = await ctx.pool.fetchval(
         Q.admin_sessions_count, ctx.state.settings.admin_session_idle_s
     )
     return render(
         ctx.request, "overview.html", ctx=ctx, window=w, ranges=RANGES, usage=usage,
         credit=credit, charts={"charts": _charts(labels, usage, credit)}, sessions=sessions,
+        overages=overages,
     )  # fmt: skip
 
 

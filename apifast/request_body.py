@@ -51,6 +51,11 @@ async def read_asgi_body(content_length: str | None, receive: Receive, limit: in
         chunks.append(chunk)
 
 
+# Deeper nesting is refused: no API field needs it, and serialising it again for the
+# upstream would fail (orjson stops at 255 levels) after the hold was taken.
+MAX_JSON_DEPTH = 64
+
+
 def parse_json_object(raw: bytes) -> dict[str, Any]:
     if not raw:
         raise ApiError(400, "request body is empty; expected a JSON object", code="invalid_json")
@@ -60,4 +65,29 @@ def parse_json_object(raw: bytes) -> dict[str, Any]:
         raise ApiError(400, "request body is not valid JSON", code="invalid_json") from None
     if not isinstance(body, dict):
         raise ApiError(400, "request body must be a JSON object", code="invalid_json")
+    # Only a body with that many brackets at all can be that deep: the usual one skips the walk.
+    if raw.count(b"[") + raw.count(b"{") > MAX_JSON_DEPTH and json_depth(body) > MAX_JSON_DEPTH:
+        raise ApiError(
+            400,
+            f"request body is nested deeper than {MAX_JSON_DEPTH} levels",
+            code="invalid_json",
+        )
     return body
+
+
+def json_depth(value: Any) -> int:
+    """Nesting depth of parsed JSON (a scalar is 0), without recursion."""
+    deepest = 0
+    stack: list[tuple[Any, int]] = [(value, 0)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, dict):
+            children: Any = item.values()
+        elif isinstance(item, list):
+            children = item
+        else:
+            continue
+        depth += 1
+        deepest = max(deepest, depth)
+        stack.extend((child, depth) for child in children)
+    return deepest

@@ -45,6 +45,11 @@ class Settings(BaseSettings):
 
     # Reservations: an unsettled hold is released after this many seconds.
     reservation_ttl_s: int = 900
+    # How often the meter looks for expired holds (and bills abandoned streams' checkpoints).
+    reservation_sweep_s: float = Field(default=30.0, gt=0)
+    # A stream checkpoints its delivered usage through the event path this often, so that a
+    # stream whose router dies is billed at least its last checkpoint; 0 turns it off.
+    stream_checkpoint_s: float = Field(default=5.0, ge=0)
     default_max_output_tokens: int = 4096
     # Per-key limits for keys whose own rpm_limit / tpm_limit is unset; 0 means no limit.
     default_rpm_limit: int = Field(default=0, ge=0)

@@ -24,9 +24,16 @@ _PRICE_FIELDS = (
     "cached_input_usd_per_mtok",
     "cache_write_usd_per_mtok",
 )
+# Per-part bounds of prompt tokens for non-text input: the hold bounds text by its bytes,
+# but an image or audio part costs far more tokens than its URL or base64 has bytes.
+_MEDIA_FIELDS = ("image_input_tokens", "audio_input_tokens", "file_input_tokens")
+# Safe for the image tokenizers we know (OpenAI tiles and patches, Anthropic, Gemini): the
+# largest image any of them bills stays under it. Audio and files have no default: a model
+# takes them only when its catalog entry declares a bound.
+DEFAULT_IMAGE_INPUT_TOKENS = 2500
 _MODEL_FIELDS = {
     "id", "routes", "type", "description", "max_output_tokens", "context_window",
-    "enabled", "request_usd", "demo", "owned_by", *_PRICE_FIELDS,
+    "enabled", "request_usd", "demo", "owned_by", *_PRICE_FIELDS, *_MEDIA_FIELDS,
 }  # fmt: skip
 _ROUTE_FIELDS = {"provider", "model", "cost_input_usd_per_mtok", "cost_output_usd_per_mtok"}
 _PROVIDER_FIELDS = {"type", "base_url", "api_key_env", "api_key", "timeout_s", "connect_timeout_s"}
@@ -55,6 +62,9 @@ class Model:
     context_window: int | None = None
     demo: bool = False
     owned_by: str = "apifast"
+    image_input_tokens: int = DEFAULT_IMAGE_INPUT_TOKENS  # per image part
+    audio_input_tokens: int | None = None  # per audio part; None: audio is refused
+    file_input_tokens: int | None = None  # per file part; None: files are refused
 
 
 @dataclass(frozen=True, slots=True)
@@ -203,6 +213,16 @@ def parse_model(table: Any, source: str, entry: str, providers: set[str]) -> Mod
         context_window=_positive_int(table.get("context_window"), source, entry, "context_window"),
         demo=bool(table.get("demo", False)),
         owned_by=str(table.get("owned_by", "apifast")),
+        image_input_tokens=_positive_int(
+            table.get("image_input_tokens"), source, entry, "image_input_tokens"
+        )
+        or DEFAULT_IMAGE_INPUT_TOKENS,
+        audio_input_tokens=_positive_int(
+            table.get("audio_input_tokens"), source, entry, "audio_input_tokens"
+        ),
+        file_input_tokens=_positive_int(
+            table.get("file_input_tokens"), source, entry, "file_input_tokens"
+        ),
     )
 
 

@@ -27,7 +27,14 @@ from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
 from apifast.metering.clickhouse import ClickHouseStore
 from apifast.metering.event import event_problem
-from apifast.metering.ledger import debit_batch, release_expired
+from apifast.metering.ledger import (
+    abandoned_streams,
+    capped_debit,
+    debit_batch,
+    drop_settled_checkpoints,
+    record_checkpoints,
+    release_expired,
+)
 from apifast.metering.stream import ensure_usage_stream
 
 if TYPE_CHECKING:
@@ -36,7 +43,6 @@ if TYPE_CHECKING:
 log = logging.getLogger("apifast.meter")
 
 _MAX_BACKOFF_S = 10.0
-_RELEASE_EVERY_S = 30.0
 
 
 class Meter:
@@ -52,6 +58,7 @@ class Meter:
         batch_size: int = 500,
         batch_wait_s: float = 0.5,
         ack_wait_s: float = 60.0,
+        sweep_s: float = 30.0,
     ) -> None:
         self.nats_url = nats_url
         self.stream = stream
@@ -62,8 +69,10 @@ class Meter:
         self.batch_size = batch_size
         self.batch_wait_s = batch_wait_s
         self.ack_wait_s = ack_wait_s
+        self.sweep_s = sweep_s  # how often expired holds are looked for
         self.processed = 0  # events newly counted, for tests and logs
         self.failures = 0  # batches that failed and were nak'ed
+        self.overages = 0  # events whose upstream usage went beyond the hold
         self._stop = asyncio.Event()
         self.idle = asyncio.Event()  # set whenever a fetch came back empty
 
@@ -81,6 +90,7 @@ class Meter:
             clickhouse=clickhouse,
             batch_size=settings.meter_batch_size,
             batch_wait_s=settings.meter_batch_wait_s,
+            sweep_s=settings.reservation_sweep_s,
         )
 
     def stop(self) -> None:
@@ -112,10 +122,21 @@ class Meter:
             # Only when caught up: a hold whose event is still in the stream is not abandoned.
             await self.idle.wait()
             try:
-                await release_expired(self.pool)
+                await self.sweep()
             except Exception as exc:  # Postgres may be down; try later
                 log.warning("meter: releasing expired holds failed: %s", type(exc).__name__)
-            await self._sleep(_RELEASE_EVERY_S)
+            await self._sleep(self.sweep_s)
+
+    async def sweep(self) -> None:
+        """Bill the streams whose router died (at their latest checkpoint), then release
+        the other expired holds."""
+        abandoned = await abandoned_streams(self.pool)
+        if abandoned:
+            log.warning("meter: billing %d abandoned stream(s) at their last checkpoint",
+                        len(abandoned))  # fmt: skip
+            await self.process(abandoned)
+        await release_expired(self.pool)
+        await drop_settled_checkpoints(self.pool)
 
     async def _consume(self) -> None:
         nc = await nats.connect(
@@ -199,7 +220,19 @@ class Meter:
 
     async def process(self, events: list[dict[str, Any]]) -> None:
         """Debit Postgres, then write to ClickHouse. Safe to call again with the same events."""
+        checkpoints = [e for e in events if e.get("checkpoint")]
+        if checkpoints:
+            await record_checkpoints(self.pool, checkpoints)
+            events = [e for e in events if not e.get("checkpoint")]
         unique = list({e["generation_id"]: e for e in events}.values())
+        if not unique:
+            return
+        for event in unique:
+            # ClickHouse shows what the ledger debits: the cost capped at the hold.
+            debit, overage = capped_debit(event)
+            if overage:
+                self.overages += 1
+                event["cost_usd"], event["overage_usd"] = str(debit), str(overage)
         counted = await debit_batch(self.pool, unique)
         await self.clickhouse.insert_new_events(unique)
         self.processed += len(counted)

@@ -66,10 +66,18 @@ FIELDS: tuple[EventField, ...] = (
     EventField("stream", "Bool", False),
     EventField("ts", "DateTime64"),  # request start, Unix milliseconds
     EventField("api", "String", "chat"),  # the client protocol: chat | messages | responses
+    # What the upstream reported beyond the hold: not charged (cost_usd is capped at the
+    # hold), recorded by the meter as an upstream overage.
+    EventField("overage_usd", None, "0"),
+    # 0: the request's final event. n > 0: the n-th checkpoint of a stream still running (what
+    # it had delivered by then); the meter keeps the latest and bills it only if the final
+    # event never comes (its router died).
+    EventField("checkpoint", None, 0),
 )
 EVENT_COLUMNS = tuple(f.name for f in FIELDS if f.column is not None)
 COUNT_FIELDS = tuple(f.name for f in FIELDS if f.column == "UInt32")
 MONEY_FIELDS = tuple(f.name for f in FIELDS if f.column == "Decimal")
+STRING_FIELDS = tuple(f.name for f in FIELDS if f.column == "String" and f.default is not REQUIRED)
 _DEFAULTS = {f.name: f.default for f in FIELDS}
 _UINT32 = 1 << 32
 
@@ -95,6 +103,8 @@ class UsageEvent:
     latency_ms: int = 0
     ttft_ms: int = 0
     api: str = "chat"  # the client protocol: chat | messages | responses
+    overage_usd: Decimal = ZERO  # priced usage beyond the hold; never charged
+    checkpoint: int = 0  # 0: final; n: a running stream's n-th checkpoint
 
     def to_bytes(self) -> bytes:
         """The published event: the keys of FIELDS, in order."""
@@ -125,8 +135,16 @@ class UsageEvent:
                 "stream": self.stream,
                 "ts": round(self.started_at * 1000),
                 "api": self.api,
+                "overage_usd": str(self.overage_usd),
+                "checkpoint": self.checkpoint,
             }
         )
+
+
+def message_id(generation_id: str, checkpoint: int = 0) -> str:
+    """The stream's dedupe id (Nats-Msg-Id) of a published event: its generation id, with
+    the checkpoint number for a checkpoint (so a checkpoint never shadows the final event)."""
+    return f"{generation_id}.cp{checkpoint}" if checkpoint else generation_id
 
 
 def event_problem(event: Any) -> str | None:
@@ -165,6 +183,12 @@ def event_problem(event: Any) -> str | None:
         value = event.get(name, _DEFAULTS[name])
         if not isinstance(value, int) or not 0 <= value < _UINT32:
             return f"bad {name}"
+    for name in STRING_FIELDS:
+        if not isinstance(event.get(name, _DEFAULTS[name]), str):
+            return f"bad {name}"
+    checkpoint = event.get("checkpoint", 0)
+    if not isinstance(checkpoint, int) or not 0 <= checkpoint < _UINT32:
+        return "bad checkpoint"
     status = event.get("status", _DEFAULTS["status"])
     if not isinstance(status, int) or not 0 <= status < 1 << 16:
         return "bad status"

@@ -11,6 +11,7 @@ answer back in the adapter's shape. Everything that touches money is here, once.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import os
@@ -24,7 +25,7 @@ from apifast.auth import key_hash_from_header
 from apifast.catalog.toml import Model, Route
 from apifast.errors import ApiError
 from apifast.metering.event import UsageEvent
-from apifast.money import quantize_up
+from apifast.money import ZERO, quantize_up
 from apifast.providers import (
     ChatRequest,
     EmbeddingsRequest,
@@ -35,6 +36,7 @@ from apifast.providers import (
     UpstreamTimeout,
     Usage,
 )
+from apifast.router.media import media_token_bound
 from apifast.router.relay import Waiting, close_quietly, next_step
 from apifast.router.reservations import Hold, release, reserve
 from apifast.router.state import RouterState
@@ -208,9 +210,48 @@ def upstream_failure(exc: UpstreamError | None) -> ApiError:
     return ApiError(502, "The model provider failed; try again later.", code="upstream_error")
 
 
-def finish(state: RouterState, event: UsageEvent, model: Model, route: Route | None) -> None:
-    """Price the usage, count its tokens toward the key's tpm limit and hand the event to
-    the publisher (which never blocks). Every request that took a hold ends here once."""
+def sane_usage(usage: Any) -> Usage | None:
+    """`usage` if every count is a non-negative integer, else None (the caller estimates).
+    Parts (cached, cache writes, reasoning) are clamped to the whole they belong to."""
+    if not isinstance(usage, Usage):
+        return None
+    counts = (
+        usage.input_tokens,
+        usage.output_tokens,
+        usage.cached_tokens,
+        usage.cache_write_tokens,
+        usage.reasoning_tokens,
+    )
+    if any(type(c) is not int or c < 0 for c in counts):
+        return None
+    if (
+        usage.cached_tokens + usage.cache_write_tokens > usage.input_tokens
+        or usage.reasoning_tokens > usage.output_tokens
+    ):
+        cached = min(usage.cached_tokens, usage.input_tokens)
+        return Usage(
+            input_tokens=usage.input_tokens,
+            output_tokens=usage.output_tokens,
+            cached_tokens=cached,
+            cache_write_tokens=min(usage.cache_write_tokens, usage.input_tokens - cached),
+            reasoning_tokens=min(usage.reasoning_tokens, usage.output_tokens),
+        )
+    return usage
+
+
+def completion_chars(body: Any) -> int:
+    """Characters of content and tool-call arguments in a chat completion's choices."""
+    total = 0
+    choices = body.get("choices") if isinstance(body, dict) else None
+    for choice in choices if isinstance(choices, list) else ():
+        message = choice.get("message") if isinstance(choice, dict) else None
+        if isinstance(message, dict):
+            total += delta_chars({"choices": [{"delta": message}]})
+    return total
+
+
+def price(event: UsageEvent, model: Model, route: Route | None) -> None:
+    """Set the event's cost from its usage: never negative, never beyond its hold."""
     if route is not None:
         event.provider = route.provider
         event.upstream_model = route.model
@@ -218,12 +259,32 @@ def finish(state: RouterState, event: UsageEvent, model: Model, route: Route | N
     used = event.usage.input_tokens or event.usage.output_tokens
     # A failed request with no usage costs nothing, not even the per-request price.
     if used or event.outcome != "upstream_error":
-        event.cost_usd = model.price.cost(event.usage)
-    event.latency_ms = round((time.time() - event.started_at) * 1000)
+        cost = max(model.price.cost(event.usage), ZERO)
+        # The buyer pays at most what was held, whatever the upstream reports; the excess
+        # is the operator's (an upstream overage: counted by the meter, shown in /admin).
+        event.cost_usd = min(cost, event.reserved_usd)
+        event.overage_usd = cost - event.cost_usd
+
+
+def finish(state: RouterState, event: UsageEvent, model: Model, route: Route | None) -> None:
+    """Price the usage, count its tokens toward the key's tpm limit and hand the event to
+    the publisher (which never blocks). Every request that took a hold ends here once."""
+    price(event, model, route)
+    if event.overage_usd:
+        log.warning("model %s: usage beyond the hold by $%s", model.id, event.overage_usd)
+    # At least 1: a finished event is told apart from an unfinished one by it (see generate).
+    event.latency_ms = max(1, round((time.time() - event.started_at) * 1000))
     state.key_limits.record_tokens(
         event.key_id, event.usage.input_tokens + event.usage.output_tokens
     )
     state.publisher.submit(event)
+
+
+async def _release_quietly(state: RouterState, generation_id: str) -> None:
+    try:
+        await release(state.pool, generation_id)
+    except Exception as exc:  # the TTL releases it then
+        log.warning("releasing hold %s failed: %s", generation_id, type(exc).__name__)
 
 
 def _failed(state: RouterState, event: UsageEvent, model: Model, failed: RoutesFailed) -> ApiError:
@@ -246,6 +307,7 @@ async def generate(
 ) -> Reply:
     """Hold, call the routes and relay the answer through `renderer`; raises ApiError."""
     ensure_metering(state)
+    gen.input_bound += media_token_bound(model, gen.body.get("messages"))
     cap = gen.max_output or model.max_output_tokens or state.settings.default_max_output_tokens
     if model.max_output_tokens:
         cap = min(cap, model.max_output_tokens)
@@ -278,9 +340,17 @@ async def generate(
         started_at=started,
         api=gen.api,
     )
-    if gen.stream:
-        return await _stream(state, model, ubody, event, gen, renderer, headers, out_tokens * n)
-    return await _complete(state, model, ubody, event, renderer, headers)
+    try:
+        if gen.stream:
+            return await _stream(state, model, ubody, event, gen, renderer, headers, out_tokens * n)
+        return await _complete(state, model, ubody, event, renderer, headers, gen.input_bytes)
+    except BaseException:
+        # Anything unexpected before the request was finished (a provider's serialisation
+        # failing on what the client sent, a cancelled request): give the hold back now,
+        # not at its TTL. A finished request is the meter's to settle.
+        if not event.latency_ms:
+            await _release_quietly(state, generation_id)
+        raise
 
 
 async def _complete(
@@ -290,6 +360,7 @@ async def _complete(
     event: UsageEvent,
     renderer: Renderer,
     headers: dict[str, str],
+    input_bytes: int,
 ) -> Reply:
     async def call(provider: Provider, route: Route) -> Any:
         return await provider.chat(
@@ -300,7 +371,13 @@ async def _complete(
         result, route = await call_routes(state, model, call)
     except RoutesFailed as failed:
         raise _failed(state, event, model, failed) from None
-    event.usage = result.usage
+    usage = sane_usage(result.usage)
+    if usage is None:
+        # Negative or non-integer counts are not believed: the documented estimate instead.
+        max_output = ubody.get("max_completion_tokens") or ubody.get("max_tokens") or 1
+        usage = estimate_delivered(input_bytes, completion_chars(result.body), 1, max_output)
+        event.usage_estimated = True
+    result.usage = event.usage = usage
     event.ttft_ms = round((time.time() - event.started_at) * 1000)
     finish(state, event, model, route)
     return Reply(headers, renderer.completion(result.body, result.usage, event.cost_usd))
@@ -367,16 +444,36 @@ async def _stream(
     finished = [False]
     input_bytes = gen.input_bytes
 
+    def delivered() -> tuple[Usage, bool]:
+        """The usage so far: the upstream's if it reported one, else the estimate."""
+        usage = sane_usage(upstream_usage[-1]) if upstream_usage else None
+        if usage is not None:
+            return usage, False
+        return estimate_delivered(input_bytes, tally[0], tally[1], max_output), True
+
     def settle() -> None:
         if finished[0]:
             return
         finished[0] = True
-        if upstream_usage:
-            event.usage = upstream_usage[-1]
-        else:
-            event.usage = estimate_delivered(input_bytes, tally[0], tally[1], max_output)
-            event.usage_estimated = True
+        event.usage, event.usage_estimated = delivered()
         finish(state, event, model, route)
+
+    every = state.settings.stream_checkpoint_s
+    checkpoints: list[float] = [0, time.monotonic() + every]  # published, next one due
+
+    def checkpoint() -> None:
+        # What the stream has delivered, through the event path: if this router dies, the
+        # meter bills the latest checkpoint once the hold expires (docs/billing.md).
+        checkpoints[0] += 1
+        checkpoints[1] = time.monotonic() + every
+        usage, estimated = delivered()
+        copy = dataclasses.replace(
+            event, usage=usage, usage_estimated=estimated, outcome="router_lost",
+            checkpoint=int(checkpoints[0]),
+            latency_ms=max(1, round((time.time() - event.started_at) * 1000)),
+        )  # fmt: skip
+        price(copy, model, route)
+        state.publisher.submit(copy)
 
     async def body_iter() -> AsyncIterator[bytes]:
         # One generator for the whole relay: a nested one would cost a frame per chunk.
@@ -405,6 +502,8 @@ async def _stream(
                     try:
                         ready, step = next_step(iterator)
                         if not ready:
+                            if every and time.monotonic() >= checkpoints[1]:
+                                checkpoint()
                             if burst:
                                 waiting = step
                                 yield b"".join(burst)
@@ -471,7 +570,11 @@ async def embed(
         result, route = await call_routes(state, model, call)
     except RoutesFailed as failed:
         raise _failed(state, event, model, failed) from None
-    event.usage = result.usage
+    usage = sane_usage(result.usage)
+    if usage is None:
+        usage = Usage(input_tokens=input_bound)  # the hold's own bound
+        event.usage_estimated = True
+    result.usage = event.usage = usage
     event.ttft_ms = round((time.time() - started) * 1000)
     finish(state, event, model, route)
     return result, event.cost_usd

@@ -26,7 +26,7 @@ from nats.js.api import Header
 from nats.js.client import JetStreamContext
 
 from apifast.db import Queries
-from apifast.metering.event import UsageEvent
+from apifast.metering.event import UsageEvent, message_id
 from apifast.metering.stream import ensure_usage_stream
 from apifast.router.spool import Spool
 
@@ -86,7 +86,9 @@ class EventPublisher:
         return self._queue.qsize() + len(self._inflight)
 
     def submit(self, event: UsageEvent) -> None:
-        self._queue.put_nowait((event.generation_id, event.to_bytes()))
+        self._queue.put_nowait(
+            (message_id(event.generation_id, event.checkpoint), event.to_bytes())
+        )
 
     async def start(self) -> None:
         self.spool.open()
@@ -322,7 +324,8 @@ class EventPublisher:
 
 def _item(line: bytes) -> Item | None:
     try:
-        return str(orjson.loads(line)["generation_id"]), line
+        event = orjson.loads(line)
+        return message_id(str(event["generation_id"]), int(event.get("checkpoint") or 0)), line
     except (ValueError, KeyError, TypeError):
         log.error("skipping an unreadable spool line")
         return None

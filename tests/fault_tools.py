@@ -83,6 +83,8 @@ def process_env(settings: Settings, **extra: str) -> dict[str, str]:
         "PORT": str(settings.port),
         "SPOOL_MAX_EVENTS": str(settings.spool_max_events),
         "RESERVATION_TTL_S": str(settings.reservation_ttl_s),
+        "RESERVATION_SWEEP_S": str(settings.reservation_sweep_s),
+        "STREAM_CHECKPOINT_S": str(settings.stream_checkpoint_s),
         "LOG_LEVEL": "WARNING",
     }
     env.update({f"APIFAST_{k}": v for k, v in values.items()})

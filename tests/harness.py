@@ -133,9 +133,11 @@ def stack_settings(
 
 
 @contextlib.asynccontextmanager
-async def running_stack(settings: Settings, *, run_meter: bool = True) -> AsyncIterator[Stack]:
+async def running_stack(
+    settings: Settings, *, run_meter: bool = True, extra_plugins: tuple[object, ...] = ()
+) -> AsyncIterator[Stack]:
     await migrate_database(settings.database_url)
-    app = create_app(settings, run_meter=run_meter)
+    app = create_app(settings, run_meter=run_meter, extra_plugins=extra_plugins)
     config = uvicorn.Config(
         app, host="127.0.0.1", port=settings.port, log_level="warning", access_log=False,
         lifespan="on", loop="none",

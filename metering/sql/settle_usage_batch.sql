@@ -1,8 +1,12 @@
 -- Debit a batch of metered requests exactly once: the ledger's UNIQUE (kind, ref) drops
--- events already counted, and each event's reservation is released with its debit.
--- $1 generation ids, $2 key hashes, $3 costs. Returns the generation ids newly counted.
+-- events already counted, and each event's reservation is released with its debit. The
+-- debit never exceeds the event's hold; what an upstream reported beyond it is recorded
+-- in usage_overages instead of being charged. A settled stream's checkpoint goes too.
+-- $1 generation ids, $2 key hashes, $3 costs (already capped), $4 overages, $5 models.
+-- Returns the generation ids newly counted.
 WITH ev AS (
-    SELECT * FROM unnest($1::text[], $2::bytea[], $3::numeric[]) AS e(generation_id, key_hash, cost)
+    SELECT * FROM unnest($1::text[], $2::bytea[], $3::numeric[], $4::numeric[], $5::text[])
+        AS e(generation_id, key_hash, cost, overage, model)
 ), ins AS (
     INSERT INTO ledger (key_id, kind, ref, amount_usd)
     SELECT k.id, 'usage', ev.generation_id, -ev.cost
@@ -10,6 +14,14 @@ WITH ev AS (
     ORDER BY k.id
     ON CONFLICT (kind, ref) DO NOTHING
     RETURNING key_id, ref, amount_usd
+), over AS (
+    INSERT INTO usage_overages (generation_id, key_id, model, overage_usd)
+    SELECT ins.ref, ins.key_id, ev.model, ev.overage
+    FROM ins JOIN ev ON ev.generation_id = ins.ref
+    WHERE ev.overage > 0
+    ON CONFLICT (generation_id) DO NOTHING
+), cp AS (
+    DELETE FROM stream_checkpoints c USING ins WHERE c.generation_id = ins.ref
 ), rel AS (
     DELETE FROM reservations r USING ins WHERE r.generation_id = ins.ref
     RETURNING r.key_id, r.amount_usd

@@ -38,6 +38,7 @@ class FakeOpenAI:
     behaviour: str = "ok"
     cached_tokens: int = 0
     reasoning_tokens: int = 0
+    usage_override: dict[str, Any] | None = None  # reported as is, however wrong
     requests: list[dict[str, Any]] = field(default_factory=list)
     headers: list[dict[str, str]] = field(default_factory=list)
     url: str = ""
@@ -107,6 +108,8 @@ class FakeOpenAI:
         return self.behaviour
 
     def _usage(self, body: dict[str, Any], completion: int) -> dict[str, Any]:
+        if self.usage_override is not None:
+            return dict(self.usage_override)  # a faulty upstream's own numbers
         prompt = prompt_tokens(body)
         return {
             "prompt_tokens": prompt,

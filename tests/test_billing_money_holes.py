@@ -1,0 +1,210 @@
+"""The money holes found by probing (issue 13): an upstream that over-reports usage, negative
+usage, non-text input the byte bound cannot cover, deeply nested JSON, and holds left behind
+by unexpected errors. Each case: the key never goes below zero, the request is metered once,
+and no hold outlives the request."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable
+from decimal import Decimal
+from typing import Any
+
+import pytest
+
+from apifast import hookimpl
+from apifast.keys import hash_key
+from apifast.providers import ChatRequest, ChatResponse, Provider
+from tests.fakes.openai_upstream import FakeOpenAI
+from tests.harness import SECRET, Stack, models_toml, running_stack
+
+BODY = {"model": "fast-chat", "messages": [{"role": "user", "content": "hello"}]}
+EXTRA = """
+[providers.exploding]
+type = "exploding"
+
+[[models]]
+id = "explodes"
+input_usd_per_mtok = "0.50"
+output_usd_per_mtok = "1.50"
+routes = [ { provider = "exploding", model = "boom" } ]
+
+[[models]]
+id = "listens"
+input_usd_per_mtok = "0.50"
+output_usd_per_mtok = "1.50"
+audio_input_tokens = 3000
+image_input_tokens = 100000
+routes = [ { provider = "local", model = "upstream-model-a" } ]
+"""
+
+
+class ExplodingProvider(Provider):
+    """A provider whose request serialisation fails on what the client sent (a bug, not an
+    upstream error): the router must answer 500 and give the hold back at once."""
+
+    type = "exploding"
+
+    async def chat(self, request: ChatRequest) -> ChatResponse:
+        raise RecursionError("maximum recursion depth exceeded while encoding")
+
+
+class ExplodingPlugin:
+    @hookimpl
+    def register_provider_types(self, register: Any) -> None:
+        register("exploding", ExplodingProvider)
+
+
+@pytest.fixture
+async def holes_stack(
+    stack_settings_factory: Callable[..., Any], fake_openai: FakeOpenAI
+) -> AsyncIterator[Stack]:
+    settings = stack_settings_factory(models_toml(fake_openai.url, EXTRA))
+    async with running_stack(settings, extra_plugins=(ExplodingPlugin(),)) as running:
+        yield running
+
+
+async def _key_row(stack: Stack, key: str) -> Any:
+    return await stack.pool.fetchrow(
+        "SELECT id, balance_usd, reserved_usd FROM api_keys WHERE key_hash = $1",
+        hash_key(SECRET.encode(), key),
+    )
+
+
+async def _holds(stack: Stack, key: str) -> int:
+    row = await _key_row(stack, key)
+    return int(
+        await stack.pool.fetchval("SELECT count(*) FROM reservations WHERE key_id = $1", row["id"])
+    )
+
+
+async def test_over_reporting_upstream_cannot_take_a_key_below_zero(
+    holes_stack: Stack, fake_openai: FakeOpenAI
+) -> None:
+    stack = holes_stack
+    key = await stack.create_key("0.01")
+    # A million tokens each way: $2.00 at this price, against a balance of one cent.
+    fake_openai.usage_override = {
+        "prompt_tokens": 1_000_000, "completion_tokens": 1_000_000, "total_tokens": 2_000_000,
+    }  # fmt: skip
+    ids, charged = [], Decimal(0)
+    async with stack.client(key) as c:
+        for _ in range(3):
+            r = await c.post("/v1/chat/completions", json=BODY)
+            if r.status_code == 402:
+                break
+            assert r.status_code == 200, r.text
+            cost = Decimal(str(r.json()["usage"]["cost"]))
+            assert cost >= 0
+            ids.append(r.json()["id"])
+            charged += cost
+    assert ids, "the first request must be served"
+    await stack.wait_metered(ids)
+    row = await _key_row(stack, key)
+    assert row["balance_usd"] >= 0
+    assert row["balance_usd"] == Decimal("0.01") - charged  # charged what was shown
+    assert row["reserved_usd"] == 0 and await _holds(stack, key) == 0
+    overages = await stack.pool.fetch(
+        "SELECT generation_id, overage_usd FROM usage_overages WHERE key_id = $1", row["id"]
+    )
+    assert {o["generation_id"] for o in overages} == set(ids)
+    assert all(o["overage_usd"] > 0 for o in overages)
+    # The overage is recorded in the event too, and the ClickHouse row shows the capped cost.
+    rows = await stack.state.clickhouse.query(
+        "SELECT sum(cost_usd) AS total FROM usage_events WHERE generation_id IN {ids:Array(String)}",
+        {"ids": ids},
+    )
+    assert Decimal(str(rows[0]["total"])) == charged
+
+
+@pytest.mark.parametrize("stream", [False, True])
+async def test_negative_usage_is_not_believed(
+    holes_stack: Stack, fake_openai: FakeOpenAI, stream: bool
+) -> None:
+    stack = holes_stack
+    key = await stack.create_key("1.00")
+    fake_openai.usage_override = {
+        "prompt_tokens": -5000, "completion_tokens": -3, "total_tokens": -5003,
+    }  # fmt: skip
+    body: dict[str, Any] = {**BODY}
+    if stream:
+        body |= {"stream": True, "stream_options": {"include_usage": True}}
+    async with stack.client(key) as c:
+        r = await c.post("/v1/chat/completions", json=body)
+    assert r.status_code == 200, r.text
+    if stream:
+        import orjson
+
+        chunks = [
+            orjson.loads(line[6:]) for line in r.text.splitlines() if line.startswith("data: {")
+        ]
+        usage = chunks[-1]["usage"]
+        generation_id = chunks[-1]["id"]
+    else:
+        usage = r.json()["usage"]
+        generation_id = r.json()["id"]
+    assert usage["prompt_tokens"] > 0 and usage["completion_tokens"] > 0  # the estimate
+    assert Decimal(str(usage["cost"])) > 0
+    await stack.wait_metered([generation_id])
+    row = await _key_row(stack, key)
+    assert row["balance_usd"] == Decimal("1.00") - Decimal(str(usage["cost"]))
+    assert row["reserved_usd"] == 0 and await _holds(stack, key) == 0
+
+
+async def test_deep_json_is_refused_before_any_hold(holes_stack: Stack) -> None:
+    stack = holes_stack
+    key = await stack.create_key("1.00")
+    deep: Any = "x"
+    for _ in range(300):
+        deep = {"a": deep}
+    body = {**BODY, "response_format": {"type": "json_schema", "json_schema": deep}}
+    async with stack.client(key) as c:
+        r = await c.post("/v1/chat/completions", json=body)
+        assert r.status_code == 400, r.text
+        error = r.json()["error"]
+        assert error["code"] == "invalid_json" and "nested deeper" in error["message"]
+        # Embeddings read bodies the same way.
+        r = await c.post("/v1/embeddings", json={"model": "embed-small", "input": [deep]})
+        assert r.status_code == 400, r.text
+        # Wide but shallow JSON (many brackets, little depth) is served.
+        wide = {**BODY, "tools": [{"type": "function", "function": {"name": f"f{i}"}}
+                                 for i in range(200)]}  # fmt: skip
+        r = await c.post("/v1/chat/completions", json=wide)
+        assert r.status_code == 200, r.text
+    assert await _holds(stack, key) <= 1  # only the served one, until metered
+
+
+async def test_unexpected_error_releases_the_hold_at_once(holes_stack: Stack) -> None:
+    stack = holes_stack
+    key = await stack.create_key("1.00")
+    async with stack.client(key) as c:
+        r = await c.post("/v1/chat/completions", json={**BODY, "model": "explodes"})
+        assert r.status_code == 500
+        assert r.json()["error"]["type"] == "api_error"
+        assert "recursion" not in r.text.lower()
+        r = await c.post("/v1/chat/completions", json={**BODY, "model": "explodes", "stream": True})
+        assert r.status_code == 500
+    row = await _key_row(stack, key)
+    assert row["reserved_usd"] == 0 and await _holds(stack, key) == 0
+    assert row["balance_usd"] == Decimal("1.00")
+
+
+async def test_media_parts_raise_the_hold_or_are_refused(holes_stack: Stack) -> None:
+    stack = holes_stack
+    image = {"type": "image_url", "image_url": {"url": "https://example.invalid/cat.png"}}
+    audio = {"type": "input_audio", "input_audio": {"data": "AAAA", "format": "wav"}}
+    key = await stack.create_key("0.02")
+    async with stack.client(key) as c:
+        # fast-chat declares no audio bound: refused before any hold.
+        r = await c.post("/v1/chat/completions", json={
+            "model": "fast-chat", "messages": [{"role": "user", "content": [audio]}]})  # fmt: skip
+        assert r.status_code == 400, r.text
+        assert "audio" in r.json()["error"]["message"]
+        # 'listens' bounds an image at 100,000 tokens ($0.05): more than this key holds, so
+        # the request is refused rather than served on a hold that could not cover it.
+        r = await c.post("/v1/chat/completions", json={
+            "model": "listens", "messages": [{"role": "user", "content": [image]}]})  # fmt: skip
+        assert r.status_code == 402, r.text
+        # Audio on a model that declares a bound is served.
+        r = await c.post("/v1/chat/completions", json={
+            "model": "listens", "messages": [{"role": "user", "content": [audio]}]})  # fmt: skip
+        assert r.status_code == 200, r.text
