@@ -137,7 +137,7 @@ class Report:
 def _rollup_line(d: RollupDifference) -> str:
     group = " ".join(f"{k}={v[:12] if k == 'key_hash' else v}" for k, v in d.group.items())
     sides = ", ".join(
-        f"{c} {d.rollup[c]} of {d.raw[c]}" for c in d.raw if d.raw[c] != d.rollup[c]
+        f"{c} rollup {d.rollup[c]} raw {d.raw[c]}" for c in d.raw if d.raw[c] != d.rollup[c]
     )
     return f"rollup {'short' if d.short else 'above'} {d.table} {group}: {sides}"
 

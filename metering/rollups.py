@@ -179,13 +179,11 @@ def _rows(client: Any, sql: str, params: dict[str, Any]) -> list[dict[str, Any]]
     return [dict(zip(result.column_names, row, strict=True)) for row in result.result_rows]
 
 
-def find_differences(
-    client: Any, scope: Scope, *, tables: Sequence[SumRollup] = SUM_ROLLUPS
-) -> list[RollupDifference]:
+def find_differences(client: Any, scope: Scope) -> list[RollupDifference]:
     """The groups of the sum rollups, within `scope`, that disagree with the raw events:
     one query per table."""
     found: list[RollupDifference] = []
-    for rollup in tables:
+    for rollup in SUM_ROLLUPS:
         if not scope.periods(rollup.unit) or (rollup.by_key and scope.keys == []):
             continue
         sql = getattr(Q, f"rollup_check_{rollup.table}")
@@ -262,9 +260,9 @@ def rebuild_groups(client: Any, differences: Iterable[RollupDifference]) -> dict
         if not groups:
             continue
         tuples = [tuple(_group_value(g, group[g]) for g in rollup.groups) for group in groups]
+        # The span of the groups' periods, for the rebuild to prune the raw events by.
         when = "day" if rollup.by_key else "period"
-        starts = sorted(_floor(datetime.fromisoformat(group[when]).replace(tzinfo=UTC),
-                               rollup.unit) for group in groups)  # fmt: skip
+        starts = sorted(_floor(_utc(datetime.fromisoformat(g[when])), rollup.unit) for g in groups)
         client.command(getattr(Q, f"rollup_delete_{rollup.table}"), parameters={"groups": tuples})
         client.command(
             getattr(Q, f"rollup_rebuild_{rollup.table}"),
@@ -286,6 +284,12 @@ def repair_for_events(client: Any, events: Sequence[Mapping[str, Any]]) -> Rollu
     return repair
 
 
+def _starts(differences: Iterable[RollupDifference], table: str) -> list[datetime]:
+    """The periods of a distinct-key rollup's differences."""
+    return sorted({datetime.fromisoformat(d.group["period"]) for d in differences
+                   if d.table == table})  # fmt: skip
+
+
 def repair_scope(client: Any, scope: Scope) -> RollupRepair:
     """`apifast reconcile --repair`: correct the short groups, rebuild those above the raw
     events, and give the periods short of keys all their keys again. Periods with keys the
@@ -296,12 +300,8 @@ def repair_scope(client: Any, scope: Scope) -> RollupRepair:
     key_differences = find_key_differences(client, scope)
     short = [d for d in key_differences if d.short]
     if short:
-
-        def starts(table: str) -> list[datetime]:
-            return sorted({datetime.fromisoformat(d.group["period"]) for d in short
-                           if d.table == table})  # fmt: skip
-
-        add_keys(client, Scope(hours=starts("active_keys_hourly"), days=starts("active_keys_daily")))
+        hours = _starts(short, "active_keys_hourly")
+        add_keys(client, Scope(hours=hours, days=_starts(short, "active_keys_daily")))
         repair.keys_added = len(short)
     repair.above = [d for d in key_differences if not d.short]
     return repair
