@@ -2,8 +2,10 @@
 
     apifast reconcile [--from DAY|TIME] [--to DAY|TIME] [--repair] [--json]
 
-Runs on the configured Postgres and ClickHouse, or, when neither is set, on the embedded
-engines of `apifast dev` (which must not be running). Exit status: 0 when the stores agree
+Compares the ledger with ClickHouse's usage rows id by id, and the dashboards' rollups with
+those rows group by group (docs/billing.md). Runs on the configured Postgres and ClickHouse,
+or, when neither is set, on the embedded engines of `apifast dev` (which must not be
+running). Exit status: 0 when the stores agree
 (after repair, if asked), 1 otherwise, 2 on a usage error.
 """
 
@@ -36,7 +38,8 @@ def add_reconcile_parser(sub: Any) -> None:
     """Add `apifast reconcile` to the CLI's subcommands."""
     p = sub.add_parser(
         "reconcile",
-        help="compare the Postgres ledger with ClickHouse per key over a range (--repair fixes)",
+        help="compare the Postgres ledger with ClickHouse per key, and the rollups with the raw "
+        "events, over a range (--repair fixes)",
     )
     p.add_argument(
         "--from", dest="start", help="start: YYYY-MM-DD or ISO time (default: --to - 1 day)"

@@ -5,6 +5,7 @@ thread (chdb must not be used from two threads at once)."""
 from __future__ import annotations
 
 import asyncio
+import logging
 import re
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -13,9 +14,11 @@ from typing import Any, TypeVar
 import clickhouse_connect
 
 from apifast.db.migrate import migration_files
+from apifast.metering import rollups
 from apifast.metering.event import EVENT_COLUMNS, event_row
 
 T = TypeVar("T")
+log = logging.getLogger("apifast.meter")
 _NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
 
@@ -27,6 +30,7 @@ class ClickHouseStore:
         self.database = database
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="clickhouse")
         self._client: Any = None
+        self.rollup_corrections = 0  # correction rows the meter added, for tests and logs
 
     async def _run(self, fn: Callable[..., T], *args: Any) -> T:
         loop = asyncio.get_running_loop()
@@ -83,11 +87,44 @@ class ClickHouseStore:
                 rows.append(event_row(event))
         if rows:
             self._client.insert("usage_events", rows, column_names=EVENT_COLUMNS)
+        if existing:
+            # A redelivery: the insert that stored these may have died before every view
+            # had its rows (rollups.py). Only this rare path pays for the check.
+            self._repair_rollups([e for e in events if e["generation_id"] in existing])
         return len(rows)
 
+    def _repair_rollups(self, stored: Sequence[dict[str, Any]]) -> None:
+        repair = rollups.repair_for_events(self._client, stored)
+        added = sum(repair.corrected.values())
+        self.rollup_corrections += added
+        if added:
+            log.warning("meter: rollups were short after a failed insert; added %d correction "
+                        "rows (%s)", added, ", ".join(sorted(repair.corrected)))  # fmt: skip
+        if repair.above:
+            log.warning("meter: %d rollup groups count more than the raw events; "
+                        "run `apifast reconcile --repair`", len(repair.above))  # fmt: skip
+
     async def insert_new_events(self, events: Sequence[dict[str, Any]]) -> int:
-        """Insert the events not already stored; returns how many were inserted."""
+        """Insert the events not already stored, and repair the rollups of those that were
+        (a redelivery after a failed insert); returns how many were inserted."""
         return await self._run(self._insert_new, events)
+
+    # --- the rollups (apifast reconcile) ---
+
+    async def rollup_differences(self, scope: rollups.Scope) -> list[rollups.RollupDifference]:
+        """Every rollup group in `scope` that disagrees with the raw events."""
+
+        def check() -> list[rollups.RollupDifference]:
+            return [
+                *rollups.find_differences(self._client, scope),
+                *rollups.find_key_differences(self._client, scope),
+            ]
+
+        return await self._run(check)
+
+    async def repair_rollups(self, scope: rollups.Scope) -> rollups.RollupRepair:
+        """Make every rollup group in `scope` agree with the raw events again."""
+        return await self._run(rollups.repair_scope, self._client, scope)
 
     # --- reads ---
 

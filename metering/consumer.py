@@ -5,7 +5,9 @@ the events ClickHouse does not have yet, then ack. Money goes first so that bala
 wait on analytics. When either store fails the batch is nak'ed and nothing is acked; the
 meter backs off and retries until the store is back, then catches up on the backlog. Both
 steps are idempotent, so a redelivery or a meter killed mid-batch neither loses nor doubles
-anything.
+anything. Events found already in ClickHouse on redelivery get their dashboard rollups
+checked and repaired (`rollups.py`): the insert that stored them may have died before every
+materialized view had run.
 
 Reservations of crashed routers are released once they expire, but only while the meter is
 caught up with the stream: an event still waiting in the stream settles its own hold.

@@ -14,8 +14,17 @@ wherever it falls.
     amount mismatch         the two disagree on the cost    flagged only: money is never
                                                             changed by a guess
     duplicated in ClickHouse  more than one row for an id   --repair: OPTIMIZE ... FINAL
-                                                            (the dashboards' rollups may have
-                                                            counted it twice: flagged)
+                                                            (the rollups it was counted twice
+                                                            in are then rebuilt, below)
+    rollup short            a dashboard rollup group sums   --repair: the difference is added
+                            less than its raw events        (the meter's own repair, rollups.py)
+    rollup above            it sums more (a duplicate       --repair: the group is rebuilt from
+                            collapsed since)                the raw events
+
+The rollups are checked group by group (every whole hour and day the range touches) against
+`usage_events FINAL`, which is checked id by id against the ledger: when both agree,
+`/v1/usage` and the admin overview add up to the ledger. The rollups are repaired after the
+rows, so that rows restored by the repair are counted.
 """
 
 from __future__ import annotations
@@ -28,6 +37,7 @@ from decimal import Decimal
 from typing import TYPE_CHECKING, Any
 
 from apifast.metering.event import event_from_ledger_row
+from apifast.metering.rollups import RollupDifference, Scope
 from apifast.settings import Settings
 
 if TYPE_CHECKING:
@@ -67,6 +77,8 @@ class Report:
     missing_in_ledger: list[str] = field(default_factory=list)
     mismatched: list[Mismatch] = field(default_factory=list)
     duplicated_in_clickhouse: list[str] = field(default_factory=list)
+    # Dashboard rollup groups that disagree with the raw events (rollups.py).
+    rollup_differences: list[RollupDifference] = field(default_factory=list)
     repaired: dict[str, int] = field(default_factory=dict)
     flagged: list[str] = field(default_factory=list)
 
@@ -77,10 +89,13 @@ class Report:
             or self.missing_in_ledger
             or self.mismatched
             or self.duplicated_in_clickhouse
+            or self.rollup_differences
         )
 
     def to_json(self) -> str:
         data = asdict(self)
+        for diff, out in zip(self.rollup_differences, data["rollup_differences"], strict=True):
+            out["short"] = diff.short
         data["clean"] = self.clean
         return json.dumps(data, default=str, indent=2)
 
@@ -108,11 +123,23 @@ class Report:
                 f"amount mismatch {m.generation_id}: ledger {m.ledger_usd} "
                 f"clickhouse {m.clickhouse_usd}"
             )
+        if self.rollup_differences:
+            lines.append(f"rollup groups that disagree with the raw events: "
+                         f"{len(self.rollup_differences)}")  # fmt: skip
+        lines.extend(_rollup_line(d) for d in self.rollup_differences[:20])
         for name, count in self.repaired.items():
             lines.append(f"repaired {name}: {count}")
         lines.extend(f"flagged: {note}" for note in self.flagged)
         lines.append("OK: the ledger and ClickHouse agree" if self.clean else "DIFFERENCES FOUND")
         return "\n".join(lines)
+
+
+def _rollup_line(d: RollupDifference) -> str:
+    group = " ".join(f"{k}={v[:12] if k == 'key_hash' else v}" for k, v in d.group.items())
+    sides = ", ".join(
+        f"{c} rollup {d.rollup[c]} raw {d.raw[c]}" for c in d.raw if d.raw[c] != d.rollup[c]
+    )
+    return f"rollup {'short' if d.short else 'above'} {d.table} {group}: {sides}"
 
 
 @dataclass
@@ -196,6 +223,7 @@ async def _compare(
         for r in await pool.fetch(Queries("apifast.metering").reconcile_key_prefixes, unnamed):
             totals[bytes(r["key_hash"]).hex()].prefix = r["prefix"]
     report.keys = sorted(totals.values(), key=lambda t: (t.prefix, t.key_hash))
+    report.rollup_differences = await store.rollup_differences(Scope.between(start, end))
     return report, sides
 
 
@@ -280,9 +308,21 @@ async def _repair(
     if report.duplicated_in_clickhouse:
         await store.command("OPTIMIZE TABLE usage_events FINAL")
         report.repaired["clickhouse duplicates collapsed"] = len(report.duplicated_in_clickhouse)
+    # Last, so that the rows restored or collapsed above are counted as they now are.
+    await _repair_rollups(store, report)
+
+
+async def _repair_rollups(store: ClickHouseStore, report: Report) -> None:
+    rollups = await store.repair_rollups(Scope.between(report.start, report.end))
+    if rollups.corrected:
+        report.repaired["rollup groups corrected"] = sum(rollups.corrected.values())
+    if rollups.rebuilt:
+        report.repaired["rollup groups rebuilt"] = sum(rollups.rebuilt.values())
+    if rollups.keys_added:
+        report.repaired["rollup periods given their keys again"] = rollups.keys_added
+    if rollups.above:
         report.flagged.append(
-            "duplicated ClickHouse rows were collapsed; the dashboards' rollups may still "
-            "count them twice"
+            f"{len(rollups.above)} active-key periods count keys the raw events no longer have"
         )
 
 
