@@ -9,6 +9,11 @@ COPY router router
 COPY plugins plugins
 COPY metering metering
 COPY admin admin
+COPY catalog catalog
+COPY orders orders
+COPY embedded embedded
+COPY cli cli
+COPY server server
 RUN pip install . && useradd --system --home /app apifast && mkdir -p /data && chown apifast /data
 USER apifast
 ENV APIFAST_DATA_DIR=/data APIFAST_HOST=0.0.0.0 APIFAST_PORT=8000
