@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 import orjson
@@ -15,24 +16,46 @@ def too_large(limit: int) -> ApiError:
     return ApiError(413, f"request body is larger than {limit} bytes", code="body_too_large")
 
 
-async def read_body(request: Request, limit: int) -> bytes:
+def too_slow(timeout_s: float) -> ApiError:
+    return ApiError(
+        408, f"the request body did not arrive within {timeout_s:g} s", code="body_timeout"
+    )
+
+
+async def read_body(request: Request, limit: int, timeout_s: float) -> bytes:
+    """The body of a FastAPI request: 413 beyond `limit` bytes, 408 if it takes longer
+    than `timeout_s` (a client trickling its body must not hold a connection for ever)."""
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
         raise too_large(limit)
     chunks = []
     size = 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise too_large(limit)
-        chunks.append(chunk)
+    try:
+        async with asyncio.timeout(timeout_s):
+            async for chunk in request.stream():
+                size += len(chunk)
+                if size > limit:
+                    raise too_large(limit)
+                chunks.append(chunk)
+    except TimeoutError:
+        raise too_slow(timeout_s) from None
     return b"".join(chunks)
 
 
-async def read_asgi_body(content_length: str | None, receive: Receive, limit: int) -> bytes:
+async def read_asgi_body(
+    content_length: str | None, receive: Receive, limit: int, timeout_s: float
+) -> bytes:
     """`read_body` for a raw ASGI request; raises ClientDisconnect if the client goes away."""
     if content_length is not None and content_length.isdigit() and int(content_length) > limit:
         raise too_large(limit)
+    try:
+        async with asyncio.timeout(timeout_s):
+            return await _receive_body(receive, limit)
+    except TimeoutError:
+        raise too_slow(timeout_s) from None
+
+
+async def _receive_body(receive: Receive, limit: int) -> bytes:
     chunks: list[bytes] = []
     size = 0
     while True:

@@ -26,7 +26,12 @@ class Settings(BaseSettings):
     port: int = 8000
     public_url: str = ""
     # Proxies whose X-Forwarded-For gives the client address (for per-IP limits only).
-    forwarded_allow_ips: str = "127.0.0.1"
+    # Proxies whose X-Forwarded-For is believed (comma-separated IPs, or "*"). Empty: none,
+    # so nothing on the router's host can pick its own client address. Behind a proxy, set
+    # it to the proxy's address, and let only the proxy reach the routers.
+    forwarded_allow_ips: str = ""
+    # A client has this long to send its whole request body (408 after).
+    body_read_timeout_s: float = Field(default=30.0, gt=0)
 
     # Secrets. HMAC key for API-key hashes; in `apifast dev` one is generated under data_dir.
     secret_key: str = ""

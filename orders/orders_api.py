@@ -181,7 +181,7 @@ async def create_order(request: Request) -> Response:
     rt = runtime(request)
     core = rt.core
     rt.order_limiter.enforce(request)
-    body = parse_body(await read_body(request, MAX_ORDER_BODY))
+    body = parse_body(await read_body(request, MAX_ORDER_BODY, rt.settings.body_read_timeout_s))
     amount = _parse_amount(body, rt)
     name, processor = _pick_processor(body, rt)
     coin = _parse_currency(body, processor)

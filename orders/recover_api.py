@@ -17,7 +17,7 @@ from starlette.responses import Response
 from apifast.auth import key_summary
 from apifast.crypto import EncryptedKey, KeyRingError
 from apifast.db import Queries
-from apifast.errors import ApiError, bad
+from apifast.errors import bad
 from apifast.orders.email_keys import email_hash, key_aad, normalize_email
 from apifast.orders.orders_api import key_mail, parse_body
 from apifast.orders.runtime import PaymentsRuntime, runtime
@@ -50,15 +50,14 @@ async def mail_keys(rt: PaymentsRuntime, email: str) -> None:
 async def recover(request: Request) -> Response:
     rt = runtime(request)
     rt.recover_limiter.enforce(request)
-    body = parse_body(await read_body(request, 4096))
+    body = parse_body(await read_body(request, 4096, rt.settings.body_read_timeout_s))
     email = normalize_email(body.get("email"))
     if email is None:
         raise bad("email", "required, a valid email address")
-    if not rt.mailer.configured:
-        raise ApiError(
-            503, "email recovery is not available on this server", code="email_unavailable"
-        )
-    rt.spawn(mail_keys(rt, email))
+    # Without SMTP nothing can be sent, but the answer is the same: it must not tell a
+    # caller anything about this server or whether the address has keys on file.
+    if rt.mailer.configured:
+        rt.spawn(mail_keys(rt, email))
     return Response(orjson.dumps(ACCEPTED), status_code=202, media_type="application/json")
 
 

@@ -32,7 +32,7 @@ async def receive_webhook(processor_name: str, request: Request) -> Response:
     processor = rt.processor(processor_name)
     if processor is None:
         raise ApiError(404, "no such payment processor", code="unknown_processor")
-    raw = await read_body(request, MAX_WEBHOOK_BODY)
+    raw = await read_body(request, MAX_WEBHOOK_BODY, rt.settings.body_read_timeout_s)
     try:
         update = processor.verify_webhook(request.headers, raw)
     except WebhookSignatureError as exc:

@@ -95,7 +95,9 @@ async def chat_completions(request: Request) -> Response:
     state: RouterState = request.app.state.apifast
     started = time.time()
     key_hash = key_hash_from_request(request, state.secret)
-    raw = await read_body(request, state.settings.max_body_bytes)
+    raw = await read_body(
+        request, state.settings.max_body_bytes, state.settings.body_read_timeout_s
+    )
     reply = await handle_chat(state, key_hash, raw, started)
     if reply.stream is not None:
         media_type = "text/event-stream"

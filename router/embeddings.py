@@ -38,7 +38,9 @@ async def embeddings(request: Request) -> Response:
     state: RouterState = request.app.state.apifast
     started = time.time()
     key_hash = key_hash_from_request(request, state.secret)
-    raw = await read_body(request, state.settings.max_body_bytes)
+    raw = await read_body(
+        request, state.settings.max_body_bytes, state.settings.body_read_timeout_s
+    )
     body = parse_json_object(raw)
     model = resolve(state, model_name(body), "embeddings")
     validate_embeddings(body)

@@ -46,7 +46,10 @@ async def serve(state: RouterState, scope: Scope, receive: Receive, send: Send) 
             content_length = value.decode("latin-1")
     try:
         key_hash = key_hash_from_header(authorization, state.secret)
-        raw = await read_asgi_body(content_length, receive, state.settings.max_body_bytes)
+        settings = state.settings
+        raw = await read_asgi_body(
+            content_length, receive, settings.max_body_bytes, settings.body_read_timeout_s
+        )
         reply = await handle_chat(state, key_hash, raw, started)
     except ApiError as exc:
         await exc.response()(scope, receive, send)

@@ -25,8 +25,8 @@ def run_uvicorn(app: object, settings: Settings, **options: object) -> None:
         access_log=False,
         # Behind a trusted proxy the client address comes from X-Forwarded-For; it is used
         # in memory for per-IP limits and never stored or sent upstream.
-        proxy_headers=True,
-        forwarded_allow_ips=settings.forwarded_allow_ips,
+        proxy_headers=bool(settings.forwarded_allow_ips),
+        forwarded_allow_ips=settings.forwarded_allow_ips or None,
         log_level=settings.log_level.lower(),
         h11_max_incomplete_event_size=settings.max_header_bytes,
         timeout_graceful_shutdown=30,

@@ -141,10 +141,12 @@ class ApifastProcess:
 
 
 class RouterProcess(ApifastProcess):
-    def __init__(self, settings: Settings, workdir: Path, name: str = "router") -> None:
+    def __init__(
+        self, settings: Settings, workdir: Path, name: str = "router", **extra: str
+    ) -> None:
         port = free_port()
         # Routers never open chdb: it is single-process, and the meter has it.
-        env = process_env(settings, PORT=str(port), CLICKHOUSE_URL="")
+        env = process_env(settings, PORT=str(port), CLICKHOUSE_URL="", **extra)
         super().__init__("serve", env, workdir, name)
         self.base_url = f"http://127.0.0.1:{port}"
 

@@ -31,6 +31,26 @@ def loads_exact(raw: bytes | str) -> Any:
     return json.loads(raw, parse_float=Decimal)
 
 
+def doubles_exactly(value: Any) -> bool:
+    """Whether every number in `value` is one a double holds exactly as written. The
+    processor signs the JSON after a JS engine parsed it into doubles, so a number with
+    more digits shares its signature with its rounded neighbour: such a body is refused."""
+    if isinstance(value, bool) or value is None or isinstance(value, str):
+        return True
+    if isinstance(value, int):
+        return float(value) == value and abs(value) <= 2**53
+    if isinstance(value, Decimal):
+        if not value.is_finite():
+            return False
+        as_float = float(value)
+        return math.isfinite(as_float) and Decimal(repr(as_float)) == value
+    if isinstance(value, dict):
+        return all(doubles_exactly(v) for v in value.values())
+    if isinstance(value, list):
+        return all(doubles_exactly(v) for v in value)
+    return False
+
+
 def _shortest_digits(value: Decimal | float | int) -> tuple[int, str, int]:
     """(sign, digits, n) with value = sign * 0.digits * 10**n and the fewest digits that
     identify the double nearest `value` — the (s, k, n) of ECMA-262 Number::toString."""

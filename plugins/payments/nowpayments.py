@@ -34,7 +34,7 @@ from apifast.payments import (
     proportional_credit,
 )
 from apifast.plugins.payments.http import JsonClient
-from apifast.plugins.payments.js_json import canonical_json, loads_exact
+from apifast.plugins.payments.js_json import canonical_json, doubles_exactly, loads_exact
 
 log = logging.getLogger("apifast.payments.nowpayments")
 
@@ -240,6 +240,11 @@ class NowPaymentsProcessor(PaymentProcessor):
             raise WebhookSignatureError("signature does not match")
         if not isinstance(body, dict):
             raise WebhookPayloadError("body is not a JSON object")
+        if not doubles_exactly(body):
+            raise WebhookPayloadError(
+                "a number has more digits than a double holds, so its signature also signs "
+                "the rounded number; refused"
+            )
         return self._update(body)
 
     async def fetch_payment(self, payment_id: str) -> PaymentUpdate:
