@@ -4,10 +4,18 @@ from __future__ import annotations
 
 from fastapi import FastAPI
 
-from apifast.router import chat, embeddings, generations_api, key_api, models_api, usage_api
+from apifast.router import (
+    chat,
+    embeddings,
+    generations_api,
+    key_api,
+    messages,
+    models_api,
+    usage_api,
+)
 
 
 def install_router(app: FastAPI) -> None:
     """Register the /v1 endpoints; the lifespan puts a `RouterState` on app.state.apifast."""
-    for module in (chat, embeddings, models_api, key_api, usage_api, generations_api):
+    for module in (chat, embeddings, messages, models_api, key_api, usage_api, generations_api):
         app.include_router(module.api)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 
+import anthropic
 import nats
 import openai
 import pytest
@@ -60,6 +61,8 @@ async def test_canary_is_never_kept(
     stack: Stack, fake_openai: FakeOpenAI, caplog: pytest.LogCaptureFixture, capfd
 ):
     caplog.set_level(logging.DEBUG)
+    # The anthropic SDK (the client, not ApiFast) logs request options at DEBUG.
+    caplog.set_level(logging.INFO, logger="anthropic")
     key = await stack.create_key("2.00")
     client = openai.AsyncOpenAI(api_key=key, base_url=stack.base_url + "/v1", max_retries=0)
     messages = [
@@ -79,10 +82,22 @@ async def test_canary_is_never_kept(
             model="fast-chat",
             messages=[{"role": "user", "content": f"{CANARY} [[error:500]]"}],
         )
-    # The error request's id is not returned; wait for the two known ones, then for all three.
+    # The Messages API too, streaming and not, with the caller's id in metadata.
+    claude = anthropic.AsyncAnthropic(api_key=key, base_url=stack.base_url, max_retries=0)
+    message = await claude.messages.create(
+        model="fast-chat", max_tokens=50, system=f"You are {CANARY}.",
+        messages=[{"role": "user", "content": f"Repeat {CANARY} please"}],
+        metadata={"user_id": CANARY},
+    )  # fmt: skip
+    ids.append(message.id.removeprefix("msg_"))
+    async with claude.messages.stream(
+        model="fast-chat", max_tokens=50, messages=[{"role": "user", "content": CANARY}]
+    ) as streamed:
+        ids.append((await streamed.get_final_message()).id.removeprefix("msg_"))
+    # The error request's id is not returned; wait for the known ones, then for all of them.
     await stack.wait_metered(list(set(ids)))
     await stack.wait_until(
-        lambda: stack.pool.fetchval("SELECT count(*) FROM ledger WHERE kind='usage'"), 3
+        lambda: stack.pool.fetchval("SELECT count(*) FROM ledger WHERE kind='usage'"), 5
     )
 
     assert any(CANARY in str(r) for r in fake_openai.requests), "canary never reached upstream"

@@ -1,0 +1,90 @@
+"""POST /v1/messages: Anthropic's Messages API, an adapter over the request core. Any route
+serves it: the request is read into the chat-completions body the providers speak, and the
+answer written back in Anthropic's shape (router/anthropic_shape.py). Errors too are in
+Anthropic's shape: {"type": "error", "error": {"type", "message"}}."""
+
+from __future__ import annotations
+
+import time
+
+from fastapi import APIRouter
+from starlette.requests import Request
+from starlette.responses import Response, StreamingResponse
+
+from apifast.errors import ApiError
+from apifast.request_body import parse_json_object, read_body
+from apifast.router.anthropic_shape import MessagesRenderer, chat_body, error_body
+from apifast.router.core import Generation, authenticate, generate, input_token_bound, resolve
+from apifast.router.state import RouterState
+from apifast.router.validation import model_name
+
+api = APIRouter(tags=["messages"])
+
+_MESSAGES_SCHEMA = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "application/json": {
+                "schema": {
+                    "type": "object",
+                    "required": ["model", "max_tokens", "messages"],
+                    "properties": {
+                        "model": {"type": "string"},
+                        "max_tokens": {"type": "integer", "minimum": 1},
+                        "messages": {"type": "array", "minItems": 1, "items": {"type": "object"}},
+                        "system": {},
+                        "stream": {"type": "boolean"},
+                    },
+                }
+            }
+        },
+    }
+}
+
+
+def authorization(request: Request) -> str | None:
+    """`x-api-key: af-...` (what the anthropic SDK sends) or `Authorization: Bearer af-...`."""
+    key = request.headers.get("x-api-key")
+    if key is not None:
+        return f"Bearer {key.strip()}"
+    return request.headers.get("authorization")
+
+
+def anthropic_error(exc: ApiError) -> Response:
+    return Response(
+        error_body(exc.status, exc.message),
+        status_code=exc.status,
+        media_type="application/json",
+        headers=exc.headers,
+    )
+
+
+@api.post("/v1/messages", openapi_extra=_MESSAGES_SCHEMA)
+async def create_message(request: Request) -> Response:
+    # anthropic-version and anthropic-beta are accepted and ignored.
+    state: RouterState = request.app.state.apifast
+    started = time.time()
+    settings = state.settings
+    try:
+        key_hash = authenticate(state, authorization(request))
+        raw = await read_body(request, settings.max_body_bytes, settings.body_read_timeout_s)
+        body = parse_json_object(raw)
+        model = resolve(state, model_name(body), "chat")
+        chat, messages = chat_body(body)
+        gen = Generation(
+            body=chat,
+            stream=bool(chat.get("stream")),
+            input_bound=input_token_bound(len(raw), messages),
+            max_output=chat["max_tokens"],
+            endpoint="chat",
+            api="messages",
+            input_bytes=len(raw),
+        )
+        reply = await generate(state, key_hash, model, gen, MessagesRenderer(model.id), started)
+    except ApiError as exc:
+        return anthropic_error(exc)
+    if reply.stream is not None:
+        return StreamingResponse(
+            reply.stream, media_type="text/event-stream", headers=reply.headers
+        )
+    return Response(reply.content, media_type="application/json", headers=reply.headers)
