@@ -302,7 +302,9 @@ class MessagesRenderer:
         for choice in chunk.get("choices") or ():
             if not isinstance(choice, dict):
                 continue
-            delta = choice.get("delta") if isinstance(choice.get("delta"), dict) else {}
+            delta: dict[str, Any] = choice.get("delta") or {}
+            if not isinstance(delta, dict):
+                continue
             thinking = delta.get("reasoning_content")
             if isinstance(thinking, str) and thinking:
                 if self._block != "thinking":
@@ -319,7 +321,9 @@ class MessagesRenderer:
                 if not isinstance(call, dict):
                     continue
                 position = call.get("index", 0)
-                fn = call.get("function") if isinstance(call.get("function"), dict) else {}
+                fn: dict[str, Any] = call.get("function") or {}
+                if not isinstance(fn, dict):
+                    continue
                 if position not in self._tools:
                     out += self._open("tool_use", {"type": "tool_use",
                                                    "id": str(call.get("id") or ""),
