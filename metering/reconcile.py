@@ -227,6 +227,12 @@ async def _compare(
     return report, sides
 
 
+def _rank(event: dict[str, Any] | None) -> float:
+    if event is None:
+        return -1
+    return event.get("checkpoint") or float("inf")
+
+
 async def _events_from_stream(
     settings: Settings, wanted: set[str], since: datetime
 ) -> dict[str, dict[str, Any]]:
@@ -257,8 +263,11 @@ async def _events_from_stream(
                 break
             for msg in msgs:
                 event = orjson.loads(msg.data)
-                if event.get("generation_id") in wanted:
-                    found[event["generation_id"]] = event
+                gid = event.get("generation_id")
+                # A request's final event wins over its checkpoints, a later checkpoint
+                # over an earlier one (a stream billed at its checkpoint has no final).
+                if gid in wanted and _rank(event) >= _rank(found.get(gid)):
+                    found[gid] = event
             if not msgs or msgs[-1].metadata.num_pending == 0:
                 break
         await sub.unsubscribe()
