@@ -32,7 +32,12 @@ def _problems(response: Any, where: str) -> list[str]:
     if status >= 400 and content_type[0].startswith("application/json"):
         body = response.json()
         error = body.get("error") if isinstance(body, dict) else None
-        if not isinstance(error, dict) or not {"message", "type", "code", "param"} <= set(error):
+        if " /v1/messages" in where:
+            # Anthropic's Messages API answers in Anthropic's error shape.
+            if body.get("type") != "error" or not isinstance(error, dict) or not {
+                "type", "message"} <= set(error):  # fmt: skip
+                problems.append(f"{where}: {status} not in Anthropic's error shape: {body!r:.200}")
+        elif not isinstance(error, dict) or not {"message", "type", "code", "param"} <= set(error):
             problems.append(f"{where}: {status} not in OpenAI's error shape: {body!r:.200}")
     return problems
 
