@@ -1,4 +1,5 @@
-"""Errors in OpenAI's shape: {"error": {"message", "type", "code", "param"}}."""
+"""Errors in OpenAI's shape, {"error": {"message", "type", "code", "param"}}, or in
+Anthropic's, {"type": "error", "error": {"type", "message"}}, for the Anthropic endpoints."""
 
 from __future__ import annotations
 
@@ -30,6 +31,39 @@ _TYPES = {
     503: "service_unavailable",
     504: "timeout_error",
 }
+
+
+# Anthropic's error types by status; 402 (insufficient balance) is ours.
+_ANTHROPIC_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    402: "billing_error",
+    403: "permission_error",
+    404: "not_found_error",
+    408: "timeout_error",
+    413: "request_too_large",
+    429: "rate_limit_error",
+    502: "api_error",
+    503: "overloaded_error",
+    504: "timeout_error",
+    529: "overloaded_error",
+}
+
+
+def anthropic_error_body(status: int, message: str) -> bytes:
+    kind = _ANTHROPIC_TYPES.get(status, "api_error" if status >= 500 else "invalid_request_error")
+    return orjson.dumps({"type": "error", "error": {"type": kind, "message": message}})
+
+
+def speaks_anthropic(scope: Any) -> bool:
+    """Whether a request's errors are answered in Anthropic's shape: the Messages API, and
+    the models list when an anthropic SDK (which always sends anthropic-version) asks."""
+    path: str = scope["path"]
+    if path.startswith("/v1/messages"):
+        return True
+    if path.startswith("/v1/models"):
+        return any(name == b"anthropic-version" for name, _ in scope["headers"])
+    return False
 
 
 class ApiError(Exception):
@@ -65,9 +99,11 @@ class ApiError(Exception):
             }
         }
 
-    def response(self) -> Response:
+    def response(self, anthropic: bool = False) -> Response:
         return Response(
-            orjson.dumps(self.body()),
+            anthropic_error_body(self.status, self.message)
+            if anthropic
+            else orjson.dumps(self.body()),
             status_code=self.status,
             media_type="application/json",
             headers=self.headers,
@@ -102,12 +138,14 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(ApiError)
     async def _api_error(request: Request, exc: ApiError) -> Response:
-        return exc.response()
+        return exc.response(speaks_anthropic(request.scope))
 
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError) -> Response:
         message, param = _validation_message(exc)
-        return ApiError(400, message, param=param, code="invalid_request").response()
+        return ApiError(400, message, param=param, code="invalid_request").response(
+            speaks_anthropic(request.scope)
+        )
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> Response:
@@ -116,11 +154,13 @@ def install_error_handlers(app: FastAPI) -> None:
             message = f"no such endpoint: {request.method} {request.url.path}"
         if exc.status_code == 405:
             message = f"method {request.method} not allowed on {request.url.path}"
-        return ApiError(exc.status_code, message, headers=dict(exc.headers or {})).response()
+        error = ApiError(exc.status_code, message, headers=dict(exc.headers or {}))
+        return error.response(speaks_anthropic(request.scope))
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> Response:
-        return internal_error(exc, request.method, request.url.path).response()
+        error = internal_error(exc, request.method, request.url.path)
+        return error.response(speaks_anthropic(request.scope))
 
 
 class ContainUnhandledErrors:
@@ -148,4 +188,4 @@ class ContainUnhandledErrors:
         except Exception as exc:
             error = internal_error(exc, scope.get("method", ""), scope["path"])
             if not started:
-                await error.response()(scope, receive, send)
+                await error.response(speaks_anthropic(scope))(scope, receive, send)

@@ -10,7 +10,7 @@ from typing import Any
 
 import orjson
 
-from apifast.errors import bad
+from apifast.errors import anthropic_error_body, bad
 from apifast.money import json_number
 from apifast.providers import Usage
 
@@ -22,28 +22,6 @@ _STOP_REASONS = {
     "function_call": "tool_use",
     "content_filter": "refusal",
 }
-# Anthropic's error types by status; 402 is ours (insufficient balance).
-_ERROR_TYPES = {
-    400: "invalid_request_error",
-    401: "authentication_error",
-    402: "billing_error",
-    403: "permission_error",
-    404: "not_found_error",
-    408: "timeout_error",
-    413: "request_too_large",
-    429: "rate_limit_error",
-    502: "api_error",
-    503: "overloaded_error",
-    504: "timeout_error",
-    529: "overloaded_error",
-}
-
-
-def error_body(status: int, message: str) -> bytes:
-    kind = _ERROR_TYPES.get(status, "api_error" if status >= 500 else "invalid_request_error")
-    return orjson.dumps({"type": "error", "error": {"type": kind, "message": message}})
-
-
 # --- request: Anthropic -> chat completions ----------------------------------------------
 
 
@@ -353,6 +331,6 @@ class MessagesRenderer:
         message = "The model provider's stream failed."
         return (
             b"event: error\ndata: "
-            + error_body(529 if status == 502 else status, message)
+            + anthropic_error_body(529 if status == 502 else status, message)
             + b"\n\n"
         )

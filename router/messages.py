@@ -13,7 +13,7 @@ from starlette.responses import Response, StreamingResponse
 
 from apifast.errors import ApiError
 from apifast.request_body import parse_json_object, read_body
-from apifast.router.anthropic_shape import MessagesRenderer, chat_body, error_body
+from apifast.router.anthropic_shape import MessagesRenderer, chat_body
 from apifast.router.core import Generation, authenticate, generate, input_token_bound, resolve
 from apifast.router.state import RouterState
 from apifast.router.validation import model_name
@@ -50,15 +50,6 @@ def authorization(request: Request) -> str | None:
     return request.headers.get("authorization")
 
 
-def anthropic_error(exc: ApiError) -> Response:
-    return Response(
-        error_body(exc.status, exc.message),
-        status_code=exc.status,
-        media_type="application/json",
-        headers=exc.headers,
-    )
-
-
 @api.post("/v1/messages", openapi_extra=_MESSAGES_SCHEMA)
 async def create_message(request: Request) -> Response:
     # anthropic-version and anthropic-beta are accepted and ignored.
@@ -82,7 +73,7 @@ async def create_message(request: Request) -> Response:
         )
         reply = await generate(state, key_hash, model, gen, MessagesRenderer(model.id), started)
     except ApiError as exc:
-        return anthropic_error(exc)
+        return exc.response(anthropic=True)
     if reply.stream is not None:
         return StreamingResponse(
             reply.stream, media_type="text/event-stream", headers=reply.headers

@@ -11,11 +11,21 @@ from apifast.router import (
     key_api,
     messages,
     models_api,
+    responses,
     usage_api,
 )
 
 
 def install_router(app: FastAPI) -> None:
     """Register the /v1 endpoints; the lifespan puts a `RouterState` on app.state.apifast."""
-    for module in (chat, embeddings, messages, models_api, key_api, usage_api, generations_api):
+    for module in (
+        chat,
+        embeddings,
+        messages,
+        responses,
+        models_api,
+        key_api,
+        usage_api,
+        generations_api,
+    ):
         app.include_router(module.api)

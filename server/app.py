@@ -23,7 +23,7 @@ from apifast.catalog.toml import Catalog, demo_catalog, load_catalog
 from apifast.context import Core
 from apifast.crypto import KeyRing
 from apifast.db import create_pool
-from apifast.errors import ContainUnhandledErrors, install_error_handlers
+from apifast.errors import ContainUnhandledErrors, install_error_handlers, speaks_anthropic
 from apifast.metering.clickhouse import ClickHouseStore
 from apifast.metering.consumer import Meter
 from apifast.orders import install_payments
@@ -48,7 +48,7 @@ class ApiFastApp(FastAPI):
             # Before routing, for every endpoint: uvicorn's httptools has no header limit.
             refused = oversize_refusal(scope, settings.max_header_bytes, settings.max_body_bytes)
             if refused is not None:
-                await refused.response()(scope, receive, send)
+                await refused.response(speaks_anthropic(scope))(scope, receive, send)
                 return
         if fast_path.handles(scope):
             state = getattr(self.state, "apifast", None)

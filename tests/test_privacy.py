@@ -94,10 +94,18 @@ async def test_canary_is_never_kept(
         model="fast-chat", max_tokens=50, messages=[{"role": "user", "content": CANARY}]
     ) as streamed:
         ids.append((await streamed.get_final_message()).id.removeprefix("msg_"))
+    # The Responses API too, streaming and not, with the caller's ids in user and metadata.
+    response = await client.responses.create(
+        model="fast-chat", instructions=f"You are {CANARY}.", input=f"Repeat {CANARY} please",
+        user=CANARY, metadata={"who": CANARY}, store=True,
+    )  # fmt: skip
+    ids.append(response.id.removeprefix("resp_"))
+    async with client.responses.stream(model="fast-chat", input=CANARY) as events:
+        ids.append((await events.get_final_response()).id.removeprefix("resp_"))
     # The error request's id is not returned; wait for the known ones, then for all of them.
     await stack.wait_metered(list(set(ids)))
     await stack.wait_until(
-        lambda: stack.pool.fetchval("SELECT count(*) FROM ledger WHERE kind='usage'"), 5
+        lambda: stack.pool.fetchval("SELECT count(*) FROM ledger WHERE kind='usage'"), 7
     )
 
     assert any(CANARY in str(r) for r in fake_openai.requests), "canary never reached upstream"

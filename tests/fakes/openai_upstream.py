@@ -197,6 +197,16 @@ class FakeOpenAI:
             return b"data: " + orjson.dumps(c) + b"\n\n"
 
         await resp.write(chunk({"role": "assistant", "content": ""}))
+        if behaviour == "tools":
+            # As OpenAI streams a call: id and name first, then the arguments in pieces.
+            call = {"index": 0, "id": "call_upstream_1", "type": "function",
+                    "function": {"name": "get_weather", "arguments": ""}}  # fmt: skip
+            await resp.write(chunk({"tool_calls": [call]}))
+            for piece in ('{"ci', 'ty":"Pa', 'ris"}'):
+                await resp.write(
+                    chunk({"tool_calls": [{"index": 0, "function": {"arguments": piece}}]})
+                )
+            words, finish = [], "tool_calls"
         for i, word in enumerate(words):
             if behaviour == "broken" and i == 2:
                 # Cut the connection mid-stream, as a crashed upstream would.
@@ -214,7 +224,7 @@ class FakeOpenAI:
                 "created": created,
                 "model": body.get("model"),
                 "choices": [],
-                "usage": self._usage(body, len(words)),
+                "usage": self._usage(body, 8 if behaviour == "tools" else len(words)),
             }
             await resp.write(b"data: " + orjson.dumps(u) + b"\n\n")
         await resp.write(b"data: [DONE]\n\n")

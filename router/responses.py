@@ -1,0 +1,91 @@
+"""POST /v1/responses: OpenAI's Responses API, stateless, an adapter over the request core.
+Any route serves it: the request is read into the chat-completions body the providers speak
+(router/responses_input.py) and the answer written back as a Response
+(router/responses_shape.py). Errors are in OpenAI's shape, as for chat."""
+
+from __future__ import annotations
+
+import time
+
+from fastapi import APIRouter
+from starlette.requests import Request
+from starlette.responses import Response, StreamingResponse
+
+from apifast.errors import ApiError
+from apifast.request_body import parse_json_object, read_body
+from apifast.router.core import Generation, authenticate, generate, input_token_bound, resolve
+from apifast.router.responses_input import chat_body
+from apifast.router.responses_shape import ResponsesRenderer, request_echo
+from apifast.router.state import RouterState
+from apifast.router.validation import model_name
+
+api = APIRouter(tags=["responses"])
+
+_RESPONSES_SCHEMA = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "application/json": {
+                "schema": {
+                    "type": "object",
+                    "required": ["model", "input"],
+                    "properties": {
+                        "model": {"type": "string"},
+                        "input": {},
+                        "instructions": {"type": "string"},
+                        "max_output_tokens": {"type": "integer", "minimum": 1},
+                        "stream": {"type": "boolean"},
+                        "store": {"type": "boolean"},
+                    },
+                }
+            }
+        },
+    }
+}
+
+
+@api.post("/v1/responses", openapi_extra=_RESPONSES_SCHEMA)
+async def create_response(request: Request) -> Response:
+    state: RouterState = request.app.state.apifast
+    started = time.time()
+    settings = state.settings
+    key_hash = authenticate(state, request.headers.get("authorization"))
+    raw = await read_body(request, settings.max_body_bytes, settings.body_read_timeout_s)
+    body = parse_json_object(raw)
+    model = resolve(state, model_name(body), "chat")
+    chat, messages = chat_body(body)
+    gen = Generation(
+        body=chat,
+        stream=bool(chat.get("stream")),
+        input_bound=input_token_bound(len(raw), messages),
+        max_output=chat.get("max_tokens"),
+        endpoint="chat",
+        api="responses",
+        input_bytes=len(raw),
+    )
+    renderer = ResponsesRenderer(model.id, started, request_echo(body))
+    reply = await generate(state, key_hash, model, gen, renderer, started)
+    if reply.stream is not None:
+        return StreamingResponse(
+            reply.stream, media_type="text/event-stream", headers=reply.headers
+        )
+    return Response(reply.content, media_type="application/json", headers=reply.headers)
+
+
+@api.get("/v1/responses/{response_id}")
+async def get_response(response_id: str) -> Response:
+    raise ApiError(
+        404,
+        f"Response '{response_id}' is not stored: ApiFast never stores prompts or responses, "
+        "so a response can be read only from the answer to its request.",
+        code="response_not_stored",
+    )
+
+
+@api.delete("/v1/responses/{response_id}")
+async def delete_response(response_id: str) -> Response:
+    raise ApiError(
+        404,
+        f"Response '{response_id}' is not stored: ApiFast never stores responses.",
+        code="response_not_stored",
+    )

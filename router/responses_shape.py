@@ -1,0 +1,274 @@
+"""OpenAI's Responses API, spoken to clients: the providers' (chat-completions) answer written
+back as a Response object, or as its typed SSE events, each with a `sequence_number`. Under
+ApiFast's own ids and the public model name; nothing of the upstream shows, and every
+response says `"store": false` (nothing is kept)."""
+
+from __future__ import annotations
+
+from decimal import Decimal
+from typing import Any
+
+import orjson
+
+from apifast.money import json_number
+from apifast.providers import Usage
+
+# chat finish_reason -> why a response is incomplete
+_INCOMPLETE = {"length": "max_output_tokens", "content_filter": "content_filter"}
+
+
+def usage_json(usage: Usage, cost: Decimal) -> dict[str, Any]:
+    return {
+        "input_tokens": usage.input_tokens,
+        "input_tokens_details": {"cached_tokens": usage.cached_tokens},
+        "output_tokens": usage.output_tokens,
+        "output_tokens_details": {"reasoning_tokens": usage.reasoning_tokens},
+        "total_tokens": usage.input_tokens + usage.output_tokens,
+        "cost": orjson.Fragment(json_number(cost).encode()),
+    }
+
+
+def request_echo(body: dict[str, Any]) -> dict[str, Any]:
+    """The request parameters a Response object repeats back (no content beyond the
+    client's own `instructions`, and no caller-identifying field)."""
+    tools = [t for t in body.get("tools") or () if isinstance(t, dict)]
+    text = body.get("text")
+    text = text if isinstance(text, dict) else {}
+    reasoning = body.get("reasoning")
+    reasoning = reasoning if isinstance(reasoning, dict) else {}
+    return {
+        "instructions": body.get("instructions"),
+        "max_output_tokens": body.get("max_output_tokens"),
+        "parallel_tool_calls": body.get("parallel_tool_calls", True),
+        "previous_response_id": None,
+        "reasoning": {"effort": reasoning.get("effort"), "summary": None},
+        "store": False,
+        "temperature": body.get("temperature", 1.0),
+        "text": {"format": text.get("format") or {"type": "text"}},
+        "tool_choice": body.get("tool_choice", "auto"),
+        "tools": tools,
+        "top_p": body.get("top_p", 1.0),
+        "truncation": "disabled",
+        "user": None,
+        "metadata": {},
+    }
+
+
+def _event(kind: str, payload: dict[str, Any], sequence: int) -> bytes:
+    data = orjson.dumps({"type": kind, "sequence_number": sequence, **payload})
+    return b"event: " + kind.encode() + b"\ndata: " + data + b"\n\n"
+
+
+class ResponsesRenderer:
+    """Writes the provider's answer as a Response object or as the Responses event stream:
+    response.created, response.in_progress, then per output item output_item.added, its
+    content or arguments deltas and dones, output_item.done, then response.completed (or
+    .incomplete, or .failed) carrying usage."""
+
+    __slots__ = ("_failed", "_item", "_items", "_seq", "_started", "_stop", "_tools",
+                 "created_at", "echo", "generation_id", "model")  # fmt: skip
+
+    def __init__(self, model: str, started: float, echo: dict[str, Any]) -> None:
+        self.generation_id = ""
+        self.model = model
+        self.created_at = int(started)
+        self.echo = echo
+        self._seq = -1
+        self._started = False
+        self._items: list[dict[str, Any]] = []  # the output so far, in order
+        self._item: dict[str, Any] | None = None  # the open item
+        self._tools: dict[int, dict[str, Any]] = {}  # chat tool-call index -> its item
+        self._stop: str | None = None
+        self._failed: int | None = None
+
+    @property
+    def response_id(self) -> str:
+        return "resp_" + self.generation_id
+
+    def _item_id(self, prefix: str) -> str:
+        return f"{prefix}_{self.generation_id.removeprefix('gen-')}{len(self._items):02d}"
+
+    def _response(
+        self, status: str, output: list[dict[str, Any]], usage: dict[str, Any] | None
+    ) -> dict[str, Any]:
+        reason = _INCOMPLETE.get(self._stop or "") if status == "incomplete" else None
+        error = None
+        if status == "failed":
+            error = {"code": "server_error", "message": "The model provider's stream failed."}
+        return {
+            "id": self.response_id, "object": "response", "created_at": self.created_at,
+            "status": status, "error": error,
+            "incomplete_details": {"reason": reason} if reason else None,
+            "model": self.model, "output": output, "usage": usage, **self.echo,
+        }  # fmt: skip
+
+    def _status(self) -> str:
+        return "incomplete" if self._stop in _INCOMPLETE else "completed"
+
+    # --- non-streaming ---------------------------------------------------------------------
+
+    def completion(self, upstream: dict[str, Any], usage: Usage, cost: Decimal) -> bytes:
+        choices = upstream.get("choices")
+        choice = choices[0] if isinstance(choices, list) and choices else {}
+        choice = choice if isinstance(choice, dict) else {}
+        message = choice.get("message")
+        message = message if isinstance(message, dict) else {}
+        reasoning = message.get("reasoning_content")
+        if isinstance(reasoning, str) and reasoning:
+            self._items.append(self._reasoning_item(reasoning))
+        content = message.get("content")
+        refusal = message.get("refusal")
+        if (isinstance(content, str) and content) or (isinstance(refusal, str) and refusal):
+            item = self._message_item()
+            if isinstance(content, str) and content:
+                item["content"].append(_text_part(content))
+            if isinstance(refusal, str) and refusal:
+                item["content"].append({"type": "refusal", "refusal": refusal})
+            item["status"] = "completed"
+            self._items.append(item)
+        for call in message.get("tool_calls") or ():
+            fn = call.get("function") if isinstance(call, dict) else None
+            if isinstance(fn, dict):
+                item = self._call_item(call, fn)
+                item["arguments"] = str(fn.get("arguments") or "")
+                item["status"] = "completed"
+                self._items.append(item)
+        self._stop = str(choice.get("finish_reason") or "stop")
+        return orjson.dumps(self._response(self._status(), self._items, usage_json(usage, cost)))
+
+    def _message_item(self) -> dict[str, Any]:
+        return {"type": "message", "id": self._item_id("msg"), "status": "in_progress",
+                "role": "assistant", "content": []}  # fmt: skip
+
+    def _reasoning_item(self, text: str) -> dict[str, Any]:
+        return {"type": "reasoning", "id": self._item_id("rs"), "summary": [],
+                "content": [{"type": "reasoning_text", "text": text}]}  # fmt: skip
+
+    def _call_item(self, call: dict[str, Any], fn: dict[str, Any]) -> dict[str, Any]:
+        return {"type": "function_call", "id": self._item_id("fc"),
+                "call_id": str(call.get("id") or ""), "name": str(fn.get("name") or ""),
+                "arguments": "", "status": "in_progress"}  # fmt: skip
+
+    # --- streaming -------------------------------------------------------------------------
+
+    def _emit(self, kind: str, payload: dict[str, Any]) -> bytes:
+        self._seq += 1
+        return _event(kind, payload, self._seq)
+
+    def _start(self) -> bytes:
+        self._started = True
+        response = self._response("in_progress", [], None)
+        return self._emit("response.created", {"response": response}) + self._emit(
+            "response.in_progress", {"response": response}
+        )
+
+    def _open(self, item: dict[str, Any]) -> bytes:
+        out = self._close()
+        self._items.append(item)
+        self._item = item
+        index = len(self._items) - 1
+        out += self._emit("response.output_item.added", {"output_index": index, "item": item})
+        if item["type"] == "message":
+            out += self._emit("response.content_part.added", {
+                "item_id": item["id"], "output_index": index, "content_index": 0,
+                "part": _text_part(""),
+            })  # fmt: skip
+        return out
+
+    def _close(self) -> bytes:
+        item = self._item
+        if item is None:
+            return b""
+        self._item = None
+        index = self._items.index(item)
+        ids = {"item_id": item["id"], "output_index": index}
+        out = b""
+        if item["type"] == "message":
+            text = item["content"][0]["text"]
+            out += self._emit("response.output_text.done", {
+                **ids, "content_index": 0, "text": text, "logprobs": []})  # fmt: skip
+            out += self._emit("response.content_part.done", {
+                **ids, "content_index": 0, "part": item["content"][0]})  # fmt: skip
+        elif item["type"] == "reasoning":
+            text = item["content"][0]["text"]
+            out += self._emit("response.reasoning_text.done", {
+                **ids, "content_index": 0, "text": text})  # fmt: skip
+        else:
+            out += self._emit("response.function_call_arguments.done", {
+                **ids, "name": item["name"], "arguments": item["arguments"]})  # fmt: skip
+        item["status"] = "completed"
+        return out + self._emit("response.output_item.done", {"output_index": index, "item": item})
+
+    def chunk(self, chunk: dict[str, Any]) -> bytes:
+        out = b"" if self._started else self._start()
+        for choice in chunk.get("choices") or ():
+            if not isinstance(choice, dict) or choice.get("index", 0) != 0:
+                continue
+            delta = choice.get("delta")
+            if isinstance(delta, dict):
+                out += self._delta(delta)
+            if choice.get("finish_reason"):
+                self._stop = str(choice["finish_reason"])
+        return out
+
+    def _delta(self, delta: dict[str, Any]) -> bytes:
+        out = b""
+        item = self._item
+        thinking = delta.get("reasoning_content")
+        if isinstance(thinking, str) and thinking:
+            if item is None or item["type"] != "reasoning":
+                out += self._open(self._reasoning_item(""))
+                item = self._item
+                assert item is not None
+            item["content"][0]["text"] += thinking
+            out += self._emit("response.reasoning_text.delta", {
+                "item_id": item["id"], "output_index": len(self._items) - 1,
+                "content_index": 0, "delta": thinking})  # fmt: skip
+        text = delta.get("content")
+        if isinstance(text, str) and text:
+            if item is None or item["type"] != "message":
+                message = self._message_item()
+                message["content"].append(_text_part(""))
+                out += self._open(message)
+                item = self._item
+                assert item is not None
+            item["content"][0]["text"] += text
+            out += self._emit("response.output_text.delta", {
+                "item_id": item["id"], "output_index": len(self._items) - 1,
+                "content_index": 0, "delta": text, "logprobs": []})  # fmt: skip
+        for call in delta.get("tool_calls") or ():
+            if not isinstance(call, dict):
+                continue
+            fn = call.get("function") or {}
+            if not isinstance(fn, dict):
+                continue
+            position = call.get("index", 0)
+            if position not in self._tools:
+                self._tools[position] = self._call_item(call, fn)
+                out += self._open(self._tools[position])
+            item = self._tools[position]
+            arguments = fn.get("arguments")
+            if isinstance(arguments, str) and arguments:
+                item["arguments"] += arguments
+                out += self._emit("response.function_call_arguments.delta", {
+                    "item_id": item["id"], "output_index": self._items.index(item),
+                    "delta": arguments})  # fmt: skip
+        return out
+
+    def stream_end(self, usage: Usage, cost: Decimal) -> bytes:
+        out = (b"" if self._started else self._start()) + self._close()
+        if self._failed is not None:
+            failed = self._response("failed", self._items, usage_json(usage, cost))
+            return out + self._emit("response.failed", {"response": failed})
+        status = self._status()
+        response = self._response(status, self._items, usage_json(usage, cost))
+        return out + self._emit(f"response.{status}", {"response": response})
+
+    def stream_error(self, status: int) -> bytes:
+        # The failure is told in stream_end, which then knows what was delivered and billed.
+        self._failed = status
+        return b""
+
+
+def _text_part(text: str) -> dict[str, Any]:
+    return {"type": "output_text", "text": text, "annotations": [], "logprobs": []}
