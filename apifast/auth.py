@@ -51,7 +51,12 @@ async def key_summary(
 ) -> tuple[bytes, dict[str, Any]]:
     """The calling key's hash and its summary row (balance, limits); 401 for an unknown key."""
     key_hash = key_hash_from_request(request, secret)
+    return key_hash, await key_row(pool, key_hash)
+
+
+async def key_row(pool: asyncpg.Pool, key_hash: bytes) -> dict[str, Any]:
+    """The key's summary row (balance, limits, disabled); 401 for an unknown key."""
     row = await pool.fetchrow(_Q.key_summary, key_hash)
     if row is None:
         raise ApiError(401, "Invalid API key.", code="invalid_api_key")
-    return key_hash, dict(row)
+    return dict(row)

@@ -127,6 +127,11 @@ class Provider:
     def stream_chat(self, request: ChatRequest) -> AsyncIterator[StreamItem]:
         raise NotImplementedError
 
+    async def count_tokens(self, request: ChatRequest) -> int | None:
+        """The upstream's own count of the request's prompt tokens, free of charge, or None
+        when it has no such endpoint (ApiFast then answers with its documented estimate)."""
+        return None
+
     async def embeddings(self, request: EmbeddingsRequest) -> EmbeddingsResponse:
         raise UpstreamError(400, f"{self.type} does not support embeddings", retryable=False)
 

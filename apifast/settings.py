@@ -55,6 +55,9 @@ class Settings(BaseSettings):
     # A stream checkpoints its delivered usage through the event path this often, so that a
     # stream whose router dies is billed at least its last checkpoint; 0 turns it off.
     stream_checkpoint_s: float = Field(default=5.0, ge=0)
+    # A Messages API stream sends a `ping` event after this long without upstream data, so
+    # that clients and proxies do not time out an idle connection; 0 turns it off.
+    stream_ping_s: float = Field(default=10.0, ge=0)
     default_max_output_tokens: int = 4096
     # Per-key limits for keys whose own rpm_limit / tpm_limit is unset; 0 means no limit.
     default_rpm_limit: int = Field(default=0, ge=0)

@@ -209,6 +209,9 @@ def _event(kind: str, payload: dict[str, Any]) -> bytes:
     )
 
 
+_PING = b'event: ping\ndata: {"type": "ping"}\n\n'
+
+
 class MessagesRenderer:
     """Writes the provider's answer as an Anthropic message, or as its event stream:
     message_start, then per block content_block_start / _delta / _stop, then message_delta
@@ -226,6 +229,11 @@ class MessagesRenderer:
         self._tools: dict[int, int] = {}  # chat tool-call index -> block index
         self._stop = "end_turn"
         self._failed = False
+
+    @property
+    def keepalive(self) -> bytes:
+        """Anthropic's ping, once the stream has begun (message_start comes first)."""
+        return _PING if self._started else b""
 
     @property
     def message_id(self) -> str:

@@ -11,6 +11,7 @@ answer back in the adapter's shape. Everything that touches money is here, once.
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import logging
 import math
@@ -82,6 +83,17 @@ class Renderer(Protocol):
     def stream_end(self, usage: Usage, cost: Decimal) -> bytes: ...
 
     def stream_error(self, status: int) -> bytes: ...
+
+    # A renderer may also have `keepalive` (bytes, b"" for none yet): its protocol's
+    # keep-alive event, sent after settings.stream_ping_s without upstream data.
+
+
+async def _resolved(waiting: Waiting) -> tuple[bool, Any]:
+    """(True, item) when the step produced one, (False, None) at the stream's end."""
+    try:
+        return True, await waiting
+    except StopAsyncIteration:
+        return False, None
 
 
 @dataclass(slots=True)
@@ -484,6 +496,11 @@ async def _stream(
         render_chunk = renderer.chunk
         burst: list[bytes] = []
         waiting: Waiting | None = None
+        # Only protocols with a keep-alive wait in a task (the others await in place, the
+        # cheaper way): a task can be waited on with a timeout, a ping sent, and waited on.
+        keepalive = hasattr(renderer, "keepalive")
+        ping_s = state.settings.stream_ping_s
+        waiter: asyncio.Future[tuple[bool, Any]] | None = None
         try:
             try:
                 while True:
@@ -509,7 +526,18 @@ async def _stream(
                                 yield b"".join(burst)
                                 burst = []
                             waiting = None
-                            step = await step
+                            if keepalive and ping_s:
+                                waiter = asyncio.ensure_future(_resolved(step))
+                                while not (await asyncio.wait((waiter,), timeout=ping_s))[0]:
+                                    ping = renderer.keepalive  # type: ignore[attr-defined]
+                                    if ping:
+                                        yield ping
+                                more, step = waiter.result()
+                                waiter = None
+                                if not more:
+                                    break
+                            else:
+                                step = await step
                     except StopAsyncIteration:
                         waiting = None
                         break
@@ -529,6 +557,9 @@ async def _stream(
             settle()
             if waiting is not None:
                 waiting.abandon()
+            if waiter is not None:  # the client left during a silence: stop the wait first
+                waiter.cancel()
+                await asyncio.gather(waiter, return_exceptions=True)
             await close_quietly(iterator, shield=True)
 
     reply.stream = body_iter()

@@ -219,3 +219,87 @@ async def test_errors_in_anthropic_shape(mstack: Stack) -> None:
         r = await c.post("/v1/messages", headers={"x-api-key": rich}, content=b"{not json")
         assert r.status_code == 400 and r.json()["type"] == "error"
     assert await _balance(mstack, rich) == Decimal("1.00")
+
+
+async def test_count_tokens_is_free(mstack: Stack, fake_claude: FakeAnthropic) -> None:
+    key = await mstack.create_key("1.00")
+    client = sdk(mstack, key)
+    messages: Any = [{"role": "user", "content": "how many tokens is this?"}]
+    counted = await client.messages.count_tokens(
+        model="claude-chat", system="Be brief.", messages=messages
+    )
+    # The Anthropic route's own count, asked without max_tokens, as Anthropic requires.
+    sent = fake_claude.last_request
+    assert sent.path == "/v1/messages/count_tokens" and "max_tokens" not in sent.body
+    assert sent.body["model"] == "claude-upstream-model"
+    assert counted.input_tokens == 1000 + len(orjson.dumps(sent.body["messages"])) // 4
+    # An OpenAI-shaped route has no count endpoint: ApiFast's estimate, bytes / 4.
+    body = {"model": "fast-chat", "messages": messages}
+    async with httpx.AsyncClient(base_url=mstack.base_url, timeout=30) as c:
+        r = await c.post(
+            "/v1/messages/count_tokens", content=orjson.dumps(body), headers={"x-api-key": key}
+        )
+        assert r.status_code == 200
+        assert r.json() == {"input_tokens": -(-len(orjson.dumps(body)) // 4)}
+        r = await c.post(
+            "/v1/messages/count_tokens", json=body, headers={"x-api-key": "af-not-a-key"}
+        )
+        assert r.status_code == 401 and r.json()["error"]["type"] == "authentication_error"
+        r = await c.post(
+            "/v1/messages/count_tokens",
+            json={**body, "model": "no-such-model"},
+            headers={"x-api-key": key},
+        )
+        assert r.status_code == 404 and r.json()["error"]["type"] == "not_found_error"
+    # Never metered: no hold, no event, nothing spent.
+    assert await _balance(mstack, key) == Decimal("1.00")
+    assert await mstack.pool.fetchval("SELECT count(*) FROM reservations") == 0
+
+
+async def test_models_in_anthropic_shape_when_asked(mstack: Stack) -> None:
+    key = await mstack.create_key("1.00")
+    client = sdk(mstack, key)
+    page = await client.models.list(limit=2)
+    ids = [m.id for m in page.data]
+    assert ids == ["claude-chat", "embed-small"] and page.has_more
+    assert page.first_id == "claude-chat" and page.last_id == "embed-small"
+    everything = [m.id async for m in client.models.list(limit=2)]  # the SDK pages on
+    assert everything == ["claude-chat", "embed-small", "fast-chat"]
+    model = await client.models.retrieve("fast-chat")
+    assert model.type == "model" and model.display_name == "fast-chat"
+    with pytest.raises(anthropic.NotFoundError):
+        await client.models.retrieve("no-such-model")
+    async with httpx.AsyncClient(base_url=mstack.base_url, timeout=30) as c:
+        plain = (await c.get("/v1/models")).json()  # no anthropic-version: OpenAI's shape
+    assert plain["object"] == "list" and plain["data"][0]["object"] == "model"
+
+
+async def test_pings_on_a_long_silence(
+    stack_settings_factory: Callable[..., Any], fake_openai: FakeOpenAI
+) -> None:
+    settings = stack_settings_factory(models_toml(fake_openai.url), stream_ping_s=0.1)
+    async with running_stack(settings) as stack:
+        key = await stack.create_key("1.00")
+        fake_openai.behaviour = "slow:0.35"  # the upstream pauses between words
+        body = {"model": "fast-chat", "max_tokens": 3, "stream": True,
+                "messages": [{"role": "user", "content": "hi"}]}  # fmt: skip
+        async with httpx.AsyncClient(base_url=stack.base_url, timeout=30) as c:
+            r = await c.post("/v1/messages", json=body, headers={"x-api-key": key})
+        fake_openai.behaviour = "ok"
+        kinds = [line[7:] for line in r.text.splitlines() if line.startswith("event: ")]
+        assert kinds[0] == "message_start" and "ping" in kinds
+        assert kinds[-2:] == ["message_delta", "message_stop"]
+        text = "".join(
+            orjson.loads(line[6:])["delta"].get("text", "")
+            for line in r.text.splitlines()
+            if line.startswith("data: ") and '"content_block_delta"' in line
+        )
+        assert text == " ".join(REPLY.split(" ")[:3])
+        # The SDK reads through the pings too.
+        fake_openai.behaviour = "slow:0.25"
+        async with sdk(stack, key).messages.stream(
+            model="fast-chat", max_tokens=2, messages=[{"role": "user", "content": "hi"}]
+        ) as stream:
+            final = await stream.get_final_message()
+        fake_openai.behaviour = "ok"
+        assert final.stop_reason == "max_tokens"

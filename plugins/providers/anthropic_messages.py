@@ -301,6 +301,11 @@ def _thinking(body: dict[str, Any], max_tokens: int, tool_choice: Any) -> dict[s
     return {"type": "enabled", "budget_tokens": budget}
 
 
+# Fields of a Messages request that /v1/messages/count_tokens does not take.
+_NOT_COUNTED = ("max_tokens", "stream", "temperature", "top_p", "top_k", "stop_sequences",
+                "metadata", "service_tier")  # fmt: skip
+
+
 def to_anthropic_request(
     body: dict[str, Any], *, default_max_tokens: int, native_structured_outputs: bool = False
 ) -> dict[str, Any]:
@@ -556,6 +561,7 @@ class AnthropicProvider(Provider):
         super().__init__(config)
         base_url = (config.base_url or DEFAULT_BASE_URL).rstrip("/")
         self._messages_url = f"{base_url}/v1/messages"
+        self._count_url = f"{base_url}/v1/messages/count_tokens"
         self._models_url = f"{base_url}/v1/models"
         self._headers = {"anthropic-version": ANTHROPIC_VERSION, "content-type": "application/json"}
         if config.api_key is not None:
@@ -632,6 +638,28 @@ class AnthropicProvider(Provider):
             return to_openai_completion(orjson.loads(raw), request.model)
         except (AttributeError, TypeError, ValueError):  # incl. orjson.JSONDecodeError
             raise UpstreamError(502, "anthropic sent a malformed response") from None
+
+    async def count_tokens(self, request: ChatRequest) -> int | None:
+        payload = orjson.loads(self._payload(request, stream=False))
+        # count_tokens takes the prompt's fields only.
+        for name in _NOT_COUNTED:
+            payload.pop(name, None)
+        try:
+            async with self._get_session().post(
+                self._count_url, data=orjson.dumps(payload), headers=self._headers
+            ) as response:
+                if response.status != 200:
+                    raise await _http_error(response)
+                raw = await response.read()
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            raise _transport_error(exc, "request") from None
+        try:
+            count = orjson.loads(raw)["input_tokens"]
+        except (KeyError, TypeError, ValueError):
+            raise UpstreamError(502, "anthropic sent a malformed token count") from None
+        if type(count) is not int or count < 0:
+            raise UpstreamError(502, "anthropic sent a malformed token count")
+        return count
 
     async def stream_chat(self, request: ChatRequest) -> AsyncIterator[StreamItem]:
         response = await self._post(self._payload(request, stream=True))

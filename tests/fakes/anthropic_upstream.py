@@ -98,6 +98,7 @@ class FakeAnthropic:
     cache_read_tokens: int = 1800
     cache_creation_tokens: int = 200
     delay_s: float = 30.0
+    count_tokens_base: int = 1000  # count_tokens answers this plus the messages' bytes / 4
     # When set, stream bytes are written in pieces of this size, so events straddle reads.
     fragment_size: int | None = None
     requests: list[RecordedRequest] = field(default_factory=list)
@@ -112,6 +113,7 @@ class FakeAnthropic:
     async def start(self) -> None:
         app = web.Application(client_max_size=32 * 1024 * 1024)
         app.router.add_post("/v1/messages", self._messages)
+        app.router.add_post("/v1/messages/count_tokens", self._count_tokens)
         app.router.add_get("/v1/models", self._models)
         app.router.add_route("*", "/{tail:.*}", self._not_found)
         self._stopping = asyncio.Event()
@@ -272,6 +274,25 @@ class FakeAnthropic:
             _drop_connection(request)
             return response
         return web.Response(body=raw, content_type="application/json", headers=self._headers())
+
+    async def _count_tokens(self, request: web.Request) -> web.Response:
+        """As Anthropic's: the prompt fields only (no max_tokens), {"input_tokens": N}."""
+        body = await self._record(request)
+        try:
+            self._check_auth(request)
+            if not isinstance(body, dict) or "model" not in body:
+                raise _Invalid(400, "model: Field required")
+            if "max_tokens" in body or "stream" in body:
+                raise _Invalid(400, "max_tokens: Extra inputs are not permitted")
+            _validate_messages(body.get("messages"))
+        except _Invalid as exc:
+            return self._error(exc.status, exc.message)
+        count = self.count_tokens_base + len(orjson.dumps(body.get("messages"))) // 4
+        return web.Response(
+            body=orjson.dumps({"input_tokens": count}),
+            content_type="application/json",
+            headers=self._headers(),
+        )
 
     # --- answers ---------------------------------------------------------------------------
 
