@@ -102,6 +102,7 @@ async def usage_figures(clickhouse: UsageStore, w: Window) -> dict[str, Any]:
     totals = (await clickhouse.query(Q.admin_ch_overview_totals, params) or [{}])[0]
     per_model = await clickhouse.query(Q.admin_ch_latency_by_model, params)
     per_provider = await clickhouse.query(Q.admin_ch_latency_by_provider, params)
+    per_api = await clickhouse.query(Q.admin_ch_by_api, params)
     params["table"] = w.keys_table
     keys_series = await clickhouse.query(Q.admin_ch_active_keys_series, params)
     keys_total = (await clickhouse.query(Q.admin_ch_active_keys_total, params) or [{}])[0]
@@ -136,6 +137,7 @@ async def usage_figures(clickhouse: UsageStore, w: Window) -> dict[str, Any]:
         },
         "models": [_breakdown(r) for r in per_model],
         "providers": [_breakdown(r) for r in per_provider],
+        "apis": [_breakdown(r) for r in per_api],
     }
 
 

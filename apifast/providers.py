@@ -17,6 +17,7 @@ __all__ = [
     "ChatResponse",
     "EmbeddingsRequest",
     "EmbeddingsResponse",
+    "NativeRequest",
     "Provider",
     "ProviderConfig",
     "StreamItem",
@@ -56,6 +57,19 @@ class ChatRequest:
     """An OpenAI chat-completions body. `body["model"]` is already the upstream model name,
     and fields that identify the caller (`user`, ...) have been removed."""
 
+    body: dict[str, Any]
+    model: str
+    stream: bool = False
+
+
+@dataclass(slots=True)
+class NativeRequest:
+    """A request in a client protocol the provider speaks natively (one it lists in
+    `Provider.native_protocols`), passed through without translation: for "messages", an
+    Anthropic Messages API body. `body["model"]` is already the upstream model, `max_tokens`
+    is already bounded, and caller-identifying fields (`metadata`) have been removed."""
+
+    protocol: str
     body: dict[str, Any]
     model: str
     stream: bool = False
@@ -111,6 +125,10 @@ class Provider:
 
     type: ClassVar[str] = ""
     supports_embeddings: ClassVar[bool] = False
+    # Client protocols this provider speaks natively ("messages": Anthropic's Messages API).
+    # ApiFast passes such a request through with `native` / `stream_native` instead of
+    # translating it to chat completions, so protocol-only features survive.
+    native_protocols: ClassVar[frozenset[str]] = frozenset()
 
     def __init__(self, config: ProviderConfig) -> None:
         self.config = config
@@ -126,6 +144,16 @@ class Provider:
 
     def stream_chat(self, request: ChatRequest) -> AsyncIterator[StreamItem]:
         raise NotImplementedError
+
+    async def native(self, request: NativeRequest) -> ChatResponse:
+        """The protocol's own response object (for "messages", an Anthropic message) as
+        `body`, and its usage."""
+        raise UpstreamError(400, f"{self.type} speaks no native protocol", retryable=False)
+
+    def stream_native(self, request: NativeRequest) -> AsyncIterator[StreamItem]:
+        """The protocol's own stream events as dicts (for "messages", Anthropic's events
+        without `ping`), and one `Usage` once known, as `stream_chat` does."""
+        raise UpstreamError(400, f"{self.type} speaks no native protocol", retryable=False)
 
     async def count_tokens(self, request: ChatRequest) -> int | None:
         """The upstream's own count of the request's prompt tokens, free of charge, or None

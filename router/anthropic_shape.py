@@ -142,6 +142,18 @@ def _tool_choice(choice: Any) -> Any:
     raise bad("tool_choice", "must be {type: auto | any | none | tool}")
 
 
+# What a native (Anthropic) route receives of the client's body: `metadata` (its user_id
+# identifies the caller) and `service_tier` (it changes the upstream's price) never.
+_NATIVE_FIELDS = ("max_tokens", "messages", "system", "stop_sequences", "temperature",
+                  "top_p", "top_k", "tools", "tool_choice", "thinking")  # fmt: skip
+
+
+def native_body(body: dict[str, Any]) -> dict[str, Any]:
+    """The client's Messages body as a native route gets it (already validated by
+    `chat_body`, which refuses server tools the catalog price does not cover)."""
+    return {name: body[name] for name in _NATIVE_FIELDS if name in body}
+
+
 def chat_body(body: dict[str, Any]) -> tuple[dict[str, Any], int]:
     """(chat-completions body, number of messages) for a Messages API body; 400s name the
     field. `metadata` (its user_id identifies the caller) is never carried over."""
@@ -217,8 +229,8 @@ class MessagesRenderer:
     message_start, then per block content_block_start / _delta / _stop, then message_delta
     (stop reason and usage) and message_stop."""
 
-    __slots__ = ("_block", "_failed", "_index", "_started", "_stop", "_tools", "generation_id",
-                 "model")  # fmt: skip
+    __slots__ = ("_block", "_failed", "_index", "_started", "_stop", "_stop_sequence", "_tools",
+                 "generation_id", "model")  # fmt: skip
 
     def __init__(self, model: str) -> None:
         self.generation_id = ""
@@ -228,6 +240,7 @@ class MessagesRenderer:
         self._index = -1
         self._tools: dict[int, int] = {}  # chat tool-call index -> block index
         self._stop = "end_turn"
+        self._stop_sequence: str | None = None
         self._failed = False
 
     @property
@@ -330,9 +343,55 @@ class MessagesRenderer:
             return b""  # the error event ended the stream
         out = (b"" if self._started else self._start()) + self._close()
         out += _event("message_delta", {"delta": {"stop_reason": self._stop,
-                                                  "stop_sequence": None},
+                                                  "stop_sequence": self._stop_sequence},
                                         "usage": usage_json(usage, cost)})  # fmt: skip
         return out + _event("message_stop", {})
+
+    # --- from a native (Anthropic) route: its own blocks, under our id and model ---------
+
+    def native_completion(self, upstream: dict[str, Any], usage: Usage, cost: Decimal) -> bytes:
+        content = upstream.get("content")
+        return orjson.dumps({
+            "id": self.message_id, "type": "message", "role": "assistant",
+            "content": content if isinstance(content, list) else [], "model": self.model,
+            "stop_reason": upstream.get("stop_reason") or "end_turn",
+            "stop_sequence": upstream.get("stop_sequence"), "usage": usage_json(usage, cost),
+        })  # fmt: skip
+
+    def native_chunk(self, event: dict[str, Any]) -> bytes:
+        kind = event.get("type")
+        if kind == "message_start":
+            return b"" if self._started else self._start()
+        if kind == "message_delta":
+            # Told in our own message_delta at the end, with the priced usage.
+            delta = event.get("delta") or {}
+            if isinstance(delta, dict) and isinstance(delta.get("stop_reason"), str):
+                self._stop = delta["stop_reason"]
+                stop = delta.get("stop_sequence")
+                self._stop_sequence = stop if isinstance(stop, str) else None
+            return b""
+        if kind == "message_stop" or not isinstance(kind, str):
+            return b""
+        out = b"" if self._started else self._start()
+        return out + _event(kind, {k: v for k, v in event.items() if k != "type"})
+
+    def native_chars(self, item: dict[str, Any]) -> int:
+        """Characters of text, thinking and tool input in a message or one delta event."""
+        blocks: list[Any] = []
+        if item.get("type") == "content_block_delta":
+            blocks = [item.get("delta")]
+        elif item.get("type") == "message" and isinstance(item.get("content"), list):
+            blocks = item["content"]
+        total = 0
+        for block in blocks:
+            if not isinstance(block, dict):
+                continue
+            for name in ("text", "thinking", "partial_json"):
+                if isinstance(block.get(name), str):
+                    total += len(block[name])
+            if block.get("type") == "tool_use":
+                total += len(orjson.dumps(block.get("input")))
+        return total
 
     def stream_error(self, status: int) -> bytes:
         self._failed = True

@@ -31,6 +31,7 @@ from apifast.providers import (
     ChatRequest,
     EmbeddingsRequest,
     EmbeddingsResponse,
+    NativeRequest,
     Provider,
     StreamItem,
     UpstreamError,
@@ -67,6 +68,9 @@ class Generation:
     endpoint: str = "chat"  # the usage event's endpoint label
     api: str = "chat"  # the client protocol: chat | messages | responses
     input_bytes: int = 0  # the client's body size, for the estimate when usage is missing
+    # The client's own body (cleaned), for a route whose provider speaks `api` natively:
+    # it then passes through untranslated, and the renderer's native_* methods write it.
+    native: dict[str, Any] | None = None
 
 
 class Renderer(Protocol):
@@ -86,6 +90,20 @@ class Renderer(Protocol):
 
     # A renderer may also have `keepalive` (bytes, b"" for none yet): its protocol's
     # keep-alive event, sent after settings.stream_ping_s without upstream data.
+
+
+class NativeRenderer(Renderer, Protocol):
+    """A renderer that can also relay its protocol's own answer from a native route."""
+
+    def native_completion(self, upstream: dict[str, Any], usage: Usage, cost: Decimal) -> bytes: ...
+
+    def native_chunk(self, event: dict[str, Any]) -> bytes: ...
+
+    def native_chars(self, item: dict[str, Any]) -> int: ...
+
+
+def _speaks(provider: Provider, gen: Generation) -> bool:
+    return gen.native is not None and gen.api in provider.native_protocols
 
 
 async def _resolved(waiting: Waiting) -> tuple[bool, Any]:
@@ -341,6 +359,8 @@ async def generate(
     ubody["max_completion_tokens" if "max_completion_tokens" in ubody else "max_tokens"] = (
         out_tokens
     )
+    if gen.native is not None:
+        gen.native["max_tokens"] = out_tokens
     event = UsageEvent(
         generation_id=generation_id,
         key_hash=key_hash,
@@ -355,7 +375,7 @@ async def generate(
     try:
         if gen.stream:
             return await _stream(state, model, ubody, event, gen, renderer, headers, out_tokens * n)
-        return await _complete(state, model, ubody, event, renderer, headers, gen.input_bytes)
+        return await _complete(state, model, ubody, event, gen, renderer, headers)
     except BaseException:
         # Anything unexpected before the request was finished (a provider's serialisation
         # failing on what the client sent, a cancelled request): give the hold back now,
@@ -370,11 +390,18 @@ async def _complete(
     model: Model,
     ubody: dict[str, Any],
     event: UsageEvent,
+    gen: Generation,
     renderer: Renderer,
     headers: dict[str, str],
-    input_bytes: int,
 ) -> Reply:
+    native = [False]
+
     async def call(provider: Provider, route: Route) -> Any:
+        if _speaks(provider, gen):
+            native[0] = True
+            body = {**(gen.native or {}), "model": route.model}
+            return await provider.native(NativeRequest(gen.api, body, route.model))
+        native[0] = False
         return await provider.chat(
             ChatRequest(body={**ubody, "model": route.model}, model=route.model)
         )
@@ -383,16 +410,20 @@ async def _complete(
         result, route = await call_routes(state, model, call)
     except RoutesFailed as failed:
         raise _failed(state, event, model, failed) from None
+    relay: NativeRenderer | None = renderer if native[0] else None  # type: ignore[assignment]
     usage = sane_usage(result.usage)
     if usage is None:
         # Negative or non-integer counts are not believed: the documented estimate instead.
         max_output = ubody.get("max_completion_tokens") or ubody.get("max_tokens") or 1
-        usage = estimate_delivered(input_bytes, completion_chars(result.body), 1, max_output)
+        chars = relay.native_chars(result.body) if relay else completion_chars(result.body)
+        usage = estimate_delivered(gen.input_bytes, chars, 1, max_output)
         event.usage_estimated = True
     result.usage = event.usage = usage
     event.ttft_ms = round((time.time() - event.started_at) * 1000)
     finish(state, event, model, route)
-    return Reply(headers, renderer.completion(result.body, result.usage, event.cost_usd))
+    if relay is not None:
+        return Reply(headers, relay.native_completion(result.body, usage, event.cost_usd))
+    return Reply(headers, renderer.completion(result.body, usage, event.cost_usd))
 
 
 def estimate_delivered(input_bytes: int, chars: int, pieces: int, max_output: int) -> Usage:
@@ -430,11 +461,21 @@ async def _stream(
     headers: dict[str, str],
     max_output: int,
 ) -> Reply:
+    native = [False]
+
     async def open_stream(
         provider: Provider, route: Route
     ) -> tuple[AsyncIterator[StreamItem], StreamItem]:
-        request = ChatRequest(body={**ubody, "model": route.model}, model=route.model, stream=True)
-        iterator = provider.stream_chat(request).__aiter__()
+        native[0] = _speaks(provider, gen)
+        if native[0]:
+            body = {**(gen.native or {}), "model": route.model, "stream": True}
+            upstream = provider.stream_native(NativeRequest(gen.api, body, route.model, True))
+        else:
+            request = ChatRequest(
+                body={**ubody, "model": route.model}, model=route.model, stream=True
+            )
+            upstream = provider.stream_chat(request)
+        iterator = upstream.__aiter__()
         try:
             # Fallback is only possible before the first byte reaches the client.
             first = await iterator.__anext__()
@@ -493,7 +534,11 @@ async def _stream(
         # everything available before the next wait on the upstream.
         event.outcome = "client_disconnect"  # until the stream is seen to the end
         item: StreamItem = first
-        render_chunk = renderer.chunk
+        render_chunk: Callable[[dict[str, Any]], bytes] = renderer.chunk
+        chars_of: Callable[[dict[str, Any]], int] = delta_chars
+        if native[0]:
+            relay: NativeRenderer = renderer  # type: ignore[assignment]
+            render_chunk, chars_of = relay.native_chunk, relay.native_chars
         burst: list[bytes] = []
         waiting: Waiting | None = None
         # Only protocols with a keep-alive wait in a task (the others await in place, the
@@ -509,7 +554,7 @@ async def _stream(
                     else:
                         if not event.ttft_ms:
                             event.ttft_ms = round((time.time() - event.started_at) * 1000)
-                        chars = delta_chars(item)
+                        chars = chars_of(item)
                         if chars:
                             tally[0] += chars
                             tally[1] += 1

@@ -20,7 +20,7 @@ from apifast.catalog.toml import Route
 from apifast.errors import ApiError
 from apifast.providers import ChatRequest, UpstreamError
 from apifast.request_body import parse_json_object, read_body
-from apifast.router.anthropic_shape import MessagesRenderer, chat_body
+from apifast.router.anthropic_shape import MessagesRenderer, chat_body, native_body
 from apifast.router.core import Generation, authenticate, generate, input_token_bound, resolve
 from apifast.router.media import media_token_bound
 from apifast.router.state import RouterState
@@ -79,6 +79,7 @@ async def create_message(request: Request) -> Response:
             endpoint="chat",
             api="messages",
             input_bytes=len(raw),
+            native=native_body(body),
         )
         reply = await generate(state, key_hash, model, gen, MessagesRenderer(model.id), started)
     except ApiError as exc:

@@ -176,3 +176,26 @@ async def test_rollups_are_exact_and_count_each_event_once(store: ClickHouseStor
     assert sum(r["cost_usd"] for r in per_key) == Decimal("0.000123") * 10
     recent = await store.query(RQ.ch_key_generations, {"key_hash": "b" * 64, "limit": 3})
     assert [r["generation_id"] for r in recent] == ["gen-0", "gen-3", "gen-6"]
+
+
+async def test_overview_splits_requests_by_protocol(admin: AdminClient):
+    stack = admin.stack
+    key = await stack.create_key("3.00")
+    await chat(stack, key)
+    auth = {"Authorization": f"Bearer {key}"}
+    async with stack.client() as c:
+        r = await c.post("/v1/responses", json={"model": "fast-chat", "input": "hi"}, headers=auth)
+        assert r.status_code == 200
+        for _ in range(2):
+            r = await c.post(
+                "/v1/messages",
+                headers=auth,
+                json={"model": "fast-chat", "max_tokens": 20,
+                      "messages": [{"role": "user", "content": "hi"}]},
+            )  # fmt: skip
+            assert r.status_code == 200
+    await wait_generations(stack, key, 4)
+    page = await admin.get("/admin/", params={"range": "24h"})
+    table = page.text[page.text.index("<h2>Per protocol</h2>") :]
+    rows = dict(re.findall(r'<tr><td>(\w+)</td><td class="num">(\d+)</td>', table))
+    assert rows == {"messages": "2", "chat": "1", "responses": "1"}

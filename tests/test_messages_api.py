@@ -303,3 +303,55 @@ async def test_pings_on_a_long_silence(
             final = await stream.get_final_message()
         fake_openai.behaviour = "ok"
         assert final.stop_reason == "max_tokens"
+
+
+@pytest.mark.parametrize("stream", [False, True])
+async def test_native_pass_through_keeps_cache_control_and_thinking(
+    mstack: Stack, fake_claude: FakeAnthropic, stream: bool
+) -> None:
+    """On an Anthropic route the Messages request passes through untranslated: block-level
+    cache_control and extended thinking (with its signature) survive, billing stays exact."""
+    key = await mstack.create_key("1.00")
+    client = sdk(mstack, key)
+    system: Any = [{"type": "text", "text": "A long shared prefix.",
+                    "cache_control": {"type": "ephemeral"}}]  # fmt: skip
+    fake_claude.behaviour = "cache"
+    request: Any = {
+        "model": "claude-chat", "max_tokens": 2048, "system": system,
+        "thinking": {"type": "enabled", "budget_tokens": 1024},
+        "messages": [{"role": "user", "content": "think, then answer"}],
+        "metadata": {"user_id": "caller-123"},
+    }  # fmt: skip
+    try:
+        if stream:
+            async with client.messages.stream(**request) as events:
+                message = await events.get_final_message()
+        else:
+            message = await client.messages.create(**request)
+    finally:
+        fake_claude.behaviour = None
+    sent = fake_claude.last_request.body
+    assert sent["system"] == system and sent["thinking"] == request["thinking"]
+    assert sent["model"] == "claude-upstream-model" and "metadata" not in sent
+    thinking = next(b for b in message.content if b.type == "thinking")
+    assert thinking.signature == "c2lnbmF0dXJl"
+    assert message.id.startswith("msg_gen-") and message.model == "claude-chat"
+    assert message.usage.cache_read_input_tokens == fake_claude.cache_read_tokens
+    usage = message.usage
+    cost = (
+        (usage.input_tokens + usage.cache_read_input_tokens + usage.cache_creation_input_tokens)
+        * Decimal("3.00")
+        + usage.output_tokens * Decimal("15.00")
+    ) / 1_000_000
+    await mstack.wait_metered([_generation(message.id)])
+    assert await _balance(mstack, key) == Decimal("1.00") - cost
+
+
+async def test_server_tools_refused_on_every_route(mstack: Stack) -> None:
+    key = await mstack.create_key("1.00")
+    with pytest.raises(anthropic.BadRequestError) as caught:
+        await sdk(mstack, key).messages.create(
+            model="claude-chat", max_tokens=10, messages=[{"role": "user", "content": "hi"}],
+            tools=[{"type": "web_search_20250305", "name": "web_search"}],  # type: ignore[list-item]
+        )  # fmt: skip
+    assert "web_search" in str(caught.value)

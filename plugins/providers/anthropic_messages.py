@@ -54,6 +54,7 @@ from apifast.plugins.providers.sse import SseDecoder
 from apifast.providers import (
     ChatRequest,
     ChatResponse,
+    NativeRequest,
     Provider,
     ProviderConfig,
     StreamItem,
@@ -555,6 +556,7 @@ def _parse_event(data: bytes) -> dict[str, Any]:
 
 
 class AnthropicProvider(Provider):
+    native_protocols = frozenset({"messages"})
     type = "anthropic"
 
     def __init__(self, config: ProviderConfig) -> None:
@@ -661,9 +663,37 @@ class AnthropicProvider(Provider):
             raise UpstreamError(502, "anthropic sent a malformed token count")
         return count
 
-    async def stream_chat(self, request: ChatRequest) -> AsyncIterator[StreamItem]:
-        response = await self._post(self._payload(request, stream=True))
-        translator = StreamTranslator(request.model)
+    async def native(self, request: NativeRequest) -> ChatResponse:
+        # The Messages API itself: a pass-through, so cache_control and thinking survive.
+        payload = {**request.body, "model": request.model}
+        payload.pop("stream", None)
+        response = await self._post(orjson.dumps(payload))
+        try:
+            raw = await response.read()
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            raise _transport_error(exc, "response") from None
+        finally:
+            response.release()
+        try:
+            message = orjson.loads(raw)
+            return ChatResponse(body=message, usage=usage_from_anthropic(message["usage"]))
+        except (AttributeError, KeyError, TypeError, ValueError):
+            raise UpstreamError(502, "anthropic sent a malformed response") from None
+
+    def stream_native(self, request: NativeRequest) -> AsyncIterator[StreamItem]:
+        payload = {**request.body, "model": request.model, "stream": True}
+        return self._relay(orjson.dumps(payload), request.model, native=True)
+
+    def stream_chat(self, request: ChatRequest) -> AsyncIterator[StreamItem]:
+        return self._relay(self._payload(request, stream=True), request.model, native=False)
+
+    async def _relay(
+        self, payload: bytes, model: str, *, native: bool
+    ) -> AsyncIterator[StreamItem]:
+        """Anthropic's events, translated to chat chunks, or (`native`) as they came, minus
+        pings; then the usage. The translator reads usage and errors in both cases."""
+        response = await self._post(payload)
+        translator = StreamTranslator(model)
         decoder = SseDecoder()
         failure: UpstreamError | None = None
         try:
@@ -677,7 +707,10 @@ class AnthropicProvider(Provider):
                     break
                 for _event, data in decoder.feed(chunk):
                     try:
-                        items = translator.handle(_parse_event(data))
+                        event = _parse_event(data)
+                        items = translator.handle(event)
+                        if native:
+                            items = [] if event.get("type") == "ping" else [event]
                     except UpstreamError as exc:
                         failure = exc
                     except (AttributeError, TypeError, ValueError):
