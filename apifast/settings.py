@@ -55,6 +55,10 @@ class Settings(BaseSettings):
     # A stream checkpoints its delivered usage through the event path this often, so that a
     # stream whose router dies is billed at least its last checkpoint; 0 turns it off.
     stream_checkpoint_s: float = Field(default=5.0, ge=0)
+    # A request whose hold is refused only because the key's requests in flight hold the
+    # balance waits this long for them to settle, then gets 429 with Retry-After (402 only
+    # when the settled balance cannot pay).
+    hold_wait_s: float = Field(default=3.0, ge=0)
     # A Messages API stream sends a `ping` event after this long without upstream data, so
     # that clients and proxies do not time out an idle connection; 0 turns it off.
     stream_ping_s: float = Field(default=10.0, ge=0)

@@ -13,7 +13,7 @@ from starlette.responses import Response, StreamingResponse
 from apifast.auth import key_hash_from_request
 from apifast.providers import Usage
 from apifast.request_body import parse_json_object, read_body
-from apifast.router.core import Generation, Reply, generate, input_token_bound, resolve
+from apifast.router.core import Generation, Reply, generate, resolve
 from apifast.router.openai_shape import (
     DONE,
     chunk_bytes,
@@ -21,6 +21,7 @@ from apifast.router.openai_shape import (
     error_event_bytes,
     usage_chunk_bytes,
 )
+from apifast.router.prompt_bound import prompt_token_bound
 from apifast.router.state import RouterState
 from apifast.router.validation import model_name, upstream_body, validate_chat
 
@@ -113,7 +114,7 @@ async def handle_chat(state: RouterState, key_hash: bytes, raw: bytes, started: 
     gen = Generation(
         body=upstream_body(body, ""),
         stream=stream,
-        input_bound=input_token_bound(len(raw), len(body.get("messages") or ())),
+        input_bound=prompt_token_bound(body),
         max_output=asked,
         n=n,
         input_bytes=len(raw),

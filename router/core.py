@@ -40,14 +40,12 @@ from apifast.providers import (
 )
 from apifast.router.media import media_token_bound
 from apifast.router.relay import Waiting, close_quietly, next_step
-from apifast.router.reservations import Hold, release, reserve
+from apifast.router.reservations import BalanceHeldUp, Hold, release, reserve
 from apifast.router.state import RouterState
 
 log = logging.getLogger("apifast.router")
 T = TypeVar("T")
 
-# Per-message chat-template overhead, added to the byte count when bounding input tokens.
-MESSAGE_OVERHEAD_TOKENS = 8
 LOWERED_HEADER = "X-ApiFast-Max-Tokens-Lowered"
 STREAM_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
@@ -62,7 +60,7 @@ class Generation:
 
     body: dict[str, Any]  # validated; caller-identifying fields already stripped
     stream: bool
-    input_bound: int  # an upper bound of prompt tokens
+    input_bound: int  # an upper bound of prompt tokens (router/prompt_bound.py)
     max_output: int | None  # what the client asked for, if anything
     n: int = 1
     endpoint: str = "chat"  # the usage event's endpoint label
@@ -166,21 +164,23 @@ def ensure_metering(state: RouterState) -> None:
         )
 
 
-def input_token_bound(raw_size: int, messages: int) -> int:
-    """An upper bound of prompt tokens for text: a byte-level BPE token covers >= 1 byte."""
-    return raw_size + MESSAGE_OVERHEAD_TOKENS * (messages + 1)
-
-
 async def hold(
     state: RouterState, key_hash: bytes, generation_id: str, min_usd: Decimal, max_usd: Decimal
 ) -> Hold:
-    """Hold money on the key (this also authenticates it), then apply its rate limits."""
-    if state.reserver is not None:
-        held = await state.reserver.reserve(key_hash, generation_id, min_usd, max_usd)
-    else:
-        ttl_s = state.settings.reservation_ttl_s
-        held = await reserve(state.pool, key_hash, generation_id, min_usd, max_usd, ttl_s)
+    """Hold money on the key (this also authenticates it), then apply its rate limits. When
+    only holds in flight stand in the way, wait up to settings.hold_wait_s for them to
+    settle (each settled batch wakes the wait; other routers' settles are polled for)."""
     settings = state.settings
+    deadline = time.monotonic() + settings.hold_wait_s
+    while True:
+        try:
+            held = await _reserve(state, key_hash, generation_id, min_usd, max_usd)
+            break
+        except BalanceHeldUp:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise
+            await state.settler.wait(min(left, _HOLD_POLL_S))
     wait = state.key_limits.check_request(
         held.key_id, held.rpm_limit or settings.default_rpm_limit
     ) or state.key_limits.check_tokens(held.key_id, held.tpm_limit or settings.default_tpm_limit)
@@ -193,6 +193,18 @@ async def hold(
             headers={"Retry-After": str(max(1, round(wait + 0.5)))},
         )
     return held
+
+
+_HOLD_POLL_S = 0.1  # how often a waiting request re-tries without a local settle
+
+
+async def _reserve(
+    state: RouterState, key_hash: bytes, generation_id: str, min_usd: Decimal, max_usd: Decimal
+) -> Hold:
+    if state.reserver is not None:
+        return await state.reserver.reserve(key_hash, generation_id, min_usd, max_usd)
+    ttl_s = state.settings.reservation_ttl_s
+    return await reserve(state.pool, key_hash, generation_id, min_usd, max_usd, ttl_s)
 
 
 class RoutesFailed(Exception):
@@ -308,6 +320,8 @@ def finish(state: RouterState, event: UsageEvent, model: Model, route: Route | N
         event.key_id, event.usage.input_tokens + event.usage.output_tokens
     )
     state.publisher.submit(event)
+    if event.cost_usd < event.reserved_usd:
+        state.settler.submit(event.generation_id, event.cost_usd)
 
 
 async def _release_quietly(state: RouterState, generation_id: str) -> None:
@@ -338,6 +352,8 @@ async def generate(
     """Hold, call the routes and relay the answer through `renderer`; raises ApiError."""
     ensure_metering(state)
     gen.input_bound += media_token_bound(model, gen.body.get("messages"))
+    # The estimate for missing usage (body bytes / 4) stays within the hold's input bound.
+    gen.input_bytes = min(gen.input_bytes, 4 * gen.input_bound)
     cap = gen.max_output or model.max_output_tokens or state.settings.default_max_output_tokens
     if model.max_output_tokens:
         cap = min(cap, model.max_output_tokens)

@@ -21,8 +21,9 @@ from apifast.errors import ApiError
 from apifast.providers import ChatRequest, UpstreamError
 from apifast.request_body import parse_json_object, read_body
 from apifast.router.anthropic_shape import MessagesRenderer, chat_body, native_body
-from apifast.router.core import Generation, authenticate, generate, input_token_bound, resolve
+from apifast.router.core import Generation, authenticate, generate, resolve
 from apifast.router.media import media_token_bound
+from apifast.router.prompt_bound import prompt_token_bound
 from apifast.router.state import RouterState
 from apifast.router.validation import model_name
 
@@ -70,11 +71,11 @@ async def create_message(request: Request) -> Response:
         raw = await read_body(request, settings.max_body_bytes, settings.body_read_timeout_s)
         body = parse_json_object(raw)
         model = resolve(state, model_name(body), "chat")
-        chat, messages = chat_body(body)
+        chat, _ = chat_body(body)
         gen = Generation(
             body=chat,
             stream=bool(chat.get("stream")),
-            input_bound=input_token_bound(len(raw), messages),
+            input_bound=prompt_token_bound(chat),
             max_output=chat["max_tokens"],
             endpoint="chat",
             api="messages",

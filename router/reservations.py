@@ -35,6 +35,20 @@ class Hold:
     tpm_limit: int | None
 
 
+class BalanceHeldUp(ApiError):
+    """The settled balance covers the request, but requests in flight hold it: worth a wait
+    for them to settle (router/settle.py), and a 429 (not 402) if they do not in time."""
+
+    def __init__(self, in_flight: Decimal) -> None:
+        super().__init__(
+            429,
+            f"The balance is held by this key's requests in flight (${format_usd(in_flight)}); "
+            "retry when they finish, after the seconds in Retry-After.",
+            code="balance_in_flight",
+            headers={"Retry-After": "1"},
+        )
+
+
 def _unavailable() -> ApiError:
     # No hold, no service: a paid request is never served unbilled.
     return ApiError(
@@ -60,6 +74,9 @@ def _hold_or_refuse(row: Any, min_usd: Decimal) -> Hold:
     if status == "disabled":
         raise ApiError(401, "This API key has been disabled.", code="key_disabled")
     available = row["available_usd"]
+    in_flight = row["reserved_usd"]
+    if in_flight > 0 and available + in_flight >= min_usd:
+        raise BalanceHeldUp(in_flight)
     raise ApiError(
         402,
         f"Balance too low: this request needs at least ${format_usd(min_usd)} available, "

@@ -13,7 +13,8 @@ from starlette.responses import Response, StreamingResponse
 
 from apifast.errors import ApiError
 from apifast.request_body import parse_json_object, read_body
-from apifast.router.core import Generation, authenticate, generate, input_token_bound, resolve
+from apifast.router.core import Generation, authenticate, generate, resolve
+from apifast.router.prompt_bound import prompt_token_bound
 from apifast.router.responses_input import chat_body
 from apifast.router.responses_shape import ResponsesRenderer, request_echo
 from apifast.router.state import RouterState
@@ -53,11 +54,11 @@ async def create_response(request: Request) -> Response:
     raw = await read_body(request, settings.max_body_bytes, settings.body_read_timeout_s)
     body = parse_json_object(raw)
     model = resolve(state, model_name(body), "chat")
-    chat, messages = chat_body(body)
+    chat, _ = chat_body(body)
     gen = Generation(
         body=chat,
         stream=bool(chat.get("stream")),
-        input_bound=input_token_bound(len(raw), messages),
+        input_bound=prompt_token_bound(chat),
         max_output=chat.get("max_tokens"),
         endpoint="chat",
         api="responses",

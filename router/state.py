@@ -14,6 +14,7 @@ from apifast.providers import Provider
 from apifast.router.limits import KeyRateLimiter
 from apifast.router.publisher import EventPublisher
 from apifast.router.reservations import Reserver
+from apifast.router.settle import Settler
 from apifast.settings import Settings
 
 if TYPE_CHECKING:
@@ -27,6 +28,7 @@ class RouterState:
     pool: asyncpg.Pool
     live: LiveCatalog  # swapped by the catalog sync; read through `catalog`/`providers`
     publisher: EventPublisher
+    settler: Settler
     clickhouse: ClickHouseStore | None = None
     key_limits: KeyRateLimiter = field(default_factory=KeyRateLimiter)
     reserver: Reserver | None = None  # batches holds; None: one round trip per request

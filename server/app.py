@@ -34,6 +34,7 @@ from apifast.router import fast_path
 from apifast.router.publisher import EventPublisher
 from apifast.router.reservations import Reserver
 from apifast.router.routes import install_router
+from apifast.router.settle import Settler
 from apifast.router.size_limits import oversize_refusal
 from apifast.router.state import RouterState
 from apifast.settings import Settings
@@ -115,6 +116,8 @@ def create_app(
 
             reserver = Reserver(pool, settings.reservation_ttl_s)
             stack.push_async_callback(reserver.close)  # before the pool: it holds connections
+            settler = Settler(pool)
+            stack.push_async_callback(settler.close)
             publisher = EventPublisher(
                 settings.nats_url,
                 settings.nats_stream,
@@ -139,6 +142,7 @@ def create_app(
                 pool=pool,
                 live=live,
                 publisher=publisher,
+                settler=settler,
                 clickhouse=clickhouse,
                 reserver=reserver,
             )

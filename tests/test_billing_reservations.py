@@ -61,9 +61,11 @@ async def test_concurrent_batched_holds_never_exceed_the_balance(pool: asyncpg.P
         assert row is not None
         assert row["reserved_usd"] == held == (row["in_table"] or 0)
         assert held <= row["balance_usd"]
-        assert {r for r in mine if not isinstance(r, Hold)} <= {402}
+        # 429: refused only because of holds in flight (the core waits on those first).
+        assert {r for r in mine if not isinstance(r, Hold)} <= {402, 429}
     # The small keys ran out (partly held at the end), the large one did not.
-    assert any(r == 402 for r in results[0::3]) and any(r == 402 for r in results[1::3])
+    refused = (402, 429)
+    assert any(r in refused for r in results[0::3]) and any(r in refused for r in results[1::3])
     assert all(isinstance(r, Hold) and r.reserved == want for r in results[2::3])
 
 
