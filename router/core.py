@@ -185,7 +185,7 @@ async def hold(
         held.key_id, held.rpm_limit or settings.default_rpm_limit
     ) or state.key_limits.check_tokens(held.key_id, held.tpm_limit or settings.default_tpm_limit)
     if wait:
-        await release(state.pool, generation_id)
+        await _release_quietly(state, generation_id)
         raise ApiError(
             429,
             "Rate limit reached for this key. Retry after the number of seconds in Retry-After.",
@@ -321,7 +321,7 @@ def finish(state: RouterState, event: UsageEvent, model: Model, route: Route | N
     )
     state.publisher.submit(event)
     if event.cost_usd < event.reserved_usd:
-        state.settler.submit(event.generation_id, event.cost_usd)
+        state.settler.submit(event.generation_id, event.key_hash, event.cost_usd)
 
 
 async def _release_quietly(state: RouterState, generation_id: str) -> None:

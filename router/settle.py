@@ -27,13 +27,13 @@ class Settler:
     def __init__(self, pool: asyncpg.Pool, *, max_batch: int = 1024) -> None:
         self.pool = pool
         self.max_batch = max_batch
-        self._pending: dict[str, Decimal] = {}
+        self._pending: dict[str, tuple[bytes, Decimal]] = {}  # generation id -> key, cost
         self._task: asyncio.Task[None] | None = None
         self._settled = asyncio.Event()  # set after each batch; waiters re-try their hold
 
-    def submit(self, generation_id: str, cost: Decimal) -> None:
+    def submit(self, generation_id: str, key_hash: bytes, cost: Decimal) -> None:
         """Never blocks, never raises: a settle that cannot be made is only a lost speed-up."""
-        self._pending[generation_id] = cost
+        self._pending[generation_id] = (key_hash, cost)
         if self._task is None:
             self._task = asyncio.get_running_loop().create_task(self._flush())
 
@@ -48,27 +48,24 @@ class Settler:
         try:
             while self._pending:
                 ids = list(self._pending)[: self.max_batch]
-                costs = [self._pending.pop(i) for i in ids]
-                for attempt in range(3):
-                    try:
-                        await self.pool.execute(Q.settle_holds, ids, costs)
-                        break
-                    except asyncpg.DeadlockDetectedError:
-                        # With the meter's debit of the same keys; rolled back whole, so safe
-                        # to send again.
-                        if attempt == 2:
-                            log.warning("settling %d holds: deadlock, left to the meter", len(ids))
-                    except DATABASE_DOWN:
-                        log.warning("settling %d holds: database unavailable", len(ids))
-                        break
-                    except Exception as exc:  # the meter settles them anyway
-                        log.warning("settling %d holds failed: %s", len(ids), type(exc).__name__)
-                        break
+                batch = [self._pending.pop(i) for i in ids]
+                try:
+                    await self._send(ids, sorted({k for k, _ in batch}), [c for _, c in batch])
+                except DATABASE_DOWN:
+                    log.warning("settling %d holds: database unavailable", len(ids))
+                except Exception as exc:  # the meter settles them anyway
+                    log.warning("settling %d holds failed: %s", len(ids), type(exc).__name__)
                 # Wake the requests waiting for held-up balance, then arm for the next batch.
                 settled, self._settled = self._settled, asyncio.Event()
                 settled.set()
         finally:
             self._task = None
+
+    async def _send(self, ids: list[str], keys: list[bytes], costs: list[Decimal]) -> None:
+        async with self.pool.acquire() as conn, conn.transaction():
+            await conn.execute(Q.settle_async_commit)
+            await conn.execute(Q.settle_lock_keys, keys)
+            await conn.execute(Q.settle_holds, ids, costs)
 
     async def close(self) -> None:
         """Send what is pending (at shutdown: the meter would release it anyway)."""
