@@ -59,6 +59,14 @@ class Settings(BaseSettings):
     # balance waits this long for them to settle, then gets 429 with Retry-After (402 only
     # when the settled balance cannot pay).
     hold_wait_s: float = Field(default=3.0, ge=0)
+    # Balance leases (docs/billing.md): a router holds up to this share of a key's available
+    # balance at a time and serves its requests' holds from it in memory. 0 turns them off:
+    # every request then takes its own hold in Postgres.
+    lease_share: Decimal = Field(default=Decimal("0.25"), ge=0, le=1)
+    # A lease its router stops renewing (the router died) is released after this long.
+    lease_ttl_s: int = Field(default=60, ge=3)
+    # A lease unused this long is given back.
+    lease_idle_s: float = Field(default=5.0, gt=0)
     # A Messages API stream sends a `ping` event after this long without upstream data, so
     # that clients and proxies do not time out an idle connection; 0 turns it off.
     stream_ping_s: float = Field(default=10.0, ge=0)

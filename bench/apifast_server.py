@@ -21,6 +21,7 @@ import httpx
 from apifast.key_admin import create_key
 from apifast.server.migrations import migrate_database
 from bench.nginx_upstream import NginxUpstream, free_port
+from bench.procstat import cpu_seconds
 
 CHAT_MODEL = "bench-chat"
 STREAM_MODEL = "bench-stream"
@@ -143,12 +144,8 @@ class ApiFastServer:
         raise RuntimeError(f"apifast serve did not become healthy; see {self.log_path}")
 
     def cpu_seconds(self) -> float:
-        """User + system CPU time of the server process so far (Linux /proc)."""
-        if self.proc is None:
-            return 0.0
-        fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
-        ticks = os.sysconf("SC_CLK_TCK")
-        return (int(fields[11]) + int(fields[12])) / ticks
+        """User + system CPU time of the server process so far."""
+        return cpu_seconds(self.proc.pid) if self.proc is not None else 0.0
 
     async def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:

@@ -73,6 +73,9 @@ FIELDS: tuple[EventField, ...] = (
     # it had delivered by then); the meter keeps the latest and bills it only if the final
     # event never comes (its router died).
     EventField("checkpoint", None, 0),
+    # The router's balance lease the request was served from ("" for its own hold): the meter
+    # takes the debit out of that lease's hold.
+    EventField("lease", None, ""),
 )
 EVENT_COLUMNS = tuple(f.name for f in FIELDS if f.column is not None)
 COUNT_FIELDS = tuple(f.name for f in FIELDS if f.column == "UInt32")
@@ -105,6 +108,9 @@ class UsageEvent:
     api: str = "chat"  # the client protocol: chat | messages | responses
     overage_usd: Decimal = ZERO  # priced usage beyond the hold; never charged
     checkpoint: int = 0  # 0: final; n: a running stream's n-th checkpoint
+    lease: str = ""  # the balance lease that holds this request's money, if any
+    # The router's own, never published: settle this hold as soon as the request ends.
+    settle_early: bool = False
 
     def to_bytes(self) -> bytes:
         """The published event: the keys of FIELDS, in order."""
@@ -137,6 +143,7 @@ class UsageEvent:
                 "api": self.api,
                 "overage_usd": str(self.overage_usd),
                 "checkpoint": self.checkpoint,
+                "lease": self.lease,
             }
         )
 
@@ -189,6 +196,9 @@ def event_problem(event: Any) -> str | None:
     checkpoint = event.get("checkpoint", 0)
     if not isinstance(checkpoint, int) or not 0 <= checkpoint < _UINT32:
         return "bad checkpoint"
+    lease = event.get("lease", "")
+    if not isinstance(lease, str) or len(lease) > 200:
+        return "bad lease"
     status = event.get("status", _DEFAULTS["status"])
     if not isinstance(status, int) or not 0 <= status < 1 << 16:
         return "bad status"

@@ -35,11 +35,12 @@ async def debit_batch(pool: asyncpg.Pool, events: list[dict[str, Any]]) -> set[s
     costs = [d for d, _ in debits]
     overages = [o for _, o in debits]
     models = [str(e.get("model", "")) for e in events]
+    leases = [str(e.get("lease") or "") for e in events]
     async with pool.acquire() as conn, conn.transaction():
         # Reservation batches lock keys in key-hash order; taking ours in the same order
         # first means the two can never deadlock.
         await conn.execute(Q.lock_keys_in_order, sorted(set(hashes)))
-        rows = await conn.fetch(Q.settle_usage_batch, ids, hashes, costs, overages, models)
+        rows = await conn.fetch(Q.settle_usage_batch, ids, hashes, costs, overages, models, leases)
     return {r["generation_id"] for r in rows}
 
 

@@ -228,8 +228,11 @@ class EventPublisher:
         if self._pool is None or not self.spool.count or now < self._next_hold_refresh:
             return
         self._next_hold_refresh = now + max(0.5, self._hold_ttl_s / 4)
-        ids = [item[0] for item in map(_item, self.spool.all_lines()) if item is not None]
-        ids += [gid for gid, _ in self._unspooled]
+        items = [item for item in map(_item, self.spool.all_lines()) if item is not None]
+        items += self._unspooled
+        ids = [gid for gid, _ in items]
+        # An event served from a balance lease is held by the lease's row: keep that alive.
+        ids += sorted({lease for _, line in items if (lease := _lease_of(line))})
         try:
             for i in range(0, len(ids), 5000):
                 await self._pool.execute(
@@ -320,6 +323,13 @@ class EventPublisher:
         if self._nc is not None:
             with contextlib.suppress(Exception):
                 await self._nc.drain()
+
+
+def _lease_of(line: bytes) -> str:
+    try:
+        return str(orjson.loads(line).get("lease") or "")
+    except (ValueError, AttributeError):
+        return ""
 
 
 def _item(line: bytes) -> Item | None:

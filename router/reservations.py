@@ -33,6 +33,7 @@ class Hold:
     available: Decimal
     rpm_limit: int | None
     tpm_limit: int | None
+    lease: str = ""  # the balance lease it was taken from (router/leases.py); "": its own row
 
 
 class BalanceHeldUp(ApiError):

@@ -11,6 +11,7 @@ import asyncpg
 from apifast.catalog.live import LiveCatalog
 from apifast.catalog.toml import Catalog
 from apifast.providers import Provider
+from apifast.router.leases import LeaseBook
 from apifast.router.limits import KeyRateLimiter
 from apifast.router.publisher import EventPublisher
 from apifast.router.reservations import Reserver
@@ -32,6 +33,7 @@ class RouterState:
     clickhouse: ClickHouseStore | None = None
     key_limits: KeyRateLimiter = field(default_factory=KeyRateLimiter)
     reserver: Reserver | None = None  # batches holds; None: one round trip per request
+    leases: LeaseBook | None = None  # balance leases; None: every request holds in Postgres
 
     @property
     def catalog(self) -> Catalog:

@@ -31,6 +31,7 @@ from apifast.orders.runtime import start_payments
 from apifast.plugin_manager import make_plugin_manager, provider_types
 from apifast.providers import Provider
 from apifast.router import fast_path
+from apifast.router.leases import LeaseBook
 from apifast.router.publisher import EventPublisher
 from apifast.router.reservations import Reserver
 from apifast.router.routes import install_router
@@ -118,6 +119,17 @@ def create_app(
             stack.push_async_callback(reserver.close)  # before the pool: it holds connections
             settler = Settler(pool)
             stack.push_async_callback(settler.close)
+            leases = None
+            if settings.lease_share > 0:
+                leases = LeaseBook(
+                    pool,
+                    share=settings.lease_share,
+                    ttl_s=settings.lease_ttl_s,
+                    idle_s=settings.lease_idle_s,
+                    hold_ttl_s=settings.reservation_ttl_s,
+                    database_url=settings.database_url,
+                )
+                await leases.start()
             publisher = EventPublisher(
                 settings.nats_url,
                 settings.nats_stream,
@@ -135,6 +147,9 @@ def create_app(
                 stack.push_async_callback(_stop_meter, meter, meter_task, publisher)
             # Drain usage events before the meter stops, so it can still count them.
             stack.push_async_callback(publisher.close)
+            if leases is not None:
+                # First of all (requests are done): give back what the leases do not need.
+                stack.push_async_callback(leases.close)
 
             app.state.apifast = RouterState(
                 settings=settings,
@@ -145,6 +160,7 @@ def create_app(
                 settler=settler,
                 clickhouse=clickhouse,
                 reserver=reserver,
+                leases=leases,
             )
 
             # Every router keeps its catalog current, whether or not it serves the panel.

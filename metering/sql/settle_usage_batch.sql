@@ -1,12 +1,16 @@
 -- Debit a batch of metered requests exactly once: the ledger's UNIQUE (kind, ref) drops
 -- events already counted, and each event's reservation is released with its debit. The
 -- debit never exceeds the event's hold; what an upstream reported beyond it is recorded
--- in usage_overages instead of being charged. A settled stream's checkpoint goes too.
--- $1 generation ids, $2 key hashes, $3 costs (already capped), $4 overages, $5 models.
+-- in usage_overages instead of being charged. A settled stream's checkpoint goes too. An
+-- event served from a router's balance lease ($6, '' for none) takes its cost out of that
+-- lease's hold: the money it held is spent now (docs/billing.md, "Balance leases").
+-- $1 generation ids, $2 key hashes, $3 costs (already capped), $4 overages, $5 models,
+-- $6 lease ids.
 -- Returns the generation ids newly counted.
 WITH ev AS (
-    SELECT * FROM unnest($1::text[], $2::bytea[], $3::numeric[], $4::numeric[], $5::text[])
-        AS e(generation_id, key_hash, cost, overage, model)
+    SELECT * FROM unnest($1::text[], $2::bytea[], $3::numeric[], $4::numeric[], $5::text[],
+                         $6::text[])
+        AS e(generation_id, key_hash, cost, overage, model, lease_id)
 ), ins AS (
     INSERT INTO ledger (key_id, kind, ref, amount_usd)
     SELECT k.id, 'usage', ev.generation_id, -ev.cost
@@ -25,11 +29,25 @@ WITH ev AS (
 ), rel AS (
     DELETE FROM reservations r USING ins WHERE r.generation_id = ins.ref
     RETURNING r.key_id, r.amount_usd
+), lease_use AS (
+    SELECT ev.lease_id, sum(ev.cost) AS cost
+    FROM ins JOIN ev ON ev.generation_id = ins.ref
+    WHERE ev.lease_id <> '' GROUP BY ev.lease_id
+), lease_cut AS (
+    -- The keys are locked (lock_keys_in_order.sql), as by every change to a lease.
+    SELECT r.generation_id, least(u.cost, r.amount_usd) AS amount
+    FROM reservations r JOIN lease_use u ON u.lease_id = r.generation_id
+), spent AS (
+    UPDATE reservations r SET amount_usd = r.amount_usd - c.amount
+    FROM lease_cut c WHERE r.generation_id = c.generation_id
+    RETURNING r.key_id, c.amount
 ), per_key AS (
     SELECT key_id, sum(debit) AS debit, sum(held) AS held FROM (
         SELECT key_id, -amount_usd AS debit, 0::numeric AS held FROM ins
         UNION ALL
         SELECT key_id, 0::numeric, amount_usd FROM rel
+        UNION ALL
+        SELECT key_id, 0::numeric, amount FROM spent
     ) x GROUP BY key_id
 ), upd AS (
     UPDATE api_keys k
