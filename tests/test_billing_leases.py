@@ -14,6 +14,7 @@ from typing import Any
 
 import asyncpg
 import httpx
+import orjson
 import pytest
 
 from apifast.db import Queries
@@ -268,3 +269,67 @@ async def test_two_routers_share_a_key_and_one_is_killed_without_overspending(
     assert all(billed[g["id"]] == Decimal(str(g["usage"]["cost"])) for g in by_b)
     # The dead router's responses are billed at most once each, nothing else was billed.
     assert refs <= {g["id"] for g in by_a + by_b}
+
+
+async def test_a_stream_served_from_a_lease_is_billed_its_checkpoint_when_its_router_dies(
+    database_factory: Callable[[str], str], nats_url: str, clickhouse_url: str,
+    clickhouse_database: str, fake_openai: FakeOpenAI, tmp_path: Path,
+) -> None:  # fmt: skip
+    settings = _two_router_settings(database_factory, nats_url, clickhouse_url,
+                                    clickhouse_database, fake_openai, tmp_path)  # fmt: skip
+    await migrate_database(settings.database_url)
+    router = RouterProcess(settings, tmp_path / "r", name="r", LEASE_TTL_S="3",
+                           STREAM_CHECKPOINT_S="0.2")  # fmt: skip
+    router.start()
+    pool = await asyncpg.create_pool(settings.database_url, min_size=1, max_size=2)
+    try:
+        await router.wait_ready()
+        async with InProcessMeter(settings):
+            async with pool.acquire() as conn, conn.transaction():
+                key, key_id, _ = await insert_key(conn, SECRET.encode(), Decimal("20.00"))
+            headers = {"Authorization": f"Bearer {key}"}
+            async with httpx.AsyncClient(base_url=router.base_url, headers=headers,
+                                         timeout=30) as c:  # fmt: skip
+                warm = []
+                while not await pool.fetch(LEASES):
+                    assert len(warm) < 200, "no lease was taken"
+                    r = await c.post("/v1/chat/completions", json=BODY)
+                    warm.append(r.json()["id"])
+                slow = {**BODY, "stream": True,
+                        "messages": [{"role": "user", "content": "hi [[slow:0.4]]"}]}  # fmt: skip
+                async with c.stream("POST", "/v1/chat/completions", json=slow) as s:
+                    lines = s.aiter_lines()
+                    first = ""
+                    async for line in lines:
+                        if line.startswith("data: {"):
+                            first = line
+                            break
+                    generation_id = orjson.loads(first[6:])["id"]
+                    await asyncio.sleep(1.0)  # some words and checkpoints later
+                    assert await router.kill() == -signal.SIGKILL
+            # No hold of its own: the lease's row holds it, and expires; then the meter
+            # bills the stream's last checkpoint, once, out of the lease.
+            for _ in range(600):
+                billed = await pool.fetchval(
+                    "SELECT -amount_usd FROM ledger WHERE kind = 'usage' AND ref = $1",
+                    generation_id,
+                )
+                if billed is not None and not await pool.fetchval(
+                    "SELECT count(*) FROM reservations WHERE key_id = $1", key_id
+                ):
+                    break
+                await asyncio.sleep(0.05)
+            else:
+                raise AssertionError("the stream was never billed, or its lease never released")
+            row = await pool.fetchrow(
+                "SELECT balance_usd, reserved_usd FROM api_keys WHERE id = $1", key_id
+            )
+            charged = -await pool.fetchval(
+                "SELECT sum(amount_usd) FROM ledger WHERE kind = 'usage' AND key_id = $1", key_id
+            )
+    finally:
+        await pool.close()
+        await router.kill()
+    assert billed > 0
+    assert row["reserved_usd"] == 0
+    assert row["balance_usd"] == Decimal("20.00") - charged
