@@ -1,8 +1,10 @@
-"""POST /v1/chat/completions answered straight from ASGI, without the framework's routing,
-middleware and response classes, which cost more CPU than the proxying itself.
+"""POST /v1/chat/completions, /v1/messages and /v1/responses answered straight from ASGI,
+without the framework's routing, middleware and response classes, which cost more CPU than
+the proxying itself.
 
-The work is the adapters' (`chat.handle_chat`, ...), shared with the FastAPI routes (which
-still serve the OpenAPI schema). Answers are byte-for-byte those of the routes: the same
+The work is the adapters' (`chat.handle_chat`, `messages.handle_message`,
+`responses.handle_response`), shared with the FastAPI routes (which still serve the
+OpenAPI schema). Answers are byte-for-byte those of the routes: the same
 statuses, headers and bodies, and a client that disconnects mid-stream is billed for what
 it received.
 """
@@ -11,6 +13,8 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 
 from starlette.requests import ClientDisconnect
 from starlette.types import Message, Receive, Scope, Send
@@ -20,44 +24,67 @@ from apifast.errors import ApiError, internal_error
 from apifast.request_body import read_asgi_body
 from apifast.router.chat import handle_chat
 from apifast.router.core import Reply
+from apifast.router.messages import authorization_from, handle_message
 from apifast.router.relay import next_step
+from apifast.router.responses import handle_response
 from apifast.router.state import RouterState
 
-CHAT_PATH = "/v1/chat/completions"
 _JSON = b"application/json"
 _SSE = b"text/event-stream; charset=utf-8"
+Handler = Callable[[RouterState, bytes, bytes, float], Awaitable[Reply]]
+
+
+@dataclass(frozen=True, slots=True)
+class Endpoint:
+    handle: Handler
+    anthropic: bool = False  # Anthropic's error shape, and its x-api-key header
+
+
+ENDPOINTS = {
+    "/v1/chat/completions": Endpoint(handle_chat),
+    "/v1/messages": Endpoint(handle_message, anthropic=True),
+    "/v1/responses": Endpoint(handle_response),
+}
 
 
 def handles(scope: Scope) -> bool:
     return bool(
-        scope["type"] == "http" and scope["path"] == CHAT_PATH and scope["method"] == "POST"
+        scope["type"] == "http" and scope["method"] == "POST" and scope["path"] in ENDPOINTS
     )
 
 
 async def serve(state: RouterState, scope: Scope, receive: Receive, send: Send) -> None:
     started = time.time()
-    authorization = content_length = None
+    path = scope["path"]
+    endpoint = ENDPOINTS[path]
+    authorization = x_api_key = content_length = None
     for name, value in scope["headers"]:
         # First occurrence wins, as with Starlette's Headers.get().
         if name == b"authorization":
             if authorization is None:
                 authorization = value.decode("latin-1")
-        elif name == b"content-length" and content_length is None:
-            content_length = value.decode("latin-1")
+        elif name == b"content-length":
+            if content_length is None:
+                content_length = value.decode("latin-1")
+        elif name == b"x-api-key" and x_api_key is None and endpoint.anthropic:
+            x_api_key = value.decode("latin-1")
     try:
+        if endpoint.anthropic:
+            authorization = authorization_from(x_api_key, authorization)
         key_hash = key_hash_from_header(authorization, state.secret)
         settings = state.settings
         raw = await read_asgi_body(
             content_length, receive, settings.max_body_bytes, settings.body_read_timeout_s
         )
-        reply = await handle_chat(state, key_hash, raw, started)
+        reply = await endpoint.handle(state, key_hash, raw, started)
     except ApiError as exc:
-        await exc.response()(scope, receive, send)
+        await exc.response(endpoint.anthropic)(scope, receive, send)
         return
     except ClientDisconnect:
         return
     except Exception as exc:
-        await internal_error(exc, "POST", CHAT_PATH).response()(scope, receive, send)
+        error = internal_error(exc, "POST", path)
+        await error.response(endpoint.anthropic)(scope, receive, send)
         return
     headers = [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in reply.headers.items()]
     if reply.stream is None:

@@ -21,7 +21,7 @@ from apifast.errors import ApiError
 from apifast.providers import ChatRequest, UpstreamError
 from apifast.request_body import parse_json_object, read_body
 from apifast.router.anthropic_shape import MessagesRenderer, chat_body, native_body
-from apifast.router.core import Generation, authenticate, generate, resolve
+from apifast.router.core import Generation, Reply, authenticate, generate, resolve
 from apifast.router.media import media_token_bound
 from apifast.router.prompt_bound import prompt_token_bound
 from apifast.router.state import RouterState
@@ -54,35 +54,28 @@ _MESSAGES_SCHEMA = {
 
 def authorization(request: Request) -> str | None:
     """`x-api-key: af-...` (what the anthropic SDK sends) or `Authorization: Bearer af-...`."""
-    key = request.headers.get("x-api-key")
-    if key is not None:
-        return f"Bearer {key.strip()}"
-    return request.headers.get("authorization")
+    return authorization_from(
+        request.headers.get("x-api-key"), request.headers.get("authorization")
+    )
+
+
+def authorization_from(x_api_key: str | None, authorization: str | None) -> str | None:
+    if x_api_key is not None:
+        return f"Bearer {x_api_key.strip()}"
+    return authorization
 
 
 @api.post("/v1/messages", openapi_extra=_MESSAGES_SCHEMA)
 async def create_message(request: Request) -> Response:
-    # anthropic-version and anthropic-beta are accepted and ignored.
+    # The server normally answers this path in router/fast_path.py, without the framework;
+    # this route serves the OpenAPI schema and any request the fast path passes on.
     state: RouterState = request.app.state.apifast
     started = time.time()
     settings = state.settings
     try:
         key_hash = authenticate(state, authorization(request))
         raw = await read_body(request, settings.max_body_bytes, settings.body_read_timeout_s)
-        body = parse_json_object(raw)
-        model = resolve(state, model_name(body), "chat")
-        chat, _ = chat_body(body)
-        gen = Generation(
-            body=chat,
-            stream=bool(chat.get("stream")),
-            input_bound=prompt_token_bound(chat),
-            max_output=chat["max_tokens"],
-            endpoint="chat",
-            api="messages",
-            input_bytes=len(raw),
-            native=native_body(body),
-        )
-        reply = await generate(state, key_hash, model, gen, MessagesRenderer(model.id), started)
+        reply = await handle_message(state, key_hash, raw, started)
     except ApiError as exc:
         return exc.response(anthropic=True)
     if reply.stream is not None:
@@ -90,6 +83,25 @@ async def create_message(request: Request) -> Response:
             reply.stream, media_type="text/event-stream", headers=reply.headers
         )
     return Response(reply.content, media_type="application/json", headers=reply.headers)
+
+
+async def handle_message(state: RouterState, key_hash: bytes, raw: bytes, started: float) -> Reply:
+    """Parse, translate and hand over to the core; raises ApiError on refusal.
+    anthropic-version and anthropic-beta are accepted and ignored."""
+    body = parse_json_object(raw)
+    model = resolve(state, model_name(body), "chat")
+    chat, _ = chat_body(body)
+    gen = Generation(
+        body=chat,
+        stream=bool(chat.get("stream")),
+        input_bound=prompt_token_bound(chat),
+        max_output=chat["max_tokens"],
+        endpoint="chat",
+        api="messages",
+        input_bytes=len(raw),
+        native=native_body(body),
+    )
+    return await generate(state, key_hash, model, gen, MessagesRenderer(model.id), started)
 
 
 @api.post("/v1/messages/count_tokens")

@@ -13,7 +13,7 @@ from starlette.responses import Response, StreamingResponse
 
 from apifast.errors import ApiError
 from apifast.request_body import parse_json_object, read_body
-from apifast.router.core import Generation, authenticate, generate, resolve
+from apifast.router.core import Generation, Reply, authenticate, generate, resolve
 from apifast.router.prompt_bound import prompt_token_bound
 from apifast.router.responses_input import chat_body
 from apifast.router.responses_shape import ResponsesRenderer, request_echo
@@ -47,11 +47,23 @@ _RESPONSES_SCHEMA = {
 
 @api.post("/v1/responses", openapi_extra=_RESPONSES_SCHEMA)
 async def create_response(request: Request) -> Response:
+    # The server normally answers this path in router/fast_path.py, without the framework;
+    # this route serves the OpenAPI schema and any request the fast path passes on.
     state: RouterState = request.app.state.apifast
     started = time.time()
     settings = state.settings
     key_hash = authenticate(state, request.headers.get("authorization"))
     raw = await read_body(request, settings.max_body_bytes, settings.body_read_timeout_s)
+    reply = await handle_response(state, key_hash, raw, started)
+    if reply.stream is not None:
+        return StreamingResponse(
+            reply.stream, media_type="text/event-stream", headers=reply.headers
+        )
+    return Response(reply.content, media_type="application/json", headers=reply.headers)
+
+
+async def handle_response(state: RouterState, key_hash: bytes, raw: bytes, started: float) -> Reply:
+    """Parse, translate and hand over to the core; raises ApiError on refusal."""
     body = parse_json_object(raw)
     model = resolve(state, model_name(body), "chat")
     chat, _ = chat_body(body)
@@ -65,12 +77,7 @@ async def create_response(request: Request) -> Response:
         input_bytes=len(raw),
     )
     renderer = ResponsesRenderer(model.id, started, request_echo(body))
-    reply = await generate(state, key_hash, model, gen, renderer, started)
-    if reply.stream is not None:
-        return StreamingResponse(
-            reply.stream, media_type="text/event-stream", headers=reply.headers
-        )
-    return Response(reply.content, media_type="application/json", headers=reply.headers)
+    return await generate(state, key_hash, model, gen, renderer, started)
 
 
 @api.get("/v1/responses/{response_id}")
