@@ -35,7 +35,7 @@ Response (Anthropic -> OpenAI):
 
 Provider options (extra keys of `[providers.NAME]`): `default_max_tokens` (4096),
 `native_structured_outputs` (false), `anthropic_beta` (a string or list, sent as the
-`anthropic-beta` header), `max_connections` (0 = unlimited).
+`anthropic-beta` header), `max_connections` (4096; 0 = unlimited).
 """
 
 from __future__ import annotations
@@ -49,7 +49,13 @@ from typing import Any
 import orjson
 
 from apifast import hookimpl
-from apifast.plugins.providers.http1 import Http1Client, HttpError, Response, encode_headers
+from apifast.plugins.providers.http1 import (
+    Http1Client,
+    HttpError,
+    Response,
+    connection_limit,
+    encode_headers,
+)
 from apifast.plugins.providers.sse import SseDecoder
 from apifast.providers import (
     ChatRequest,
@@ -65,7 +71,6 @@ from apifast.providers import (
 
 ANTHROPIC_VERSION = "2023-06-01"
 DEFAULT_BASE_URL = "https://api.anthropic.com"
-_UNLIMITED = 1 << 20  # max_connections = 0: no limit of our own
 DEFAULT_MAX_TOKENS = 4096
 
 FINISH_REASONS = {
@@ -583,7 +588,7 @@ class AnthropicProvider(Provider):
             # The lean keep-alive client the OpenAI plugin uses: aiohttp cost ~10x the CPU.
             self._client = Http1Client(
                 self._base_url,
-                limit=int(self.config.options.get("max_connections", 0)) or _UNLIMITED,
+                limit=connection_limit(self.config.options),
                 connect_timeout=self.config.connect_timeout_s,
                 read_timeout=self.config.read_timeout_s,
                 keepalive_s=30,

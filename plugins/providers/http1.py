@@ -14,7 +14,7 @@ import asyncio
 import ssl
 import zlib
 from collections import deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from urllib.parse import urlsplit
 
 import httptools
@@ -30,6 +30,16 @@ class HttpError(Exception):
 
 class HttpTimeout(HttpError, TimeoutError):
     """Connecting, or waiting for the next bytes of an answer, took too long."""
+
+
+DEFAULT_CONNECTIONS = 4096  # each open stream holds one: a gateway holds thousands at once
+
+
+def connection_limit(options: Mapping[str, object]) -> int:
+    """A provider's `max_connections` option: DEFAULT_CONNECTIONS when unset, 0 for none."""
+    value = options.get("max_connections", DEFAULT_CONNECTIONS)
+    limit = int(value) if isinstance(value, (int, str)) else DEFAULT_CONNECTIONS
+    return limit if limit > 0 else 1 << 30
 
 
 def encode_headers(headers: dict[str, str]) -> bytes:

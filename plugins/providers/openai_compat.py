@@ -12,7 +12,13 @@ from typing import Any
 import orjson
 
 from apifast import hookimpl
-from apifast.plugins.providers.http1 import Http1Client, HttpError, HttpTimeout, encode_headers
+from apifast.plugins.providers.http1 import (
+    Http1Client,
+    HttpError,
+    HttpTimeout,
+    connection_limit,
+    encode_headers,
+)
 from apifast.plugins.providers.sse import sse_data
 from apifast.providers import (
     ChatRequest,
@@ -55,7 +61,7 @@ class OpenAIProvider(Provider):
         # A lean keep-alive client: aiohttp cost ~10x the CPU per call (bench/README.md).
         self._client = Http1Client(
             self.config.base_url,
-            limit=int(self.config.options.get("max_connections", 512)),
+            limit=connection_limit(self.config.options),
             connect_timeout=self.config.connect_timeout_s,
             read_timeout=self.config.read_timeout_s,
             keepalive_s=30,
