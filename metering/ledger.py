@@ -25,6 +25,11 @@ def capped_debit(event: dict[str, Any]) -> tuple[Decimal, Decimal]:
     return cost, overage
 
 
+def _count(event: dict[str, Any], name: str) -> int:
+    value = event.get(name)
+    return value if type(value) is int and value > 0 else 0
+
+
 async def debit_batch(pool: asyncpg.Pool, events: list[dict[str, Any]]) -> set[str]:
     """Debit each event's cost (capped at its hold; the excess recorded as an overage) and
     release its hold, in one transaction; events already in the ledger are skipped. Returns
@@ -36,11 +41,14 @@ async def debit_batch(pool: asyncpg.Pool, events: list[dict[str, Any]]) -> set[s
     overages = [o for _, o in debits]
     models = [str(e.get("model", "")) for e in events]
     leases = [str(e.get("lease") or "") for e in events]
+    tokens = [_count(e, "input_tokens") + _count(e, "output_tokens") for e in events]
     async with pool.acquire() as conn, conn.transaction():
         # Reservation batches lock keys in key-hash order; taking ours in the same order
         # first means the two can never deadlock.
         await conn.execute(Q.lock_keys_in_order, sorted(set(hashes)))
-        rows = await conn.fetch(Q.settle_usage_batch, ids, hashes, costs, overages, models, leases)
+        rows = await conn.fetch(
+            Q.settle_usage_batch, ids, hashes, costs, overages, models, leases, tokens
+        )
     return {r["generation_id"] for r in rows}
 
 
@@ -71,3 +79,4 @@ async def drop_settled_checkpoints(pool: asyncpg.Pool) -> None:
 
 async def release_expired(pool: asyncpg.Pool) -> None:
     await pool.execute(Q.release_expired_reservations)
+    await pool.execute(Q.prune_rate_windows)

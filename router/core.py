@@ -40,7 +40,14 @@ from apifast.providers import (
 )
 from apifast.router.media import media_token_bound
 from apifast.router.relay import Waiting, close_quietly, next_step
-from apifast.router.reservations import DATABASE_DOWN, BalanceHeldUp, Hold, release, reserve
+from apifast.router.reservations import (
+    DATABASE_DOWN,
+    BalanceHeldUp,
+    Hold,
+    rate_limited,
+    release,
+    reserve,
+)
 from apifast.router.state import RouterState
 
 log = logging.getLogger("apifast.router")
@@ -187,12 +194,7 @@ async def hold(
     ) or state.key_limits.check_tokens(held.key_id, held.tpm_limit or settings.default_tpm_limit)
     if wait:
         await give_back(state, generation_id, held.lease, held.reserved)
-        raise ApiError(
-            429,
-            "Rate limit reached for this key. Retry after the number of seconds in Retry-After.",
-            code="rate_limit_exceeded",
-            headers={"Retry-After": str(max(1, round(wait + 0.5)))},
-        )
+        raise rate_limited(wait)
     return held
 
 
@@ -234,8 +236,11 @@ async def _reserve(
 ) -> Hold:
     if state.reserver is not None:
         return await state.reserver.reserve(key_hash, generation_id, min_usd, max_usd)
-    ttl_s = state.settings.reservation_ttl_s
-    return await reserve(state.pool, key_hash, generation_id, min_usd, max_usd, ttl_s)
+    s = state.settings
+    return await reserve(
+        state.pool, key_hash, generation_id, min_usd, max_usd, s.reservation_ttl_s,
+        s.default_rpm_limit, s.default_tpm_limit,
+    )  # fmt: skip
 
 
 class RoutesFailed(Exception):

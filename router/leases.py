@@ -87,6 +87,7 @@ class LeaseBook:
         idle_s: float,
         hold_ttl_s: int,
         database_url: str = "",
+        default_limits: bool = False,
     ) -> None:
         self.pool = pool
         self.share = share
@@ -94,6 +95,10 @@ class LeaseBook:
         self.idle_s = idle_s
         self.hold_ttl_s = hold_ttl_s
         self.database_url = database_url
+        # Rate limits are counted in Postgres per request (router/migrations/postgres/
+        # 0009_global_rate_limits.sql), so that they hold across routers: a key with a
+        # limit is held per request, never from a lease.
+        self.default_limits = default_limits
         self.router_id = secrets.token_hex(6)
         # Renewed with half the TTL left; never served from within `margin` of expiry.
         self._margin = max(2.0, ttl_s / 10)
@@ -151,6 +156,8 @@ class LeaseBook:
         """After a hold in Postgres: open a lease for the key if it is busy (LEASE_AFTER
         holds within a tick) and its balance is large enough."""
         if key_hash in self._live or key_hash in self._opening or self.share <= 0:
+            return
+        if held.rpm_limit or held.tpm_limit or self.default_limits:
             return
         seen = self._busy.get(key_hash, 0) + 1
         if seen < LEASE_AFTER:
@@ -225,9 +232,12 @@ class LeaseBook:
         try:
             started = time.monotonic()
             row = await self.pool.fetchrow(
-                Q.lease_grow, key_hash, lease_id, want, self.share, want, self.ttl_s
+                Q.lease_grow, key_hash, lease_id, want, self.share, want, self.ttl_s, True
             )
             if row is None or row["disabled"] or row["granted"] <= 0:
+                return
+            if row["rpm_limit"] or row["tpm_limit"]:  # limited meanwhile: give it back
+                await self._give_back_row(lease_id, row["granted"])
                 return
             lease = Lease(
                 lease_id=lease_id,
@@ -262,9 +272,14 @@ class LeaseBook:
             started = time.monotonic()
             row = await self.pool.fetchrow(
                 Q.lease_grow, lease.key_hash, lease.lease_id, want, self.share, lease.bound,
-                self.ttl_s,
+                self.ttl_s, False,
             )  # fmt: skip
-            if row is None or row["disabled"]:
+            if row is not None and not row["existed"]:
+                log.warning("leases: lease of key %d expired before renewal", lease.key_id)
+                self._retire(lease)
+                self._all.pop(lease.lease_id, None)
+                return
+            if row is None or row["disabled"] or row["rpm_limit"] or row["tpm_limit"]:
                 self._retire(lease)
                 return
             if row["granted"] > 0:
@@ -323,18 +338,19 @@ class LeaseBook:
     async def _check_keys(self) -> None:
         """Retire the leases whose key was disabled or overdrawn (a manual debit), and
         forget those whose row is gone (it expired: this router was stalled or cut off)."""
-        rows = await self.pool.fetch(Q.lease_state, list(self._all))
+        asked = list(self._all.items())  # a lease opened during the query is not judged
+        rows = await self.pool.fetch(Q.lease_state, [lease_id for lease_id, _ in asked])
         found = {r["generation_id"]: r for r in rows}
-        for lease_id, lease in list(self._all.items()):
+        for lease_id, lease in asked:
             row = found.get(lease_id)
             if row is None:
                 if not lease.retired:
                     log.warning("leases: lease of key %d expired before renewal", lease.key_id)
                 self._retire(lease)
-                del self._all[lease_id]
+                self._all.pop(lease_id, None)
                 continue
-            lease.rpm_limit, lease.tpm_limit = row["rpm_limit"], row["tpm_limit"]
-            if row["disabled"] or row["available"] < 0:
+            limited = row["rpm_limit"] or row["tpm_limit"]
+            if row["disabled"] or row["available"] < 0 or limited:
                 self._retire(lease)
 
     async def _give_back(self, leases: list[tuple[Lease, Decimal]]) -> bool:
@@ -349,6 +365,12 @@ class LeaseBook:
             lease.amount -= amount
         return True
 
+    async def _give_back_row(self, lease_id: str, amount: Decimal) -> None:
+        async with self.pool.acquire() as conn, conn.transaction():
+            await conn.execute(Q.lease_lock_keys, [lease_id])
+            await conn.execute(Q.lease_shrink, [lease_id], [amount])
+            await conn.execute(Q.lease_drop_empty, [lease_id])
+
     async def _drop_empty(self) -> None:
         done = [i for i, lease in self._all.items() if lease.retired and lease.in_use <= 0]
         if not done:
@@ -359,7 +381,7 @@ class LeaseBook:
             left = {r["generation_id"] for r in await conn.fetch(Q.lease_state, done)}
         for lease_id in done:
             if lease_id not in left:  # dropped; one still holding undebited costs stays
-                del self._all[lease_id]
+                self._all.pop(lease_id, None)
 
     async def _renew(self, leases: list[Lease], ttl_s: int) -> None:
         ids = [lease.lease_id for lease in leases]

@@ -13,8 +13,8 @@ class KeyRateLimiter:
 
     The limits come from the key's row (`rpm_limit`, `tpm_limit`; NULL means none), read by
     the same round trip that reserves its funds. Tokens are those of finished requests in
-    the window. Limits are per router process; with N replicas a key may reach N times its
-    limit.
+    the window. This is each router's own window; the same round trip also counts the
+    request in Postgres, which holds the limits across routers (docs/billing.md, "Limits").
     """
 
     def __init__(self, window_s: float = _WINDOW_S) -> None:

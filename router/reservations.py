@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any
@@ -50,6 +51,15 @@ class BalanceHeldUp(ApiError):
         )
 
 
+def rate_limited(wait_s: float) -> ApiError:
+    return ApiError(
+        429,
+        "Rate limit reached for this key. Retry after the number of seconds in Retry-After.",
+        code="rate_limit_exceeded",
+        headers={"Retry-After": str(max(1, round(wait_s + 0.5)))},
+    )
+
+
 def _unavailable() -> ApiError:
     # No hold, no service: a paid request is never served unbilled.
     return ApiError(
@@ -74,6 +84,8 @@ def _hold_or_refuse(row: Any, min_usd: Decimal) -> Hold:
         raise ApiError(401, "Invalid API key.", code="invalid_api_key")
     if status == "disabled":
         raise ApiError(401, "This API key has been disabled.", code="key_disabled")
+    if status == "rate_limited":
+        raise rate_limited(60 - time.time() % 60)  # the window is the database's minute
     available = row["available_usd"]
     in_flight = row["reserved_usd"]
     if in_flight > 0 and available + in_flight >= min_usd:
@@ -94,10 +106,15 @@ async def reserve(
     min_usd: Decimal,
     max_usd: Decimal,
     ttl_s: int,
+    default_rpm: int = 0,
+    default_tpm: int = 0,
 ) -> Hold:
-    """Hold between `min_usd` and `max_usd` of the key's available balance, or refuse."""
+    """Hold between `min_usd` and `max_usd` of the key's available balance and count the
+    request toward the key's limits (those of its row, else the defaults), or refuse."""
     try:
-        row = await pool.fetchrow(Q.reserve, key_hash, generation_id, min_usd, max_usd, ttl_s)
+        row = await pool.fetchrow(
+            Q.reserve, key_hash, generation_id, min_usd, max_usd, ttl_s, default_rpm, default_tpm
+        )
     except DATABASE_DOWN:
         raise _unavailable() from None
     assert row is not None
@@ -115,10 +132,19 @@ class Reserver:
     cost Postgres and this process far less CPU. The rules per request are the same."""
 
     def __init__(
-        self, pool: asyncpg.Pool, ttl_s: int, *, max_inflight: int = 2, max_batch: int = 256
+        self,
+        pool: asyncpg.Pool,
+        ttl_s: int,
+        *,
+        default_rpm: int = 0,
+        default_tpm: int = 0,
+        max_inflight: int = 2,
+        max_batch: int = 256,
     ) -> None:
         self.pool = pool
         self.ttl_s = ttl_s
+        self.default_rpm = default_rpm
+        self.default_tpm = default_tpm
         self.max_inflight = max_inflight
         self.max_batch = max_batch
         self._pending: list[_Ask] = []
@@ -213,6 +239,8 @@ class Reserver:
             [a[2] for a in batch],
             [a[3] for a in batch],
             self.ttl_s,
+            self.default_rpm,
+            self.default_tpm,
         )
         for attempt in range(3):
             try:

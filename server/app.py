@@ -115,7 +115,12 @@ def create_app(
                 await clickhouse.start()
                 stack.push_async_callback(clickhouse.close)
 
-            reserver = Reserver(pool, settings.reservation_ttl_s)
+            reserver = Reserver(
+                pool,
+                settings.reservation_ttl_s,
+                default_rpm=settings.default_rpm_limit,
+                default_tpm=settings.default_tpm_limit,
+            )
             stack.push_async_callback(reserver.close)  # before the pool: it holds connections
             settler = Settler(pool)
             stack.push_async_callback(settler.close)
@@ -128,6 +133,7 @@ def create_app(
                     idle_s=settings.lease_idle_s,
                     hold_ttl_s=settings.reservation_ttl_s,
                     database_url=settings.database_url,
+                    default_limits=bool(settings.default_rpm_limit or settings.default_tpm_limit),
                 )
                 await leases.start()
             publisher = EventPublisher(

@@ -4,13 +4,15 @@
 -- in usage_overages instead of being charged. A settled stream's checkpoint goes too. An
 -- event served from a router's balance lease ($6, '' for none) takes its cost out of that
 -- lease's hold: the money it held is spent now (docs/billing.md, "Balance leases").
+-- The tokens of rate-limited keys (those counting requests in key_rate_windows) are counted
+-- toward this minute's tpm.
 -- $1 generation ids, $2 key hashes, $3 costs (already capped), $4 overages, $5 models,
--- $6 lease ids.
+-- $6 lease ids, $7 tokens (input + output).
 -- Returns the generation ids newly counted.
 WITH ev AS (
     SELECT * FROM unnest($1::text[], $2::bytea[], $3::numeric[], $4::numeric[], $5::text[],
-                         $6::text[])
-        AS e(generation_id, key_hash, cost, overage, model, lease_id)
+                         $6::text[], $7::bigint[])
+        AS e(generation_id, key_hash, cost, overage, model, lease_id, tokens)
 ), ins AS (
     INSERT INTO ledger (key_id, kind, ref, amount_usd)
     SELECT k.id, 'usage', ev.generation_id, -ev.cost
@@ -41,6 +43,17 @@ WITH ev AS (
     UPDATE reservations r SET amount_usd = r.amount_usd - c.amount
     FROM lease_cut c WHERE r.generation_id = c.generation_id
     RETURNING r.key_id, c.amount
+), used AS (
+    SELECT ins.key_id, sum(ev.tokens) AS tokens
+    FROM ins JOIN ev ON ev.generation_id = ins.ref GROUP BY ins.key_id
+), counted AS (
+    INSERT INTO key_rate_windows AS w (key_id, minute, tokens)
+    SELECT used.key_id, floor(extract(epoch FROM now()) / 60), used.tokens FROM used
+    WHERE used.tokens > 0 AND EXISTS (
+        SELECT 1 FROM key_rate_windows r
+        WHERE r.key_id = used.key_id AND r.minute >= floor(extract(epoch FROM now()) / 60) - 1
+    )
+    ON CONFLICT (key_id, minute) DO UPDATE SET tokens = w.tokens + excluded.tokens
 ), per_key AS (
     SELECT key_id, sum(debit) AS debit, sum(held) AS held FROM (
         SELECT key_id, -amount_usd AS debit, 0::numeric AS held FROM ins
