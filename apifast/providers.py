@@ -107,17 +107,27 @@ class UpstreamError(Exception):
     not contain request or response content.
     """
 
-    def __init__(self, status: int | None, message: str = "", *, retryable: bool | None = None):
+    def __init__(
+        self,
+        status: int | None,
+        message: str = "",
+        *,
+        retryable: bool | None = None,
+        cause: str = "",
+    ):
         super().__init__(message or f"upstream status {status}")
         self.status = status
         self.retryable = (
             retryable if retryable is not None else status is None or status == 429 or status >= 500
         )
+        # For operators' logs, a class never a text: refused | dns | tls | timeout | reset |
+        # protocol | closed | http (an HTTP error status) | unknown.
+        self.cause = cause or ("http" if status is not None else "unknown")
 
 
 class UpstreamTimeout(UpstreamError):
     def __init__(self, message: str = "upstream timed out"):
-        super().__init__(None, message, retryable=True)
+        super().__init__(None, message, retryable=True, cause="timeout")
 
 
 class Provider:

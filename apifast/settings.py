@@ -63,6 +63,9 @@ class Settings(BaseSettings):
     # balance at a time and serves its requests' holds from it in memory. 0 turns them off:
     # every request then takes its own hold in Postgres.
     lease_share: Decimal = Field(default=Decimal("0.25"), ge=0, le=1)
+    # A key gets a lease on a router once that router holds this many of its requests in
+    # Postgres within a second: below that, a lease saves little.
+    lease_min_rps: int = Field(default=200, ge=1)
     # A lease its router stops renewing (the router died) is released after this long.
     lease_ttl_s: int = Field(default=60, ge=3)
     # A lease unused this long is given back.
@@ -76,6 +79,8 @@ class Settings(BaseSettings):
     default_tpm_limit: int = Field(default=0, ge=0)
 
     log_level: str = "INFO"
+    # "json": one JSON object per line (ts, level, logger, message), for log collectors.
+    log_format: Literal["text", "json"] = "text"
     workers: int = Field(default=1, ge=1)
 
     # Credit bounds for orders (issue #3 uses these); kept here so every part reads one class.

@@ -5,15 +5,39 @@ from __future__ import annotations
 import contextlib
 import logging
 from collections.abc import Iterator
+from datetime import UTC, datetime
+
+import orjson
 
 from apifast.settings import Settings
 
 
 def configure_logging(settings: Settings) -> None:
+    if settings.log_format == "json":
+        handler = logging.StreamHandler()
+        handler.setFormatter(JsonFormatter())
+        logging.basicConfig(level=settings.log_level.upper(), handlers=[handler], force=True)
+        return
     logging.basicConfig(
         level=settings.log_level.upper(),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line. An exception is named by its type only: its text, or a
+    traceback's, could carry request content."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry: dict[str, object] = {
+            "ts": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds"),
+            "level": record.levelname,
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        if record.exc_info and record.exc_info[0] is not None:
+            entry["exception"] = record.exc_info[0].__name__
+        return orjson.dumps(entry).decode()
 
 
 @contextlib.contextmanager

@@ -265,8 +265,8 @@ async def call_routes(
             last = exc
             # Status only: upstream error bodies may echo the prompt.
             log.warning(
-                "model %s route %s failed: status=%s %s",
-                model.id, route.provider, exc.status, type(exc).__name__,
+                "model %s route %s failed: status=%s cause=%s %s",
+                model.id, route.provider, exc.status, exc.cause, type(exc).__name__,
             )  # fmt: skip
             if not exc.retryable:
                 break

@@ -44,9 +44,6 @@ ZERO = Decimal(0)
 # available balance (times lease_share) is below that gets no lease.
 LEASE_REQUESTS = 16
 TICK_S = 1.0  # the housekeeping period: growth, idle give-back, key state, renewal
-# A key gets a lease once this many of its requests held in Postgres within one tick: one
-# that is seldom used gains little from a lease and would only see its balance held longer.
-LEASE_AFTER = 8
 # A lease holds about this many ticks of its recent use (peak in flight plus spend).
 HORIZON_TICKS = 2
 
@@ -88,6 +85,7 @@ class LeaseBook:
         hold_ttl_s: int,
         database_url: str = "",
         default_limits: bool = False,
+        min_rps: int = 200,
     ) -> None:
         self.pool = pool
         self.share = share
@@ -99,6 +97,9 @@ class LeaseBook:
         # 0009_global_rate_limits.sql), so that they hold across routers: a key with a
         # limit is held per request, never from a lease.
         self.default_limits = default_limits
+        # A key gets a lease once this many of its requests were held in Postgres within one
+        # tick: one seldom used gains little and would only see its balance held longer.
+        self.min_rps = min_rps
         self.router_id = secrets.token_hex(6)
         # Renewed with half the TTL left; never served from within `margin` of expiry.
         self._margin = max(2.0, ttl_s / 10)
@@ -153,14 +154,14 @@ class LeaseBook:
             self._wake.set()
 
     def consider(self, key_hash: bytes, held: Hold, bound: Decimal) -> None:
-        """After a hold in Postgres: open a lease for the key if it is busy (LEASE_AFTER
-        holds within a tick) and its balance is large enough."""
+        """After a hold in Postgres: open a lease for the key if it is busy (`min_rps` holds
+        within a tick) and its balance is large enough."""
         if key_hash in self._live or key_hash in self._opening or self.share <= 0:
             return
         if held.rpm_limit or held.tpm_limit or self.default_limits:
             return
         seen = self._busy.get(key_hash, 0) + 1
-        if seen < LEASE_AFTER:
+        if seen < self.min_rps:
             self._busy[key_hash] = seen
             return
         want = bound * LEASE_REQUESTS

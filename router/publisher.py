@@ -34,6 +34,7 @@ log = logging.getLogger("apifast.publisher")
 
 _BATCH = 256
 _PUBLISH_TIMEOUT_S = 2.0
+_LINGER_S = 0.005  # the longest an event waits for others to share its publish
 _RETRY_S = 1.0
 _DRAIN_TIMEOUT_S = 10.0
 _RESCAN_OFFLINE_S = 5.0
@@ -274,10 +275,16 @@ class EventPublisher:
 
     async def _publish_queued(self, first: Item) -> None:
         batch = [first]
-        while len(batch) < _BATCH and not self._queue.empty():
-            batch.append(self._queue.get_nowait())
         # If this task is cancelled mid-publish, close() spools `_inflight`.
         self._inflight = batch
+        while len(batch) < _BATCH and not self._queue.empty():
+            batch.append(self._queue.get_nowait())
+        if len(batch) < _BATCH and not self._closing:
+            # Linger a moment for more: at a low request rate each event would otherwise be
+            # a publish and an ack of its own, run between one request and the next.
+            await asyncio.sleep(_LINGER_S)
+            while len(batch) < _BATCH and not self._queue.empty():
+                batch.append(self._queue.get_nowait())
         try:
             failed = await self._publish_batch(batch)
         except asyncio.CancelledError:

@@ -134,6 +134,7 @@ def create_app(
                     hold_ttl_s=settings.reservation_ttl_s,
                     database_url=settings.database_url,
                     default_limits=bool(settings.default_rpm_limit or settings.default_tpm_limit),
+                    min_rps=settings.lease_min_rps,
                 )
                 await leases.start()
             publisher = EventPublisher(
@@ -202,6 +203,7 @@ def create_app(
     install_payments(app)  # orders, webhooks, recovery
     install_admin(app, settings)  # admin panel and the key holder's dashboard
     app.add_api_route("/healthz", healthz, methods=["GET"], tags=["health"])
+    app.add_api_route("/readyz", readyz, methods=["GET"], tags=["health"])
     app.state.settings = settings
     return app
 
@@ -220,6 +222,32 @@ async def healthz(request: Request) -> Response:
     if body["nats"] != "ok":
         body["status"] = "degraded"
     status = 200 if body["postgres"] == "ok" else 503
+    return Response(orjson.dumps(body), status_code=status, media_type="application/json")
+
+
+async def readyz(request: Request) -> Response:
+    """Ready to take traffic (for a load balancer): Postgres answers, the catalog is loaded
+    (the file's and the stored models), and usage events can go somewhere (NATS connected,
+    or the spool below its limit). /healthz stays the liveness check."""
+    state: RouterState | None = getattr(request.app.state, "apifast", None)
+    admin = getattr(request.app.state, "admin", None)
+    if state is None or admin is None:
+        body: dict[str, object] = {"status": "starting"}
+        return Response(orjson.dumps(body), status_code=503, media_type="application/json")
+    body = {"status": "ready"}
+    try:
+        await state.pool.fetchval("SELECT 1")
+        body["postgres"] = "ok"
+    except Exception:
+        body["postgres"] = "down"
+    sync = admin.catalog_sync
+    body["catalog"] = "ok" if sync is not None and sync.version >= 0 else "not_loaded"
+    body["nats"] = "ok" if state.publisher.connected() else "down"
+    body["spooled_events"] = state.publisher.spool.count
+    body["metering"] = "ok" if state.publisher.accepting else "spool_full"
+    if body["postgres"] != "ok" or body["catalog"] != "ok" or body["metering"] != "ok":
+        body["status"] = "not_ready"
+    status = 200 if body["status"] == "ready" else 503
     return Response(orjson.dumps(body), status_code=status, media_type="application/json")
 
 

@@ -15,6 +15,9 @@ def run_uvicorn(app: object, settings: Settings, **options: object) -> None:
     # uvicorn re-raises SIGTERM after its graceful shutdown; turning it into SystemExit lets
     # the callers' `finally` blocks (embedded engines, spools) run instead of dying there.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    if settings.log_format == "json":
+        # uvicorn's own lines then go through the root logger's JSON handler too.
+        options = {"log_config": None, **options}
     uvicorn.run(
         app,  # type: ignore[arg-type]
         host=settings.host,

@@ -34,7 +34,9 @@ LEASES = "SELECT generation_id, amount_usd FROM reservations WHERE generation_id
 async def lstack(
     stack_settings_factory: Callable[..., Any], fake_openai: FakeOpenAI
 ) -> AsyncIterator[Stack]:
-    settings = stack_settings_factory(models_toml(fake_openai.url), lease_idle_s=0.5)
+    settings = stack_settings_factory(
+        models_toml(fake_openai.url), lease_idle_s=0.5, lease_min_rps=8
+    )
     async with running_stack(settings) as running:
         yield running
 
@@ -201,7 +203,7 @@ async def test_two_routers_share_a_key_and_one_is_killed_without_overspending(
     settings = _two_router_settings(database_factory, nats_url, clickhouse_url,
                                     clickhouse_database, fake_openai, tmp_path)  # fmt: skip
     await migrate_database(settings.database_url)
-    extra = {"LEASE_TTL_S": "3", "LEASE_IDLE_S": "0.5", "HOLD_WAIT_S": "0.5"}
+    extra = {"LEASE_TTL_S": "3", "LEASE_IDLE_S": "0.5", "HOLD_WAIT_S": "0.5", "LEASE_MIN_RPS": "8"}
     a = RouterProcess(settings, tmp_path / "a", name="a", **extra)
     b = RouterProcess(settings, tmp_path / "b", name="b", **extra)
     a.start()
@@ -279,7 +281,7 @@ async def test_a_stream_served_from_a_lease_is_billed_its_checkpoint_when_its_ro
                                     clickhouse_database, fake_openai, tmp_path)  # fmt: skip
     await migrate_database(settings.database_url)
     router = RouterProcess(settings, tmp_path / "r", name="r", LEASE_TTL_S="3",
-                           STREAM_CHECKPOINT_S="0.2")  # fmt: skip
+                           STREAM_CHECKPOINT_S="0.2", LEASE_MIN_RPS="8")  # fmt: skip
     router.start()
     pool = await asyncpg.create_pool(settings.database_url, min_size=1, max_size=2)
     try:

@@ -547,7 +547,8 @@ def _transport_error(exc: BaseException, stage: str) -> UpstreamError:
     """Maps client failures; names the failure only (the client's messages hold no content)."""
     if isinstance(exc, TimeoutError):
         return UpstreamTimeout(f"anthropic timed out ({stage})")
-    return UpstreamError(None, f"anthropic {stage} failed ({exc})")
+    cause = exc.cause if isinstance(exc, HttpError) else "unknown"
+    return UpstreamError(None, f"anthropic {stage} failed ({exc})", cause=cause)
 
 
 def _parse_event(data: bytes) -> dict[str, Any]:
@@ -714,7 +715,9 @@ class AnthropicProvider(Provider):
         finally:
             response.close()
         if failure is None and not translator.finished:
-            failure = UpstreamError(None, "anthropic stream ended before message_stop")
+            failure = UpstreamError(
+                None, "anthropic stream ended before message_stop", cause="reset"
+            )
         # Input tokens are known from message_start on, so even a broken stream is billed.
         if translator.started:
             yield translator.usage()

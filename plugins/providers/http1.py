@@ -11,6 +11,7 @@ No redirects, cookies, proxies or retries: a POST to a model is not idempotent.
 from __future__ import annotations
 
 import asyncio
+import socket
 import ssl
 import zlib
 from collections import deque
@@ -25,11 +26,31 @@ _HIGH_WATER = 256 * 1024
 
 class HttpError(Exception):
     """No usable answer: connecting failed, or the connection broke or spoke nonsense.
-    The message names the failure only; it never holds request or response content."""
+    The message names the failure only; it never holds request or response content.
+    `cause` classes it: refused | dns | tls | timeout | reset | protocol | closed."""
+
+    def __init__(self, message: str, cause: str = "protocol") -> None:
+        super().__init__(message)
+        self.cause = cause
 
 
 class HttpTimeout(HttpError, TimeoutError):
     """Connecting, or waiting for the next bytes of an answer, took too long."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, "timeout")
+
+
+def _connect_cause(exc: OSError) -> str:
+    if isinstance(exc, ssl.SSLError | ssl.CertificateError):
+        return "tls"
+    if isinstance(exc, socket.gaierror):
+        return "dns"
+    if isinstance(exc, ConnectionRefusedError):
+        return "refused"
+    if isinstance(exc, ConnectionResetError | ConnectionAbortedError | BrokenPipeError):
+        return "reset"
+    return "unknown"
 
 
 DEFAULT_CONNECTIONS = 4096  # each open stream holds one: a gateway holds thousands at once
@@ -108,7 +129,7 @@ class _Connection(asyncio.Protocol):
             if self.headers_done and not self.framed:
                 self.on_message_complete()  # the body ran to the end of the connection
             else:
-                self._fail(HttpError("connection closed before the answer was complete"))
+                self._fail(HttpError("connection closed before the answer was complete", "reset"))
         self.client._closed(self)
 
     # --- parser callbacks -----------------------------------------------------------------
@@ -390,7 +411,7 @@ class Http1Client:
     async def _acquire(self) -> _Connection:
         while True:
             if self._closing:
-                raise HttpError("client closed")
+                raise HttpError("client closed", "closed")
             idle = self._idle
             while idle:
                 conn = idle.pop()
@@ -434,7 +455,7 @@ class Http1Client:
             raise HttpTimeout("connect timed out") from None
         except OSError as exc:
             self._slot_freed()
-            raise HttpError(f"connect failed ({type(exc).__name__})") from None
+            raise HttpError(f"connect failed ({type(exc).__name__})", _connect_cause(exc)) from None
         except BaseException:
             self._slot_freed()
             raise
@@ -477,4 +498,4 @@ class Http1Client:
         while self._waiters:
             waiter = self._waiters.popleft()
             if not waiter.done():
-                waiter.set_exception(HttpError("client closed"))
+                waiter.set_exception(HttpError("client closed", "closed"))

@@ -95,7 +95,7 @@ class OpenAIProvider(Provider):
         except HttpTimeout:
             raise UpstreamTimeout(f"{self.config.name}: timed out") from None
         except HttpError as exc:
-            raise UpstreamError(None, f"{self.config.name}: {exc}") from None
+            raise UpstreamError(None, f"{self.config.name}: {exc}", cause=exc.cause) from None
         if status != 200:
             raise UpstreamError(status, f"{self.config.name}: HTTP {status}")
         try:
@@ -127,7 +127,7 @@ class OpenAIProvider(Provider):
             if response.status != 200:
                 await response.read()
                 raise UpstreamError(response.status, f"{name}: HTTP {response.status}")
-            failure = UpstreamError(None, f"{name}: stream ended before [DONE]")
+            failure = UpstreamError(None, f"{name}: stream ended before [DONE]", cause="reset")
             async for data in sse_data(response.chunks()):
                 if data == b"[DONE]":
                     failure = None
@@ -153,7 +153,7 @@ class OpenAIProvider(Provider):
         except HttpTimeout:
             failure = UpstreamTimeout(f"{name}: stream timed out")
         except HttpError as exc:
-            failure = UpstreamError(None, f"{name}: {exc}")
+            failure = UpstreamError(None, f"{name}: {exc}", cause=exc.cause)
         finally:
             if response is not None:
                 response.close()
@@ -171,7 +171,7 @@ class OpenAIProvider(Provider):
         except HttpTimeout:
             raise UpstreamTimeout() from None
         except HttpError as exc:
-            raise UpstreamError(None, str(exc)) from None
+            raise UpstreamError(None, str(exc), cause=exc.cause) from None
         if status != 200:
             raise UpstreamError(status, f"{self.config.name}: HTTP {status}")
 

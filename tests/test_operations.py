@@ -1,0 +1,82 @@
+"""What operators rely on: /readyz apart from /healthz, JSON log lines, and failed upstreams
+logged with the class of their cause (never a text that could carry content)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import httpx
+import orjson
+
+from apifast.key_admin import insert_key
+from apifast.server.migrations import migrate_database
+from tests.fakes.openai_upstream import FakeOpenAI
+from tests.fault_tools import RouterProcess
+from tests.harness import SECRET, free_port, models_toml, running_stack, stack_settings
+
+
+async def test_ready_when_postgres_catalog_and_metering_are(
+    stack_settings_factory: Callable[..., Any], fake_openai: FakeOpenAI
+) -> None:
+    async with running_stack(stack_settings_factory(models_toml(fake_openai.url))) as stack:
+        async with stack.client() as c:
+            r = await c.get("/readyz")
+            assert r.status_code == 200, r.text
+            body = r.json()
+            assert body["status"] == "ready"
+            assert body["postgres"] == body["catalog"] == body["metering"] == "ok"
+            assert (await c.get("/healthz")).status_code == 200
+
+
+async def test_not_ready_while_usage_events_cannot_be_kept(
+    stack_settings_factory: Callable[..., Any], fake_openai: FakeOpenAI
+) -> None:
+    # A spool that holds nothing: paid requests are refused, so the router is not ready.
+    settings = stack_settings_factory(models_toml(fake_openai.url), spool_max_events=0)
+    async with running_stack(settings) as stack, stack.client() as c:
+        r = await c.get("/readyz")
+        assert r.status_code == 503
+        assert r.json()["status"] == "not_ready"
+        assert r.json()["metering"] == "spool_full"
+        assert (await c.get("/healthz")).status_code == 200  # alive all the same
+
+
+async def test_json_logs_name_the_cause_of_a_failed_upstream(
+    database_factory: Callable[[str], str], nats_url: str, tmp_path: Path
+) -> None:
+    models = tmp_path / "models.toml"
+    models.write_text(models_toml(f"http://127.0.0.1:{free_port()}/v1"))  # nothing listens
+    settings = stack_settings(
+        database_url=database_factory("ops"), nats_url=nats_url, clickhouse_url="",
+        data_dir=tmp_path / "data", models_file=models,
+    )  # fmt: skip
+    await migrate_database(settings.database_url)
+    conn = await asyncpg.connect(settings.database_url)
+    try:
+        async with conn.transaction():
+            key, _, _ = await insert_key(conn, SECRET.encode(), Decimal("1.00"))
+    finally:
+        await conn.close()
+    router = RouterProcess(settings, tmp_path / "r", LOG_FORMAT="json")
+    router.start()
+    try:
+        await router.wait_ready()
+        async with httpx.AsyncClient(base_url=router.base_url, timeout=30) as c:
+            r = await c.post(
+                "/v1/chat/completions",
+                json={"model": "fast-chat", "messages": [{"role": "user", "content": "secret"}]},
+                headers={"Authorization": f"Bearer {key}"},
+            )
+        assert r.status_code in (502, 503), r.text
+    finally:
+        await router.stop()
+    lines = [orjson.loads(line) for line in router.log().splitlines() if line.strip()]
+    assert lines and all({"ts", "level", "logger", "message"} <= set(e) for e in lines)
+    failed = [e for e in lines if "failed: status=None" in e["message"]]
+    assert failed and "cause=refused" in failed[0]["message"]
+    text = router.log()
+    assert "secret" not in text and key not in text  # no prompt, no key
