@@ -3,7 +3,7 @@ FROM python:3.11-slim
 
 ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1
 WORKDIR /app
-COPY pyproject.toml README.md ./
+COPY pyproject.toml README.md requirements.lock ./
 COPY apifast apifast
 COPY router router
 COPY plugins plugins
@@ -14,7 +14,9 @@ COPY orders orders
 COPY embedded embedded
 COPY cli cli
 COPY server server
-RUN pip install . && useradd --system --home /app apifast && mkdir -p /data && chown apifast /data
+# The locked versions (scripts/lock), then ApiFast itself; no embedded engines (chdb, pgserver,
+# nats-server: the `embedded` extra is for `apifast dev` only).
+RUN pip install -r requirements.lock && pip install --no-deps . && useradd --system --home /app apifast && mkdir -p /data && chown apifast /data
 USER apifast
 ENV APIFAST_DATA_DIR=/data APIFAST_HOST=0.0.0.0 APIFAST_PORT=8000
 EXPOSE 8000

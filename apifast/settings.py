@@ -79,6 +79,8 @@ class Settings(BaseSettings):
     default_tpm_limit: int = Field(default=0, ge=0)
 
     log_level: str = "INFO"
+    # /docs (Swagger UI) loads from a public CDN, so it is off by default; /openapi.json stays.
+    docs_enabled: bool = False
     # "json": one JSON object per line (ts, level, logger, message), for log collectors.
     log_format: Literal["text", "json"] = "text"
     workers: int = Field(default=1, ge=1)

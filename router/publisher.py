@@ -106,6 +106,7 @@ class EventPublisher:
                     reconnect_time_wait=0.5,
                     connect_timeout=2,
                     allow_reconnect=True,
+                    disconnected_cb=self._on_disconnect,
                 )
                 js = nc.jetstream(timeout=_PUBLISH_TIMEOUT_S)
                 await ensure_usage_stream(js, self.stream, self.subject)
@@ -114,6 +115,15 @@ class EventPublisher:
             except Exception as exc:  # any failure means "try again later"
                 log.warning("NATS not reachable (%s); events spool locally", type(exc).__name__)
                 await asyncio.sleep(_RETRY_S)
+
+    async def _on_disconnect(self) -> None:
+        # The acks of what was sent may never come: fail them now, so their events are
+        # spooled at once rather than after the ack timeout. An event that did reach the
+        # stream is dropped as a duplicate (Nats-Msg-Id) when the spool is replayed.
+        pending, self._acks = self._acks, {}
+        for ack in pending.values():
+            if not ack.done():
+                ack.set_result(False)
 
     def connected(self) -> bool:
         return self._js is not None and self._nc is not None and self._nc.is_connected

@@ -194,7 +194,8 @@ def create_app(
         version=__version__,
         description="Anonymous, prepaid, OpenAI-compatible LLM API gateway.",
         lifespan=lifespan,
-        docs_url="/docs",
+        # Swagger UI loads its assets from a CDN: off unless asked for (no third-party loads).
+        docs_url="/docs" if settings.docs_enabled else None,
         redoc_url=None,
     )
     install_error_handlers(app)

