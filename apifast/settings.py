@@ -79,6 +79,9 @@ class Settings(BaseSettings):
     default_tpm_limit: int = Field(default=0, ge=0)
 
     log_level: str = "INFO"
+    # Prometheus metrics on their own listener, "host:port" (e.g. 127.0.0.1:9464); empty: off.
+    # Never on the public port.
+    metrics_listen: str = ""
     # /docs (Swagger UI) loads from a public CDN, so it is off by default; /openapi.json stays.
     docs_enabled: bool = False
     # "json": one JSON object per line (ts, level, logger, message), for log collectors.

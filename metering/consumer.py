@@ -19,6 +19,7 @@ import asyncio
 import contextlib
 import logging
 import math
+import time
 from typing import TYPE_CHECKING, Any
 
 import asyncpg
@@ -38,6 +39,7 @@ from apifast.metering.ledger import (
     release_expired,
 )
 from apifast.metering.stream import ensure_usage_stream
+from apifast.metrics import Metrics
 
 if TYPE_CHECKING:
     from apifast.settings import Settings
@@ -45,6 +47,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("apifast.meter")
 
 _MAX_BACKOFF_S = 10.0
+_LAG_EVERY_S = 5.0  # how often the stream's pending count is read for /metrics
 
 
 class Meter:
@@ -77,6 +80,7 @@ class Meter:
         self.overages = 0  # events whose upstream usage went beyond the hold
         self._stop = asyncio.Event()
         self.idle = asyncio.Event()  # set whenever a fetch came back empty
+        self.metrics: Metrics | None = None  # set by the composition root
 
     @classmethod
     def from_settings(
@@ -162,7 +166,13 @@ class Meter:
             info = await sub.consumer_info()
             ack_wait = info.config.ack_wait or self.ack_wait_s
             backoff = 0.0
+            next_lag = 0.0
             while not self._stop.is_set():
+                if self.metrics is not None and time.monotonic() >= next_lag:
+                    next_lag = time.monotonic() + _LAG_EVERY_S
+                    with contextlib.suppress(Exception):
+                        pending = (await sub.consumer_info()).num_pending
+                        self.metrics.meter_lag.set(pending or 0)
                 try:
                     msgs = await sub.fetch(self.batch_size, timeout=self.batch_wait_s)
                 except TimeoutError:
@@ -235,9 +245,23 @@ class Meter:
             if overage:
                 self.overages += 1
                 event["cost_usd"], event["overage_usd"] = str(debit), str(overage)
-        counted = await debit_batch(self.pool, unique)
-        await self.clickhouse.insert_new_events(unique)
+        try:
+            counted = await debit_batch(self.pool, unique)
+        except Exception:
+            self._store_failed("postgres")
+            raise
+        try:
+            await self.clickhouse.insert_new_events(unique)
+        except Exception:
+            self._store_failed("clickhouse")
+            raise
         self.processed += len(counted)
+        if self.metrics is not None:
+            self.metrics.meter_events.inc(len(counted))
+
+    def _store_failed(self, store: str) -> None:
+        if self.metrics is not None:
+            self.metrics.store_errors.labels(store).inc()
 
 
 async def _keep_in_progress(msgs: list[Msg], ack_wait: float) -> None:

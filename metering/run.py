@@ -8,6 +8,7 @@ import signal
 from apifast.db import create_pool
 from apifast.metering.clickhouse import ClickHouseStore
 from apifast.metering.consumer import Meter
+from apifast.metrics import Metrics, MetricsServer
 from apifast.settings import Settings
 
 
@@ -16,11 +17,18 @@ async def run_meter(settings: Settings) -> None:
     clickhouse = ClickHouseStore(settings.clickhouse_url, settings.clickhouse_database)
     await clickhouse.start()
     meter = Meter.from_settings(settings, pool, clickhouse)
+    server = None
+    if settings.metrics_listen:
+        meter.metrics = Metrics()
+        server = MetricsServer(meter.metrics, settings.metrics_listen)
+        server.start()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, meter.stop)
     try:
         await meter.run()
     finally:
+        if server is not None:
+            server.stop()
         await clickhouse.close()
         await pool.close()

@@ -185,7 +185,12 @@ async def hold(
     leases = state.leases
     held = leases.take(key_hash, max_usd) if leases is not None else None
     if held is None:
-        held = await _hold_in_postgres(state, key_hash, generation_id, min_usd, max_usd)
+        try:
+            held = await _hold_in_postgres(state, key_hash, generation_id, min_usd, max_usd)
+        except ApiError as refused:
+            if state.metrics is not None:
+                state.metrics.hold_refusals.labels(refused.code or str(refused.status)).inc()
+            raise
         if leases is not None:
             leases.consider(key_hash, held, max_usd)
     settings = state.settings
@@ -194,6 +199,8 @@ async def hold(
     ) or state.key_limits.check_tokens(held.key_id, held.tpm_limit or settings.default_tpm_limit)
     if wait:
         await give_back(state, generation_id, held.lease, held.reserved)
+        if state.metrics is not None:
+            state.metrics.hold_refusals.labels("rate_limit_exceeded").inc()
         raise rate_limited(wait)
     return held
 
@@ -268,6 +275,8 @@ async def call_routes(
                 "model %s route %s failed: status=%s cause=%s %s",
                 model.id, route.provider, exc.status, exc.cause, type(exc).__name__,
             )  # fmt: skip
+            if state.metrics is not None:
+                state.metrics.upstream_errors.labels(model.id, route.provider, exc.cause).inc()
             if not exc.retryable:
                 break
     raise RoutesFailed(last, model.routes[-1] if model.routes else None)
@@ -356,6 +365,11 @@ def finish(state: RouterState, event: UsageEvent, model: Model, route: Route | N
         event.key_id, event.usage.input_tokens + event.usage.output_tokens
     )
     state.publisher.submit(event)
+    if state.metrics is not None:
+        state.metrics.finished(
+            model.id, event.api, event.status, event.started_at, event.ttft_ms,
+            event.usage.input_tokens, event.usage.output_tokens, event.cost_usd,
+        )  # fmt: skip
     if event.lease:
         assert state.leases is not None
         state.leases.finish(event.lease, event.reserved_usd, event.cost_usd)
@@ -469,10 +483,12 @@ async def _complete(
             ChatRequest(body={**ubody, "model": route.model}, model=route.model)
         )
 
+    called = time.perf_counter()
     try:
         result, route = await call_routes(state, model, call)
     except RoutesFailed as failed:
         raise _failed(state, event, model, failed) from None
+    upstream_s = time.perf_counter() - called
     relay: NativeRenderer | None = renderer if native[0] else None  # type: ignore[assignment]
     usage = sane_usage(result.usage)
     if usage is None:
@@ -485,8 +501,13 @@ async def _complete(
     event.ttft_ms = round((time.time() - event.started_at) * 1000)
     finish(state, event, model, route)
     if relay is not None:
-        return Reply(headers, relay.native_completion(result.body, usage, event.cost_usd))
-    return Reply(headers, renderer.completion(result.body, usage, event.cost_usd))
+        body = relay.native_completion(result.body, usage, event.cost_usd)
+    else:
+        body = renderer.completion(result.body, usage, event.cost_usd)
+    if state.metrics is not None:
+        total = time.time() - event.started_at
+        state.metrics.overhead.labels(gen.api).observe(max(0.0, total - upstream_s))
+    return Reply(headers, body)
 
 
 def estimate_delivered(input_bytes: int, chars: int, pieces: int, max_output: int) -> Usage:

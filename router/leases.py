@@ -33,6 +33,7 @@ from typing import Any
 import asyncpg
 
 from apifast.db import Queries
+from apifast.metrics import Metrics
 from apifast.router.reservations import Hold
 
 Q = Queries("apifast.router")
@@ -86,6 +87,7 @@ class LeaseBook:
         database_url: str = "",
         default_limits: bool = False,
         min_rps: int = 200,
+        metrics: Metrics | None = None,
     ) -> None:
         self.pool = pool
         self.share = share
@@ -100,6 +102,9 @@ class LeaseBook:
         # A key gets a lease once this many of its requests were held in Postgres within one
         # tick: one seldom used gains little and would only see its balance held longer.
         self.min_rps = min_rps
+        self.metrics = metrics
+        if metrics is not None:
+            metrics.watch(metrics.leases, lambda: len(self._all))
         self.router_id = secrets.token_hex(6)
         # Renewed with half the TTL left; never served from within `margin` of expiry.
         self._margin = max(2.0, ttl_s / 10)
@@ -222,6 +227,10 @@ class LeaseBook:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
+    def _count(self, result: str) -> None:
+        if self.metrics is not None:
+            self.metrics.lease_growths.labels(result).inc()
+
     def _retire(self, lease: Lease) -> None:
         lease.retired = True
         if self._live.get(lease.key_hash) is lease:
@@ -235,6 +244,7 @@ class LeaseBook:
             row = await self.pool.fetchrow(
                 Q.lease_grow, key_hash, lease_id, want, self.share, want, self.ttl_s, True
             )
+            self._count("opened" if row is not None and row["granted"] > 0 else "refused")
             if row is None or row["disabled"] or row["granted"] <= 0:
                 return
             if row["rpm_limit"] or row["tpm_limit"]:  # limited meanwhile: give it back
@@ -283,6 +293,7 @@ class LeaseBook:
             if row is None or row["disabled"] or row["rpm_limit"] or row["tpm_limit"]:
                 self._retire(lease)
                 return
+            self._count("grown" if row["granted"] > 0 else "refused")
             if row["granted"] > 0:
                 lease.amount += row["granted"]
                 lease.valid_until = started + self.ttl_s - self._margin

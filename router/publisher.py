@@ -28,6 +28,7 @@ from nats.js.client import JetStreamContext
 from apifast.db import Queries
 from apifast.metering.event import UsageEvent, message_id
 from apifast.metering.stream import ensure_usage_stream
+from apifast.metrics import Metrics
 from apifast.router.spool import Spool
 
 log = logging.getLogger("apifast.publisher")
@@ -69,6 +70,7 @@ class EventPublisher:
         self._next_hold_refresh = 0.0
         self._next_rescan = 0.0
         self.published = 0
+        self.metrics: Metrics | None = None  # set by the composition root
 
     def keep_holds_alive(self, pool: asyncpg.Pool, ttl_s: int) -> None:
         """While events wait in the spool, keep their requests' holds from expiring: they
@@ -204,7 +206,19 @@ class EventPublisher:
         # A stored event, or a duplicate of one (dedupe by Nats-Msg-Id); anything else failed.
         ack.set_result(isinstance(reply, dict) and "seq" in reply and "error" not in reply)
 
+    def spool_age_s(self) -> float:
+        """Age of the oldest spooled event (its segment file), 0 when none."""
+        files = self.spool.pending_files()
+        if not files:
+            return 0.0
+        try:
+            return max(0.0, time.time() - min(f.stat().st_mtime for f in files))
+        except OSError:
+            return 0.0
+
     def _spool(self, items: list[Item]) -> None:
+        if items and self.metrics is not None:
+            self.metrics.publish_failures.inc(len(items))
         items = self._unspooled + items
         self._unspooled = []
         if not items:

@@ -10,6 +10,7 @@ import asyncpg
 
 from apifast.catalog.live import LiveCatalog
 from apifast.catalog.toml import Catalog
+from apifast.metrics import Metrics
 from apifast.providers import Provider
 from apifast.router.leases import LeaseBook
 from apifast.router.limits import KeyRateLimiter
@@ -34,6 +35,7 @@ class RouterState:
     key_limits: KeyRateLimiter = field(default_factory=KeyRateLimiter)
     reserver: Reserver | None = None  # batches holds; None: one round trip per request
     leases: LeaseBook | None = None  # balance leases; None: every request holds in Postgres
+    metrics: Metrics | None = None  # Prometheus series (APIFAST_METRICS_LISTEN); None: off
 
     @property
     def catalog(self) -> Catalog:

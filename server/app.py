@@ -26,6 +26,7 @@ from apifast.db import create_pool
 from apifast.errors import ContainUnhandledErrors, install_error_handlers, speaks_anthropic
 from apifast.metering.clickhouse import ClickHouseStore
 from apifast.metering.consumer import Meter
+from apifast.metrics import Metrics, MetricsServer
 from apifast.orders import install_payments
 from apifast.orders.runtime import start_payments
 from apifast.plugin_manager import make_plugin_manager, provider_types
@@ -115,6 +116,12 @@ def create_app(
                 await clickhouse.start()
                 stack.push_async_callback(clickhouse.close)
 
+            # Off (None, nothing counted on the request path) unless a listener is set.
+            metrics = Metrics() if settings.metrics_listen else None
+            if metrics is not None:
+                metrics_server = MetricsServer(metrics, settings.metrics_listen)
+                metrics_server.start()
+                stack.callback(metrics_server.stop)
             reserver = Reserver(
                 pool,
                 settings.reservation_ttl_s,
@@ -135,6 +142,7 @@ def create_app(
                     database_url=settings.database_url,
                     default_limits=bool(settings.default_rpm_limit or settings.default_tpm_limit),
                     min_rps=settings.lease_min_rps,
+                    metrics=metrics,
                 )
                 await leases.start()
             publisher = EventPublisher(
@@ -145,11 +153,16 @@ def create_app(
                 settings.spool_max_events,
             )
             publisher.keep_holds_alive(pool, settings.reservation_ttl_s)
+            publisher.metrics = metrics
+            if metrics is not None:
+                metrics.watch(metrics.spool_events, lambda: publisher.spool.count)
+                metrics.watch(metrics.spool_age, publisher.spool_age_s)
             await publisher.start()
 
             if run_meter:
                 assert clickhouse is not None, "the meter needs APIFAST_CLICKHOUSE_URL"
                 meter = Meter.from_settings(settings, pool, clickhouse)
+                meter.metrics = metrics
                 meter_task = asyncio.create_task(meter.run())
                 stack.push_async_callback(_stop_meter, meter, meter_task, publisher)
             # Drain usage events before the meter stops, so it can still count them.
@@ -168,6 +181,7 @@ def create_app(
                 clickhouse=clickhouse,
                 reserver=reserver,
                 leases=leases,
+                metrics=metrics,
             )
 
             # Every router keeps its catalog current, whether or not it serves the panel.

@@ -80,3 +80,51 @@ async def test_json_logs_name_the_cause_of_a_failed_upstream(
     assert failed and "cause=refused" in failed[0]["message"]
     text = router.log()
     assert "secret" not in text and key not in text  # no prompt, no key
+
+
+async def test_metrics_on_their_own_listener_without_identifying_labels(
+    stack_settings_factory: Callable[..., Any], fake_openai: FakeOpenAI
+) -> None:
+    port = free_port()
+    settings = stack_settings_factory(
+        models_toml(fake_openai.url), metrics_listen=f"127.0.0.1:{port}"
+    )
+    async with running_stack(settings) as stack:
+        key = await stack.create_key("1.00")
+        async with stack.client(key) as c:
+            ok = await c.post(
+                "/v1/chat/completions",
+                json={
+                    "model": "fast-chat",
+                    "messages": [{"role": "user", "content": "canary-7f3"}],
+                },
+            )
+            assert ok.status_code == 200
+            poor = await stack.create_key("0.00")
+            refused = await c.post(
+                "/v1/chat/completions",
+                json={"model": "fast-chat", "messages": [{"role": "user", "content": "x"}]},
+                headers={"Authorization": f"Bearer {poor}"},
+            )
+            assert refused.status_code == 402
+            assert (await c.get("/metrics")).status_code == 404  # not on the public port
+        await stack.wait_metered([ok.json()["id"]])
+        async with httpx.AsyncClient(timeout=10) as m:
+            text = (await m.get(f"http://127.0.0.1:{port}/metrics")).text
+    series = {line.split("{")[0].split(" ")[0] for line in text.splitlines()
+              if line and not line.startswith("#")}  # fmt: skip
+    for name in ("apifast_requests_total", "apifast_request_seconds_bucket",
+                 "apifast_time_to_first_byte_seconds_bucket", "apifast_added_seconds_bucket",
+                 "apifast_tokens_total", "apifast_cost_usd_total", "apifast_hold_refusals_total",
+                 "apifast_spool_events", "apifast_spool_age_seconds", "apifast_leases",
+                 "apifast_meter_events_total"):  # fmt: skip
+        assert name in series, name
+    assert 'apifast_requests_total{api="chat",model="fast-chat",status="200"} 1.0' in text
+    assert 'apifast_hold_refusals_total{reason="insufficient_balance"} 1.0' in text
+    # Nothing that identifies a caller, nor any content.
+    from apifast.keys import hash_key
+    from tests.harness import SECRET as secret
+
+    for secret_text in (key, poor, hash_key(secret.encode(), key).hex(), "canary-7f3",
+                        "127.0.0.1:"):  # fmt: skip
+        assert secret_text not in text

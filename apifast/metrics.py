@@ -1,0 +1,126 @@
+"""Prometheus metrics, served on their own listen address (`APIFAST_METRICS_LISTEN`), never
+on the public port.
+
+One `Metrics` per process, made by the composition root (no module-level registry). Labels
+are models, protocols, statuses, reasons and provider names only: never a key, a key hash,
+an IP or any content. Costs are exported as float dollar series for dashboards: the ledger,
+not these, is the account.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from decimal import Decimal
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+_LATENCY = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300)
+_OVERHEAD = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.1)
+
+
+@dataclass
+class Metrics:
+    registry: CollectorRegistry = field(default_factory=CollectorRegistry)
+
+    def __post_init__(self) -> None:
+        r = self.registry
+        self.requests = Counter(
+            "apifast_requests", "Paid requests that ended, by public model, protocol and status",
+            ["model", "api", "status"], registry=r,
+        )  # fmt: skip
+        self.latency = Histogram(
+            "apifast_request_seconds", "Request start to last byte", ["model", "api"],
+            buckets=_LATENCY, registry=r,
+        )  # fmt: skip
+        self.ttfb = Histogram(
+            "apifast_time_to_first_byte_seconds", "Request start to the upstream's first byte",
+            ["model", "api"], buckets=_LATENCY, registry=r,
+        )  # fmt: skip
+        self.overhead = Histogram(
+            "apifast_added_seconds",
+            "ApiFast's own time in a non-streaming request: total less the upstream call",
+            ["api"], buckets=_OVERHEAD, registry=r,
+        )  # fmt: skip
+        self.tokens = Counter(
+            "apifast_tokens", "Tokens billed, by model and kind (input, output)",
+            ["model", "kind"], registry=r,
+        )  # fmt: skip
+        self.cost = Counter("apifast_cost_usd", "Cost billed to keys", ["model"], registry=r)
+        self.hold_refusals = Counter(
+            "apifast_hold_refusals", "Holds refused, by reason", ["reason"], registry=r
+        )
+        self.lease_growths = Counter(
+            "apifast_lease_growths", "Balance leases taken or grown", ["result"], registry=r
+        )
+        self.leases = Gauge("apifast_leases", "Balance leases this router holds", registry=r)
+        self.upstream_errors = Counter(
+            "apifast_upstream_errors", "Failed upstream calls, by route and cause",
+            ["model", "provider", "cause"], registry=r,
+        )  # fmt: skip
+        self.publish_failures = Counter(
+            "apifast_publish_failures", "Usage events that could not be published (spooled)",
+            registry=r,
+        )  # fmt: skip
+        self.spool_events = Gauge(
+            "apifast_spool_events", "Usage events waiting in the spool", registry=r
+        )
+        self.spool_age = Gauge(
+            "apifast_spool_age_seconds", "Age of the oldest spooled usage event", registry=r
+        )
+        self.meter_events = Counter(
+            "apifast_meter_events", "Usage events debited and stored by the meter", registry=r
+        )
+        self.meter_lag = Gauge(
+            "apifast_meter_pending", "Usage events in the stream not yet taken by a meter",
+            registry=r,
+        )  # fmt: skip
+        self.store_errors = Counter(
+            "apifast_meter_store_errors", "Meter batches that failed, by store", ["store"],
+            registry=r,
+        )  # fmt: skip
+
+    def finished(
+        self, model: str, api: str, status: int, started: float, ttft_ms: int,
+        input_tokens: int, output_tokens: int, cost: Decimal,
+    ) -> None:  # fmt: skip
+        """One request ended (router/core.finish)."""
+        self.requests.labels(model, api, str(status)).inc()
+        self.latency.labels(model, api).observe(max(0.0, time.time() - started))
+        if ttft_ms:
+            self.ttfb.labels(model, api).observe(ttft_ms / 1000)
+        if input_tokens:
+            self.tokens.labels(model, "input").inc(input_tokens)
+        if output_tokens:
+            self.tokens.labels(model, "output").inc(output_tokens)
+        if cost:
+            self.cost.labels(model).inc(float(cost))  # a dashboard series, not the account
+
+    def watch(self, gauge: Gauge, read: Callable[[], float]) -> None:
+        """Read `gauge` from `read` at each scrape."""
+        gauge.set_function(read)
+
+
+class MetricsServer:
+    """The registry on its own HTTP listener (prometheus_client's, in a thread)."""
+
+    def __init__(self, metrics: Metrics, listen: str) -> None:
+        host, _, port = listen.rpartition(":")
+        self.host, self.port = host or "127.0.0.1", int(port)
+        self.metrics = metrics
+        self._server: Any = None
+        self._thread: Any = None
+
+    def start(self) -> None:
+        self._server, self._thread = start_http_server(
+            self.port, addr=self.host, registry=self.metrics.registry
+        )
+
+    def stop(self) -> None:
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+            self._thread.join(timeout=5)
+            self._server = None
