@@ -47,6 +47,9 @@ class Settings(BaseSettings):
     meter_batch_size: int = 500
     meter_batch_wait_s: float = 0.5
     spool_max_events: int = 100_000
+    # Raw usage events, and the per-key daily rollup, are kept this many days in ClickHouse
+    # (a TTL); 0 keeps them. Past it only the model-level rollups remain, with no key hash.
+    usage_retention_days: int = Field(default=0, ge=0)
 
     # Reservations: an unsettled hold is released after this many seconds.
     reservation_ttl_s: int = 900

@@ -22,6 +22,10 @@ log = logging.getLogger("apifast.meter")
 _NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
 
+# What retention applies to: the tables that hold a key hash per row, with their time column.
+_RETAINED = (("usage_events", "toDateTime(ts)"), ("usage_key_daily", "day"))
+
+
 class ClickHouseStore:
     def __init__(self, url: str, database: str = "apifast") -> None:
         if not _NAME.match(database):
@@ -62,6 +66,27 @@ class ClickHouseStore:
         """Connect and apply pending ClickHouse migrations."""
         await self._run(self._connect)
         return await self._run(self._migrate)
+
+    async def apply_retention(self, days: int) -> None:
+        """Keep raw usage events and the per-key daily rollup `days` days (0: for ever). Past
+        it, what remains is model-level only: usage_hourly and usage_daily carry no key."""
+        await self._run(self._apply_retention, days)
+
+    def _apply_retention(self, days: int) -> None:
+        c = self._client
+        for table, column in _RETAINED:
+            current = c.query(
+                "SELECT create_table_query FROM system.tables "
+                "WHERE database = {db:String} AND name = {t:String}",
+                parameters={"db": self.database, "t": table},
+            ).result_rows
+            has_ttl = bool(current) and " TTL " in current[0][0]
+            if days:
+                ttl = f"TTL {column} + toIntervalDay({int(days)})"
+                if not (has_ttl and ttl in current[0][0].replace("\n", " ")):
+                    c.command(f"ALTER TABLE {table} MODIFY {ttl}")
+            elif has_ttl:
+                c.command(f"ALTER TABLE {table} REMOVE TTL")
 
     async def close(self) -> None:
         client, self._client = self._client, None

@@ -32,7 +32,7 @@ from __future__ import annotations
 import json
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from typing import TYPE_CHECKING, Any
 
@@ -338,8 +338,15 @@ async def _repair_rollups(store: ClickHouseStore, report: Report) -> None:
 async def reconcile(
     settings: Settings, start: datetime, end: datetime, *, repair: bool = False
 ) -> Report:
-    """Compare (and with `repair`, fix) the ledger and ClickHouse over [start, end)."""
+    """Compare (and with `repair`, fix) the ledger and ClickHouse over [start, end). Never
+    before the usage retention: there ClickHouse has dropped the raw events on purpose, and
+    the ledger (and the model-level rollups) keep the totals."""
     from apifast.db import create_pool
+
+    if settings.usage_retention_days:
+        kept_from = datetime.now(UTC) - timedelta(days=settings.usage_retention_days - 1)
+        start = max(start, kept_from.replace(hour=0, minute=0, second=0, microsecond=0))
+        end = max(end, start)
     from apifast.metering.clickhouse import ClickHouseStore
 
     pool = await create_pool(settings.database_url, min_size=1, max_size=2)

@@ -16,6 +16,7 @@ async def run_meter(settings: Settings) -> None:
     pool = await create_pool(settings.database_url, min_size=1, max_size=4)
     clickhouse = ClickHouseStore(settings.clickhouse_url, settings.clickhouse_database)
     await clickhouse.start()
+    await clickhouse.apply_retention(settings.usage_retention_days)
     meter = Meter.from_settings(settings, pool, clickhouse)
     server = None
     if settings.metrics_listen:

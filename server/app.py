@@ -114,6 +114,7 @@ def create_app(
             if settings.clickhouse_url:
                 clickhouse = ClickHouseStore(settings.clickhouse_url, settings.clickhouse_database)
                 await clickhouse.start()
+                await clickhouse.apply_retention(settings.usage_retention_days)
                 stack.push_async_callback(clickhouse.close)
 
             # Off (None, nothing counted on the request path) unless a listener is set.
