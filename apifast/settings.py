@@ -35,6 +35,9 @@ class Settings(BaseSettings):
 
     # Secrets. HMAC key for API-key hashes; in `apifast dev` one is generated under data_dir.
     secret_key: str = ""
+    # Ed25519 keys that sign receipts, "kid:base64url(32-byte seed),..." (the first signs, all
+    # are published). Empty: one generated once under data_dir (a single host only).
+    receipt_keys: str = ""
 
     # Request limits.
     max_body_bytes: int = 4 * 1024 * 1024

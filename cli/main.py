@@ -10,6 +10,7 @@ from collections.abc import Sequence
 
 from apifast.cli.admin import add_admin_parser, cmd_admin_set_password
 from apifast.cli.common import configure_logging, database_settings, require
+from apifast.cli.receipts import add_receipts_parser, cmd_receipts_verify
 from apifast.cli.reconcile import add_reconcile_parser, cmd_reconcile
 from apifast.settings import Settings
 
@@ -130,6 +131,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_reconcile_parser(sub)
     add_admin_parser(sub)
+    add_receipts_parser(sub)
     return parser
 
 
@@ -141,6 +143,7 @@ COMMANDS = {
     ("keys", "create"): cmd_keys_create,
     ("reconcile", None): cmd_reconcile,
     ("admin", "set-password"): cmd_admin_set_password,
+    ("receipts", "verify"): cmd_receipts_verify,
 }
 
 

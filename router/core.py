@@ -38,6 +38,7 @@ from apifast.providers import (
     UpstreamTimeout,
     Usage,
 )
+from apifast.receipts import receipt_fields
 from apifast.router.media import media_token_bound
 from apifast.router.relay import Waiting, close_quietly, next_step
 from apifast.router.reservations import (
@@ -54,6 +55,7 @@ log = logging.getLogger("apifast.router")
 T = TypeVar("T")
 
 LOWERED_HEADER = "X-ApiFast-Max-Tokens-Lowered"
+RECEIPT_HEADER = "X-ApiFast-Receipt"
 # A hold above 1/SETTLE_EARLY_SHARE of the balance available when it was taken can block the
 # key's other requests, so it is settled to its exact cost as soon as the request ends. The
 # rest wait for the meter's debit (within its batch wait): settling every hold costs a row
@@ -504,10 +506,24 @@ async def _complete(
         body = relay.native_completion(result.body, usage, event.cost_usd)
     else:
         body = renderer.completion(result.body, usage, event.cost_usd)
+    if state.receipts is not None:
+        headers[RECEIPT_HEADER] = state.receipts.sign(event_receipt(event))
     if state.metrics is not None:
         total = time.time() - event.started_at
         state.metrics.overhead.labels(gen.api).observe(max(0.0, total - upstream_s))
     return Reply(headers, body)
+
+
+def event_receipt(event: UsageEvent) -> dict[str, Any]:
+    """The receipt's fields for a finished request (as GET /v1/generation/{id} gives them
+    from the stored row, to the byte)."""
+    u = event.usage
+    return receipt_fields(
+        generation_id=event.generation_id, model=event.model, api=event.api,
+        input_tokens=u.input_tokens, output_tokens=u.output_tokens,
+        cached_tokens=u.cached_tokens, cost_usd=event.cost_usd,
+        ts_ms=round(event.started_at * 1000), key_hash_hex=event.key_hash.hex(),
+    )  # fmt: skip
 
 
 def estimate_delivered(input_bytes: int, chars: int, pieces: int, max_output: int) -> Usage:
@@ -705,8 +721,9 @@ async def embed(
     body: dict[str, Any],
     input_bound: int,
     started: float,
-) -> tuple[EmbeddingsResponse, Decimal]:
-    """Hold, call the routes and finish; returns the provider's answer and its cost."""
+) -> tuple[EmbeddingsResponse, Decimal, str]:
+    """Hold, call the routes and finish; returns the provider's answer, its cost and its
+    signed receipt ("" when receipts are off)."""
     ensure_metering(state)
     generation_id = new_generation_id()
     bound = quantize_up(model.price.bound(input_bound, 0))
@@ -742,4 +759,5 @@ async def embed(
     result.usage = event.usage = usage
     event.ttft_ms = round((time.time() - started) * 1000)
     finish(state, event, model, route)
-    return result, event.cost_usd
+    receipt = state.receipts.sign(event_receipt(event)) if state.receipts is not None else ""
+    return result, event.cost_usd, receipt

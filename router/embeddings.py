@@ -10,7 +10,7 @@ from starlette.responses import Response
 
 from apifast.auth import key_hash_from_request
 from apifast.request_body import parse_json_object, read_body
-from apifast.router.core import embed, resolve
+from apifast.router.core import RECEIPT_HEADER, embed, resolve
 from apifast.router.openai_shape import embeddings_body
 from apifast.router.state import RouterState
 from apifast.router.validation import model_name, upstream_body, validate_embeddings
@@ -45,6 +45,9 @@ async def embeddings(request: Request) -> Response:
     model = resolve(state, model_name(body), "embeddings")
     validate_embeddings(body)
     # Input tokens are bounded by the body's bytes (a token covers at least one byte).
-    result, cost = await embed(state, key_hash, model, upstream_body(body, ""), len(raw), started)
+    result, cost, receipt = await embed(
+        state, key_hash, model, upstream_body(body, ""), len(raw), started
+    )
     content = embeddings_body(result.body, model.id, result.usage, cost)
-    return Response(content, media_type="application/json")
+    headers = {RECEIPT_HEADER: receipt} if receipt else None
+    return Response(content, media_type="application/json", headers=headers)

@@ -11,6 +11,7 @@ from apifast.router import (
     key_api,
     messages,
     models_api,
+    receipts_api,
     responses,
     usage_api,
 )
@@ -27,5 +28,6 @@ def install_router(app: FastAPI) -> None:
         key_api,
         usage_api,
         generations_api,
+        receipts_api,
     ):
         app.include_router(module.api)

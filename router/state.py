@@ -12,6 +12,7 @@ from apifast.catalog.live import LiveCatalog
 from apifast.catalog.toml import Catalog
 from apifast.metrics import Metrics
 from apifast.providers import Provider
+from apifast.receipts import ReceiptSigner
 from apifast.router.leases import LeaseBook
 from apifast.router.limits import KeyRateLimiter
 from apifast.router.publisher import EventPublisher
@@ -36,6 +37,7 @@ class RouterState:
     reserver: Reserver | None = None  # batches holds; None: one round trip per request
     leases: LeaseBook | None = None  # balance leases; None: every request holds in Postgres
     metrics: Metrics | None = None  # Prometheus series (APIFAST_METRICS_LISTEN); None: off
+    receipts: ReceiptSigner | None = None  # signs X-ApiFast-Receipt; None: no receipts
 
     @property
     def catalog(self) -> Catalog:

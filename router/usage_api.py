@@ -15,6 +15,7 @@ from apifast.auth import key_hash_from_request
 from apifast.db import Queries
 from apifast.errors import ApiError
 from apifast.money import format_usd, json_number
+from apifast.receipts import receipt_fields
 from apifast.router.state import RouterState
 
 api = APIRouter(tags=["usage"])
@@ -25,7 +26,7 @@ _MAX_RANGE_DAYS = 366
 _GENERATION_SQL = """
 SELECT generation_id, model, endpoint, stream, input_tokens, output_tokens, cached_tokens,
        cache_write_tokens, reasoning_tokens, usage_estimated, cost_usd, latency_ms, ttft_ms,
-       status, outcome, ts
+       status, outcome, ts, api
 FROM usage_events FINAL
 WHERE key_hash = {key_hash:String} AND generation_id = {generation_id:String}
 LIMIT 1
@@ -103,7 +104,24 @@ async def generation(generation_id: str, request: Request) -> Response:
         raise ApiError(404, f"No generation '{generation_id}' for this key (metering may take "
                        "a moment).", param="id", code="generation_not_found")  # fmt: skip
     body = generation_json(rows[0])
+    if state.receipts is not None:
+        body["receipt"] = state.receipts.sign(row_receipt(rows[0], key_hash))
     return Response(orjson.dumps(body), media_type="application/json")
+
+
+def row_receipt(r: dict[str, Any], key_hash: bytes) -> dict[str, Any]:
+    """A receipt's fields from a usage_events row (the same as the router signed)."""
+    ts = r["ts"] if r["ts"].tzinfo else r["ts"].replace(tzinfo=UTC)
+    ts_ms = (ts - _EPOCH) // timedelta(milliseconds=1)
+    return receipt_fields(
+        generation_id=r["generation_id"], model=r["model"], api=r["api"],
+        input_tokens=int(r["input_tokens"]), output_tokens=int(r["output_tokens"]),
+        cached_tokens=int(r["cached_tokens"]), cost_usd=Decimal(r["cost_usd"]),
+        ts_ms=ts_ms, key_hash_hex=key_hash.hex(),
+    )  # fmt: skip
+
+
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 
 def generation_json(r: dict[str, Any]) -> dict[str, Any]:

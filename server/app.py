@@ -31,6 +31,7 @@ from apifast.orders import install_payments
 from apifast.orders.runtime import start_payments
 from apifast.plugin_manager import make_plugin_manager, provider_types
 from apifast.providers import Provider
+from apifast.receipts import ReceiptSigner
 from apifast.router import fast_path
 from apifast.router.leases import LeaseBook
 from apifast.router.publisher import EventPublisher
@@ -183,6 +184,9 @@ def create_app(
                 reserver=reserver,
                 leases=leases,
                 metrics=metrics,
+                receipts=ReceiptSigner.from_settings(
+                    settings.receipt_keys, settings.resolved_data_dir()
+                ),
             )
 
             # Every router keeps its catalog current, whether or not it serves the panel.

@@ -1,0 +1,95 @@
+"""Signed receipts: every priced request's X-ApiFast-Receipt verifies with the published
+keys (offline too, with `apifast receipts verify`), says what was billed and no content, is
+the same one GET /v1/generation/{id} gives, and a key holder can download them by date."""
+
+from __future__ import annotations
+
+import base64
+from datetime import UTC, datetime
+from decimal import Decimal
+from pathlib import Path
+
+import orjson
+import pytest
+
+from apifast.cli.main import main as cli
+from apifast.keys import hash_key
+from apifast.receipts import ReceiptError, public_keys, verify
+from tests.harness import SECRET, Stack
+
+BODY = {"model": "fast-chat", "messages": [{"role": "user", "content": "canary-receipt"}]}
+
+
+def _tampered(receipt: str, **changes: object) -> str:
+    payload, _, signature = receipt.partition(".")
+    fields = orjson.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
+    forged = base64.urlsafe_b64encode(
+        orjson.dumps({**fields, **changes}, option=orjson.OPT_SORT_KEYS)
+    )
+    return forged.rstrip(b"=").decode() + "." + signature
+
+
+async def test_a_receipt_verifies_says_what_was_billed_and_a_forged_one_fails(
+    stack: Stack, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    key = await stack.create_key("1.00")
+    async with stack.client(key) as c:
+        r = await c.post("/v1/chat/completions", json=BODY)
+        assert r.status_code == 200
+        receipt = r.headers["x-apifast-receipt"]
+        document = (await c.get("/.well-known/apifast-receipts.json")).json()
+        m = await c.post("/v1/messages", json={**BODY, "max_tokens": 50})
+        assert m.status_code == 200
+    keys = public_keys(document)
+    fields = verify(receipt, keys)
+    usage = r.json()["usage"]
+    assert fields["id"] == r.json()["id"] and fields["model"] == "fast-chat"
+    assert fields["api"] == "chat"
+    assert fields["input_tokens"] == usage["prompt_tokens"]
+    assert fields["output_tokens"] == usage["completion_tokens"]
+    assert Decimal(fields["cost_usd"]) == Decimal(str(usage["cost"]))
+    assert fields["key"] == hash_key(SECRET.encode(), key).hex()[:16]
+    assert abs(fields["ts"] / 1000 - datetime.now(UTC).timestamp()) < 600
+    assert "canary-receipt" not in orjson.dumps(fields).decode()
+    assert verify(m.headers["x-apifast-receipt"], keys)["api"] == "messages"
+    for forged in (_tampered(receipt, cost_usd="0"), _tampered(receipt, output_tokens=1),
+                   receipt[:-4] + "AAAA"):  # fmt: skip
+        with pytest.raises(ReceiptError):
+            verify(forged, keys)
+
+    # The same receipt, to the byte, from the stored row once metered.
+    await stack.wait_metered([r.json()["id"]])
+    async with stack.client(key) as c:
+        stored = (await c.get(f"/v1/generation/{r.json()['id']}")).json()
+    assert stored["receipt"] == receipt
+
+    # Offline, with the saved public keys.
+    saved = tmp_path / "apifast-receipts.json"
+    saved.write_bytes(orjson.dumps(document))
+    assert cli(["receipts", "verify", receipt, "--keys", str(saved)]) == 0
+    assert orjson.loads(capsys.readouterr().out)["id"] == r.json()["id"]
+    assert cli(["receipts", "verify", _tampered(receipt, cost_usd="0"), "--keys", str(saved)]) == 1
+
+
+async def test_receipts_for_a_date_range_as_json_lines(stack: Stack) -> None:
+    key = await stack.create_key("1.00")
+    other = await stack.create_key("1.00")
+    async with stack.client(key) as c, stack.client(other) as o:
+        ids = [(await c.post("/v1/chat/completions", json=BODY)).json()["id"] for _ in range(3)]
+        theirs = (await o.post("/v1/chat/completions", json=BODY)).json()["id"]
+        await stack.wait_metered([*ids, theirs])
+        keys = public_keys((await c.get("/.well-known/apifast-receipts.json")).json())
+        today = datetime.now(UTC).date().isoformat()
+        r = await c.get("/v1/receipts", params={"from": today, "to": today})
+        assert r.status_code == 200
+        assert r.headers["content-type"].startswith("application/x-ndjson")
+        lines = [orjson.loads(line) for line in r.text.splitlines()]
+        assert sorted(line["id"] for line in lines) == sorted(ids)  # only the caller's
+        assert all(verify(line["receipt"], keys)["id"] == line["id"] for line in lines)
+        bad = await c.get("/v1/receipts", params={"from": today, "to": "2020-01-01"})
+        assert bad.status_code == 400 and bad.json()["error"]["param"] == "to"
+        missing = await c.get("/v1/receipts", params={"to": today})
+        assert missing.status_code == 400 and missing.json()["error"]["param"] == "from"
+    async with stack.client() as anonymous:
+        r = await anonymous.get("/v1/receipts", params={"from": today, "to": today})
+        assert r.status_code == 401
