@@ -20,8 +20,8 @@ import httpx
 
 from apifast.key_admin import create_key
 from apifast.server.migrations import migrate_database
+from bench.children import cpu_seconds
 from bench.nginx_upstream import NginxUpstream, free_port
-from bench.procstat import cpu_seconds
 
 CHAT_MODEL = "bench-chat"
 STREAM_MODEL = "bench-stream"

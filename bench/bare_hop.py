@@ -12,7 +12,6 @@ from __future__ import annotations
 import socket
 import subprocess
 import sys
-import time
 from typing import Any
 
 import aiohttp
@@ -90,31 +89,20 @@ class HopProcess:
             [sys.executable, __file__, str(self.port), self.upstream_origin],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         )  # fmt: skip
-        deadline = time.monotonic() + 15
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError("the bare hop exited during start-up")
-            try:
-                with socket.create_connection(("127.0.0.1", self.port), timeout=0.2):
-                    return self
-            except OSError:
-                time.sleep(0.05)
-        self.stop()
-        raise RuntimeError("the bare hop did not start listening")
+        from bench.children import wait_listening  # the bench's; not where the hop runs
+
+        wait_listening(self.proc, self.port, "the bare hop", 15)
+        return self
 
     def cpu_seconds(self) -> float:
-        from bench.procstat import cpu_seconds  # not needed where the hop itself runs
+        from bench.children import cpu_seconds
 
         return cpu_seconds(self.proc.pid) if self.proc is not None else 0.0
 
     def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        from bench.children import stop_child
+
+        stop_child(self.proc)
         self.proc = None
 
 

@@ -8,12 +8,13 @@ from typing import Any
 
 from fastapi import APIRouter
 from starlette.requests import Request
-from starlette.responses import Response, StreamingResponse
+from starlette.responses import Response
 
 from apifast.auth import key_hash_from_request
 from apifast.providers import Usage
 from apifast.request_body import parse_json_object, read_body
 from apifast.router.core import Generation, Reply, generate, resolve
+from apifast.router.framework_reply import framework_response
 from apifast.router.openai_shape import (
     DONE,
     chunk_bytes,
@@ -100,10 +101,7 @@ async def chat_completions(request: Request) -> Response:
         request, state.settings.max_body_bytes, state.settings.body_read_timeout_s
     )
     reply = await handle_chat(state, key_hash, raw, started)
-    if reply.stream is not None:
-        media_type = "text/event-stream"
-        return StreamingResponse(reply.stream, media_type=media_type, headers=reply.headers)
-    return Response(reply.content, media_type="application/json", headers=reply.headers)
+    return framework_response(reply)
 
 
 async def handle_chat(state: RouterState, key_hash: bytes, raw: bytes, started: float) -> Reply:

@@ -13,7 +13,7 @@ from typing import Any
 import orjson
 from fastapi import APIRouter
 from starlette.requests import Request
-from starlette.responses import Response, StreamingResponse
+from starlette.responses import Response
 
 from apifast.auth import key_row
 from apifast.catalog.toml import Route
@@ -22,6 +22,7 @@ from apifast.providers import ChatRequest, UpstreamError
 from apifast.request_body import parse_json_object, read_body
 from apifast.router.anthropic_shape import MessagesRenderer, chat_body, native_body
 from apifast.router.core import Generation, Reply, authenticate, generate, resolve
+from apifast.router.framework_reply import framework_response
 from apifast.router.media import media_token_bound
 from apifast.router.prompt_bound import prompt_token_bound
 from apifast.router.state import RouterState
@@ -78,11 +79,7 @@ async def create_message(request: Request) -> Response:
         reply = await handle_message(state, key_hash, raw, started)
     except ApiError as exc:
         return exc.response(anthropic=True)
-    if reply.stream is not None:
-        return StreamingResponse(
-            reply.stream, media_type="text/event-stream", headers=reply.headers
-        )
-    return Response(reply.content, media_type="application/json", headers=reply.headers)
+    return framework_response(reply)
 
 
 async def handle_message(state: RouterState, key_hash: bytes, raw: bytes, started: float) -> Reply:

@@ -9,11 +9,12 @@ import time
 
 from fastapi import APIRouter
 from starlette.requests import Request
-from starlette.responses import Response, StreamingResponse
+from starlette.responses import Response
 
 from apifast.errors import ApiError
 from apifast.request_body import parse_json_object, read_body
 from apifast.router.core import Generation, Reply, authenticate, generate, resolve
+from apifast.router.framework_reply import framework_response
 from apifast.router.prompt_bound import prompt_token_bound
 from apifast.router.responses_input import chat_body
 from apifast.router.responses_shape import ResponsesRenderer, request_echo
@@ -55,11 +56,7 @@ async def create_response(request: Request) -> Response:
     key_hash = authenticate(state, request.headers.get("authorization"))
     raw = await read_body(request, settings.max_body_bytes, settings.body_read_timeout_s)
     reply = await handle_response(state, key_hash, raw, started)
-    if reply.stream is not None:
-        return StreamingResponse(
-            reply.stream, media_type="text/event-stream", headers=reply.headers
-        )
-    return Response(reply.content, media_type="application/json", headers=reply.headers)
+    return framework_response(reply)
 
 
 async def handle_response(state: RouterState, key_hash: bytes, raw: bytes, started: float) -> Reply:
