@@ -65,6 +65,9 @@ class Settings(BaseSettings):
     # balance waits this long for them to settle, then gets 429 with Retry-After (402 only
     # when the settled balance cannot pay).
     hold_wait_s: float = Field(default=3.0, ge=0)
+    # POST /v1/key/rotate waits this long for the old key's requests in flight to settle
+    # (then 409 requests_in_flight, nothing moved).
+    rotate_wait_s: float = Field(default=10.0, ge=0)
     # Balance leases (docs/billing.md): a router holds up to this share of a key's available
     # balance at a time and serves its requests' holds from it in memory. 0 turns them off:
     # every request then takes its own hold in Postgres.

@@ -1,0 +1,76 @@
+"""POST /v1/key/rotate: the key holder's remedy for a leaked key. A new key takes over the
+whole balance, the limits, the orders (so a payment still on its way credits the new key) and
+the opted-in recovery email (its stored copy re-encrypted for the new key), in one
+transaction; the old key is disabled. The new key is shown once, in the answer.
+
+Money in flight is never lost: the old key is disabled first (every router stops serving it
+within a second: NOTIFY, and their leases on it are given back), then the rotation waits for
+its holds to settle, up to APIFAST_ROTATE_WAIT_S. If they do not, the old key is enabled again
+and the answer is 409 with Retry-After; nothing has moved.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import orjson
+from fastapi import APIRouter
+from starlette.requests import Request
+from starlette.responses import Response
+
+from apifast.auth import key_summary
+from apifast.db import Queries
+from apifast.errors import ApiError
+from apifast.key_admin import insert_key
+from apifast.money import format_usd
+from apifast.orders.email_keys import key_aad
+from apifast.orders.runtime import runtime
+
+api = APIRouter(tags=["keys"])
+Q = Queries("apifast.orders")
+_POLL_S = 0.1
+
+
+@api.post("/v1/key/rotate", status_code=201)
+async def rotate(request: Request) -> Response:
+    rt = runtime(request)
+    pool, secret = rt.core.pool, rt.core.secret
+    _, old = await key_summary(request, pool, secret)
+    if old["disabled"]:
+        raise ApiError(401, "This API key has been disabled.", code="key_disabled")
+    await pool.execute(Q.key_set_disabled, old["id"], True)
+    deadline = time.monotonic() + rt.settings.rotate_wait_s
+    while await pool.fetchval(Q.key_hold_count, old["id"]):
+        if time.monotonic() >= deadline:
+            await pool.execute(Q.key_set_disabled, old["id"], False)
+            raise ApiError(
+                409,
+                "This key has requests in flight; retry the rotation when they have finished.",
+                code="requests_in_flight",
+                headers={"Retry-After": "2"},
+            )
+        await asyncio.sleep(_POLL_S)
+    async with pool.acquire() as conn, conn.transaction():
+        row = await conn.fetchrow(Q.rotate_key_lock, old["id"])
+        assert row is not None
+        if row["holds"]:  # a hold slipped in before the disable: try again later
+            await conn.execute(Q.key_set_disabled, old["id"], False)
+            raise ApiError(409, "This key has requests in flight; retry the rotation.",
+                           code="requests_in_flight", headers={"Retry-After": "2"})  # fmt: skip
+        key, new_id, _ = await insert_key(conn, secret)
+        balance = row["balance_usd"]
+        await conn.execute(Q.rotate_key_move, old["id"], new_id, f"rotate:{old['id']}", balance)
+        hashed = await conn.fetchval(Q.email_key_get, old["id"])
+        if hashed is not None:
+            sealed = rt.keyring.encrypt(key.encode(), key_aad(new_id, hashed))
+            await conn.execute(Q.email_key_upsert, new_id, hashed, sealed.ciphertext,
+                               sealed.nonce, sealed.kid)  # fmt: skip
+            await conn.execute(Q.email_key_delete, old["id"])
+    body = {
+        "key": key,
+        "balance_usd": format_usd(balance),
+        "email_saved": hashed is not None,
+        "message": "Store this key now: it is shown only once. The old key is disabled.",
+    }
+    return Response(orjson.dumps(body), status_code=201, media_type="application/json")

@@ -1,0 +1,1 @@
+SELECT count(*) FROM reservations WHERE key_id = $1

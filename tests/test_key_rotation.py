@@ -1,0 +1,94 @@
+"""POST /v1/key/rotate: a new key takes over the balance, limits, orders and the opted-in
+recovery email in one transaction; the old key gets 401; nothing is lost, even with requests
+in flight when it is asked for."""
+
+from __future__ import annotations
+
+import asyncio
+from decimal import Decimal
+
+from apifast.keys import hash_key
+from apifast.orders.email_keys import email_hash, key_aad
+from tests.harness import SECRET, Stack
+
+BODY = {"model": "fast-chat", "messages": [{"role": "user", "content": "hi"}]}
+SLOW = {**BODY, "stream": True, "messages": [{"role": "user", "content": "hi [[slow:0.2]]"}]}
+
+
+async def _row(stack: Stack, key: str) -> dict[str, object]:
+    row = await stack.pool.fetchrow(
+        "SELECT id, balance_usd, reserved_usd, rpm_limit, disabled FROM api_keys "
+        "WHERE key_hash = $1", hash_key(SECRET.encode(), key),
+    )  # fmt: skip
+    assert row is not None
+    return dict(row)
+
+
+async def test_rotation_moves_everything_and_disables_the_old_key(stack: Stack) -> None:
+    old = await stack.create_key("5.00")
+    before = await _row(stack, old)
+    await stack.pool.execute("UPDATE api_keys SET rpm_limit = 100 WHERE id = $1", before["id"])
+    # An opted-in recovery email, as an order with an email leaves it, and an open order.
+    ring = stack.app.state.payments.keyring
+    hashed = email_hash(SECRET.encode(), "holder@example.com")
+    sealed = ring.encrypt(old.encode(), key_aad(int(before["id"]), hashed))  # type: ignore[arg-type]
+    await stack.pool.execute(
+        "INSERT INTO email_keys (key_id, email_hash, key_ciphertext, nonce, enc_key_id) "
+        "VALUES ($1, $2, $3, $4, $5)", before["id"], hashed, sealed.ciphertext, sealed.nonce,
+        sealed.kid,
+    )  # fmt: skip
+    await stack.pool.execute(
+        "INSERT INTO orders (id, key_id, amount_usd, processor) VALUES ('ord_rot', $1, 10, 'x')",
+        before["id"],
+    )
+    async with stack.client(old) as c:
+        spent = await c.post("/v1/chat/completions", json=BODY)
+        assert spent.status_code == 200
+        await stack.wait_metered([spent.json()["id"]])
+        # A request still streaming when the rotation is asked for: it finishes and is billed
+        # to the old key before anything moves.
+        async with c.stream("POST", "/v1/chat/completions", json=SLOW) as streaming:
+            assert streaming.status_code == 200
+            rotation = asyncio.create_task(c.post("/v1/key/rotate"))
+            async for _ in streaming.aiter_bytes():
+                pass
+        r = await rotation
+    assert r.status_code == 201, r.text
+    new = r.json()["key"]
+    assert new.startswith("af-") and new != old and r.json()["email_saved"] is True
+    old_row, new_row = await _row(stack, old), await _row(stack, new)
+    debits = await stack.pool.fetchval(
+        "SELECT -sum(amount_usd) FROM ledger WHERE key_id = $1 AND kind = 'usage'", before["id"]
+    )
+    assert new_row["balance_usd"] == Decimal("5.00") - debits  # nothing lost, nothing twice
+    assert Decimal(r.json()["balance_usd"]) == new_row["balance_usd"]
+    assert old_row["balance_usd"] == 0 and old_row["disabled"] is True
+    assert old_row["reserved_usd"] == 0 and new_row["rpm_limit"] == 100
+    assert (
+        await stack.pool.fetchval("SELECT key_id FROM orders WHERE id = 'ord_rot'") == new_row["id"]
+    )
+    stored = await stack.pool.fetchrow("SELECT * FROM email_keys WHERE key_id = $1", new_row["id"])
+    assert stored is not None
+    from apifast.crypto import EncryptedKey
+
+    opened = ring.decrypt(
+        EncryptedKey(stored["enc_key_id"], stored["nonce"], stored["key_ciphertext"]),
+        key_aad(int(new_row["id"]), hashed),  # type: ignore[arg-type]
+    )
+    assert opened.decode() == new  # recovery now mails the new key
+    assert not await stack.pool.fetchval("SELECT count(*) FROM email_keys WHERE key_id = $1",
+                                         before["id"])  # fmt: skip
+    async with stack.client(old) as c:
+        gone = await c.post("/v1/chat/completions", json=BODY)
+        assert gone.status_code == 401
+        assert (await c.post("/v1/key/rotate")).status_code == 401
+    async with stack.client(new) as c:
+        assert (await c.post("/v1/chat/completions", json=BODY)).status_code == 200
+        assert (await c.get("/v1/key")).json()["balance_usd"] == r.json()["balance_usd"]
+
+
+async def test_rotation_without_a_key_is_refused(stack: Stack) -> None:
+    async with stack.client() as c:
+        r = await c.post("/v1/key/rotate")
+    assert r.status_code == 401
+    assert r.json()["error"]["code"] in ("missing_api_key", "invalid_api_key")
