@@ -286,7 +286,7 @@ class LeaseBook:
                 self.ttl_s, False,
             )  # fmt: skip
             if row is not None and not row["existed"]:
-                log.warning("leases: lease of key %d expired before renewal", lease.key_id)
+                log.warning("leases: a lease expired before its renewal")
                 self._retire(lease)
                 self._all.pop(lease.lease_id, None)
                 return
@@ -357,7 +357,7 @@ class LeaseBook:
             row = found.get(lease_id)
             if row is None:
                 if not lease.retired:
-                    log.warning("leases: lease of key %d expired before renewal", lease.key_id)
+                    log.warning("leases: a lease expired before its renewal")
                 self._retire(lease)
                 self._all.pop(lease_id, None)
                 continue
