@@ -92,3 +92,11 @@ async def test_rotation_without_a_key_is_refused(stack: Stack) -> None:
         r = await c.post("/v1/key/rotate")
     assert r.status_code == 401
     assert r.json()["error"]["code"] in ("missing_api_key", "invalid_api_key")
+
+
+async def test_rotation_is_kept_out_of_the_openapi_schema(stack: Stack) -> None:
+    # A client generated from the schema, or a fuzzer calling every operation, would
+    # otherwise disable its own key.
+    async with stack.client() as c:
+        paths = (await c.get("/openapi.json")).json()["paths"]
+    assert "/v1/key/rotate" not in paths
