@@ -40,6 +40,7 @@ from apifast.providers import (
 )
 from apifast.receipts import receipt_fields
 from apifast.router.media import media_token_bound
+from apifast.router.prompt_bound import prompt_token_bound
 from apifast.router.relay import Waiting, close_quietly, next_step
 from apifast.router.reservations import (
     DATABASE_DOWN,
@@ -83,6 +84,22 @@ class Generation:
     # The client's own body (cleaned), for a route whose provider speaks `api` natively:
     # it then passes through untranslated, and the renderer's native_* methods write it.
     native: dict[str, Any] | None = None
+
+    @classmethod
+    def translated(
+        cls, chat: dict[str, Any], api: str, input_bytes: int,
+        native: dict[str, Any] | None = None,
+    ) -> Generation:  # fmt: skip
+        """A generation read from another protocol's request (`chat` is its translation)."""
+        return cls(
+            body=chat,
+            stream=bool(chat.get("stream")),
+            input_bound=prompt_token_bound(chat),
+            max_output=chat.get("max_tokens"),
+            api=api,
+            input_bytes=input_bytes,
+            native=native,
+        )
 
 
 class Renderer(Protocol):

@@ -24,7 +24,6 @@ from apifast.router.anthropic_shape import MessagesRenderer, chat_body, native_b
 from apifast.router.core import Generation, Reply, authenticate, generate, resolve
 from apifast.router.framework_reply import framework_response
 from apifast.router.media import media_token_bound
-from apifast.router.prompt_bound import prompt_token_bound
 from apifast.router.state import RouterState
 from apifast.router.validation import model_name
 
@@ -88,16 +87,7 @@ async def handle_message(state: RouterState, key_hash: bytes, raw: bytes, starte
     body = parse_json_object(raw)
     model = resolve(state, model_name(body), "chat")
     chat, _ = chat_body(body)
-    gen = Generation(
-        body=chat,
-        stream=bool(chat.get("stream")),
-        input_bound=prompt_token_bound(chat),
-        max_output=chat["max_tokens"],
-        endpoint="chat",
-        api="messages",
-        input_bytes=len(raw),
-        native=native_body(body),
-    )
+    gen = Generation.translated(chat, "messages", len(raw), native_body(body))
     return await generate(state, key_hash, model, gen, MessagesRenderer(model.id), started)
 
 

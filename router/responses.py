@@ -15,7 +15,6 @@ from apifast.errors import ApiError
 from apifast.request_body import parse_json_object, read_body
 from apifast.router.core import Generation, Reply, authenticate, generate, resolve
 from apifast.router.framework_reply import framework_response
-from apifast.router.prompt_bound import prompt_token_bound
 from apifast.router.responses_input import chat_body
 from apifast.router.responses_shape import ResponsesRenderer, request_echo
 from apifast.router.state import RouterState
@@ -64,15 +63,7 @@ async def handle_response(state: RouterState, key_hash: bytes, raw: bytes, start
     body = parse_json_object(raw)
     model = resolve(state, model_name(body), "chat")
     chat, _ = chat_body(body)
-    gen = Generation(
-        body=chat,
-        stream=bool(chat.get("stream")),
-        input_bound=prompt_token_bound(chat),
-        max_output=chat.get("max_tokens"),
-        endpoint="chat",
-        api="responses",
-        input_bytes=len(raw),
-    )
+    gen = Generation.translated(chat, "responses", len(raw))
     renderer = ResponsesRenderer(model.id, started, request_echo(body))
     return await generate(state, key_hash, model, gen, renderer, started)
 
