@@ -90,7 +90,7 @@ class Settings(BaseSettings):
     log_level: str = "INFO"
     # Prometheus metrics on their own listener, "host:port" (e.g. 127.0.0.1:9464); empty: off.
     # Never on the public port.
-    metrics_listen: str = ""
+    metrics_listen: str = Field(default="", pattern=r"^$|^[^:\s]*:\d{1,5}$")
     # /docs (Swagger UI) loads from a public CDN, so it is off by default; /openapi.json stays.
     docs_enabled: bool = False
     # "json": one JSON object per line (ts, level, logger, message), for log collectors.

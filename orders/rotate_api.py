@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from decimal import Decimal
 
 import orjson
 from fastapi import APIRouter
@@ -25,7 +26,7 @@ from apifast.errors import ApiError
 from apifast.key_admin import insert_key
 from apifast.money import format_usd
 from apifast.orders.email_keys import key_aad
-from apifast.orders.runtime import runtime
+from apifast.orders.runtime import PaymentsRuntime, runtime
 
 api = APIRouter(tags=["keys"])
 Q = Queries("apifast.orders")
@@ -34,6 +35,41 @@ _POLL_S = 0.1
 
 # Not in the OpenAPI schema: a client generated from it, or a fuzzer that calls every
 # operation, would disable its own key. Documented in the README.
+def _in_flight() -> ApiError:
+    return ApiError(
+        409,
+        "This key has requests in flight; retry the rotation when they have finished.",
+        code="requests_in_flight",
+        headers={"Retry-After": "2"},
+    )
+
+
+async def _move(rt: PaymentsRuntime, old_id: int) -> tuple[str, Decimal, bool]:
+    """Once the disabled key's holds have settled, move everything to a new key in one
+    transaction: (the new key, the balance moved, whether an email came along)."""
+    pool = rt.core.pool
+    deadline = time.monotonic() + rt.settings.rotate_wait_s
+    while await pool.fetchval(Q.key_hold_count, old_id):
+        if time.monotonic() >= deadline:
+            raise _in_flight()
+        await asyncio.sleep(_POLL_S)
+    async with pool.acquire() as conn, conn.transaction():
+        row = await conn.fetchrow(Q.rotate_key_lock, old_id)
+        assert row is not None
+        if row["holds"]:  # a hold slipped in before the disable took effect
+            raise _in_flight()
+        key, new_id, _ = await insert_key(conn, rt.core.secret)
+        balance: Decimal = row["balance_usd"]
+        await conn.execute(Q.rotate_key_move, old_id, new_id, f"rotate:{old_id}", balance)
+        hashed = await conn.fetchval(Q.email_key_get, old_id)
+        if hashed is not None:
+            sealed = rt.keyring.encrypt(key.encode(), key_aad(new_id, hashed))
+            await conn.execute(Q.email_key_upsert, new_id, hashed, sealed.ciphertext,
+                               sealed.nonce, sealed.kid)  # fmt: skip
+            await conn.execute(Q.email_key_delete, old_id)
+    return key, balance, hashed is not None
+
+
 @api.post("/v1/key/rotate", status_code=201, include_in_schema=False)
 async def rotate(request: Request) -> Response:
     rt = runtime(request)
@@ -42,37 +78,17 @@ async def rotate(request: Request) -> Response:
     if old["disabled"]:
         raise ApiError(401, "This API key has been disabled.", code="key_disabled")
     await pool.execute(Q.key_set_disabled, old["id"], True)
-    deadline = time.monotonic() + rt.settings.rotate_wait_s
-    while await pool.fetchval(Q.key_hold_count, old["id"]):
-        if time.monotonic() >= deadline:
-            await pool.execute(Q.key_set_disabled, old["id"], False)
-            raise ApiError(
-                409,
-                "This key has requests in flight; retry the rotation when they have finished.",
-                code="requests_in_flight",
-                headers={"Retry-After": "2"},
-            )
-        await asyncio.sleep(_POLL_S)
-    async with pool.acquire() as conn, conn.transaction():
-        row = await conn.fetchrow(Q.rotate_key_lock, old["id"])
-        assert row is not None
-        if row["holds"]:  # a hold slipped in before the disable: try again later
-            await conn.execute(Q.key_set_disabled, old["id"], False)
-            raise ApiError(409, "This key has requests in flight; retry the rotation.",
-                           code="requests_in_flight", headers={"Retry-After": "2"})  # fmt: skip
-        key, new_id, _ = await insert_key(conn, secret)
-        balance = row["balance_usd"]
-        await conn.execute(Q.rotate_key_move, old["id"], new_id, f"rotate:{old['id']}", balance)
-        hashed = await conn.fetchval(Q.email_key_get, old["id"])
-        if hashed is not None:
-            sealed = rt.keyring.encrypt(key.encode(), key_aad(new_id, hashed))
-            await conn.execute(Q.email_key_upsert, new_id, hashed, sealed.ciphertext,
-                               sealed.nonce, sealed.kid)  # fmt: skip
-            await conn.execute(Q.email_key_delete, old["id"])
+    try:
+        key, balance, email_saved = await _move(rt, old["id"])
+    except BaseException:
+        # Nothing moved (the transaction rolled back): the old key serves again. Shielded, so
+        # that a cancelled request cannot leave its holder locked out.
+        await asyncio.shield(pool.execute(Q.key_set_disabled, old["id"], False))
+        raise
     body = {
         "key": key,
         "balance_usd": format_usd(balance),
-        "email_saved": hashed is not None,
+        "email_saved": email_saved,
         "message": "Store this key now: it is shown only once. The old key is disabled.",
     }
     return Response(orjson.dumps(body), status_code=201, media_type="application/json")

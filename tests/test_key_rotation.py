@@ -6,10 +6,12 @@ from __future__ import annotations
 
 import asyncio
 from decimal import Decimal
+from typing import Any
 
 from apifast.keys import hash_key
 from apifast.orders.email_keys import email_hash, key_aad
-from tests.harness import SECRET, Stack
+from tests.fakes.openai_upstream import FakeOpenAI
+from tests.harness import SECRET, Stack, models_toml, running_stack
 
 BODY = {"model": "fast-chat", "messages": [{"role": "user", "content": "hi"}]}
 SLOW = {**BODY, "stream": True, "messages": [{"role": "user", "content": "hi [[slow:0.2]]"}]}
@@ -100,3 +102,28 @@ async def test_rotation_is_kept_out_of_the_openapi_schema(stack: Stack) -> None:
     async with stack.client() as c:
         paths = (await c.get("/openapi.json")).json()["paths"]
     assert "/v1/key/rotate" not in paths
+
+
+async def test_a_rotation_that_cannot_wait_moves_nothing_and_the_key_keeps_working(
+    stack_settings_factory: Any, fake_openai: FakeOpenAI
+) -> None:
+    settings = stack_settings_factory(models_toml(fake_openai.url), rotate_wait_s=0.2)
+    async with running_stack(settings) as stack:
+        key = await stack.create_key("5.00")
+        slow = {**SLOW, "messages": [{"role": "user", "content": "hi [[slow:0.3]]"}]}
+        async with stack.client(key) as c:
+            async with c.stream("POST", "/v1/chat/completions", json=slow) as streaming:
+                assert streaming.status_code == 200
+                refused = await c.post("/v1/key/rotate")
+                async for _ in streaming.aiter_bytes():
+                    pass
+            assert refused.status_code == 409
+            assert refused.json()["error"]["code"] == "requests_in_flight"
+            assert int(refused.headers["retry-after"]) >= 1
+            row = await _row(stack, key)
+            assert row["disabled"] is False  # re-enabled: the holder is not locked out
+            assert await stack.pool.fetchval("SELECT count(*) FROM api_keys") == 1  # no new key
+            assert await stack.pool.fetchval(
+                "SELECT count(*) FROM ledger WHERE kind LIKE 'rotation%'"
+            ) == 0  # fmt: skip
+            assert (await c.post("/v1/chat/completions", json=BODY)).status_code == 200
