@@ -14,8 +14,9 @@ COPY orders orders
 COPY embedded embedded
 COPY cli cli
 COPY server server
-# The locked versions (scripts/lock), then ApiFast itself; no embedded engines (chdb, pgserver,
-# nats-server: the `embedded` extra is for `apifast dev` only).
+# The locked versions (scripts/lock: the dependencies and the `otel` extra), then ApiFast
+# itself; no embedded engines (chdb, pgserver, nats-server: the `embedded` extra is for
+# `apifast dev` only).
 RUN pip install -r requirements.lock && pip install --no-deps . && useradd --system --home /app apifast && mkdir -p /data && chown apifast /data
 USER apifast
 ENV APIFAST_DATA_DIR=/data APIFAST_HOST=0.0.0.0 APIFAST_PORT=8000

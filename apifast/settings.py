@@ -95,6 +95,12 @@ class Settings(BaseSettings):
     docs_enabled: bool = False
     # "json": one JSON object per line (ts, level, logger, message), for log collectors.
     log_format: Literal["text", "json"] = "text"
+    # OpenTelemetry traces over OTLP/HTTP (protobuf) to this base URL (e.g.
+    # http://127.0.0.1:4318; /v1/traces is added); empty: off. Needs the `otel` extra.
+    otel_endpoint: str = ""
+    # On SIGTERM: requests in flight get this long to finish before they are cut (and billed
+    # for what they delivered); then the publisher flushes and the process exits.
+    drain_timeout_s: int = Field(default=30, ge=0)
     workers: int = Field(default=1, ge=1)
 
     # Credit bounds for orders (issue #3 uses these); kept here so every part reads one class.

@@ -20,7 +20,8 @@ import contextlib
 import logging
 import math
 import time
-from typing import TYPE_CHECKING, Any
+from collections.abc import Awaitable
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import asyncpg
 import nats
@@ -40,11 +41,13 @@ from apifast.metering.ledger import (
 )
 from apifast.metering.stream import ensure_usage_stream
 from apifast.metrics import Metrics
+from apifast.tracing import Tracer
 
 if TYPE_CHECKING:
     from apifast.settings import Settings
 
 log = logging.getLogger("apifast.meter")
+T = TypeVar("T")
 
 _MAX_BACKOFF_S = 10.0
 _LAG_EVERY_S = 5.0  # how often the stream's pending count is read for /metrics
@@ -81,6 +84,7 @@ class Meter:
         self._stop = asyncio.Event()
         self.idle = asyncio.Event()  # set whenever a fetch came back empty
         self.metrics: Metrics | None = None  # set by the composition root
+        self.tracer: Tracer | None = None  # likewise, when APIFAST_OTEL_ENDPOINT is set
 
     @classmethod
     def from_settings(
@@ -214,7 +218,7 @@ class Meter:
             return True
         heartbeat = asyncio.create_task(_keep_in_progress(good, ack_wait))
         try:
-            await self.process(events)
+            await self._traced("meter.batch", self.process(events), len(events))
         except Exception as exc:
             self.failures += 1
             log.warning("meter: batch of %d failed (%s); will retry", len(good), type(exc).__name__)
@@ -246,18 +250,24 @@ class Meter:
                 self.overages += 1
                 event["cost_usd"], event["overage_usd"] = str(debit), str(overage)
         try:
-            counted = await debit_batch(self.pool, unique)
+            counted = await self._traced("meter.postgres", debit_batch(self.pool, unique))
         except Exception:
             self._store_failed("postgres")
             raise
         try:
-            await self.clickhouse.insert_new_events(unique)
+            await self._traced("meter.clickhouse", self.clickhouse.insert_new_events(unique))
         except Exception:
             self._store_failed("clickhouse")
             raise
         self.processed += len(counted)
         if self.metrics is not None:
             self.metrics.meter_events.inc(len(counted))
+
+    async def _traced(self, name: str, step: Awaitable[T], events: int = 0) -> T:
+        """`step`, in a span when tracing is on (counts only: no event's content)."""
+        if self.tracer is None:
+            return await step
+        return await self.tracer.within(name, step, {"apifast.events": events} if events else None)
 
     def _store_failed(self, store: str) -> None:
         if self.metrics is not None:

@@ -10,6 +10,7 @@ from apifast.metering.clickhouse import ClickHouseStore
 from apifast.metering.consumer import Meter
 from apifast.metrics import Metrics, MetricsServer
 from apifast.settings import Settings
+from apifast.tracing import Tracer
 
 
 async def run_meter(settings: Settings) -> None:
@@ -23,6 +24,8 @@ async def run_meter(settings: Settings) -> None:
         meter.metrics = Metrics()
         server = MetricsServer(meter.metrics, settings.metrics_listen)
         server.start()
+    if settings.otel_endpoint:
+        meter.tracer = Tracer(settings.otel_endpoint, "apifast-meter")
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, meter.stop)
@@ -31,5 +34,7 @@ async def run_meter(settings: Settings) -> None:
     finally:
         if server is not None:
             server.stop()
+        if meter.tracer is not None:
+            await asyncio.to_thread(meter.tracer.shutdown)  # exports the last batches' spans
         await clickhouse.close()
         await pool.close()

@@ -51,6 +51,7 @@ from apifast.router.reservations import (
     reserve,
 )
 from apifast.router.state import RouterState
+from apifast.router.traces import publish as traced_publish
 
 log = logging.getLogger("apifast.router")
 T = TypeVar("T")
@@ -383,7 +384,10 @@ def finish(state: RouterState, event: UsageEvent, model: Model, route: Route | N
     state.key_limits.record_tokens(
         event.key_id, event.usage.input_tokens + event.usage.output_tokens
     )
-    state.publisher.submit(event)
+    if state.tracer is None:
+        state.publisher.submit(event)
+    else:
+        traced_publish(state.tracer, event, model, route, state.publisher.submit)
     if state.metrics is not None:
         state.metrics.finished(
             model.id, event.api, event.status, event.started_at, event.ttft_ms,
@@ -439,7 +443,8 @@ async def generate(
     generation_id = renderer.generation_id = new_generation_id()
     max_usd = quantize_up(price.bound(gen.input_bound, cap * n))
     min_usd = quantize_up(price.bound(gen.input_bound, n))
-    held = await hold(state, key_hash, generation_id, min_usd, max_usd)
+    holding = hold(state, key_hash, generation_id, min_usd, max_usd)
+    held = await (holding if state.tracer is None else state.tracer.within("hold", holding))
 
     headers: dict[str, str] = {}
     out_tokens = cap
@@ -502,9 +507,10 @@ async def _complete(
             ChatRequest(body={**ubody, "model": route.model}, model=route.model)
         )
 
+    traced = call if state.tracer is None else state.tracer.upstream(model.routes, call)
     called = time.perf_counter()
     try:
-        result, route = await call_routes(state, model, call)
+        result, route = await call_routes(state, model, traced)
     except RoutesFailed as failed:
         raise _failed(state, event, model, failed) from None
     upstream_s = time.perf_counter() - called
@@ -603,8 +609,11 @@ async def _stream(
             raise
         return iterator, first
 
+    traced = (
+        open_stream if state.tracer is None else state.tracer.upstream(model.routes, open_stream)
+    )
     try:
-        (iterator, first), route = await call_routes(state, model, open_stream)
+        (iterator, first), route = await call_routes(state, model, traced)
     except RoutesFailed as failed:
         raise _failed(state, event, model, failed) from None
 
@@ -744,7 +753,8 @@ async def embed(
     ensure_metering(state)
     generation_id = new_generation_id()
     bound = quantize_up(model.price.bound(input_bound, 0))
-    held = await hold(state, key_hash, generation_id, bound, bound)
+    holding = hold(state, key_hash, generation_id, bound, bound)
+    held = await (holding if state.tracer is None else state.tracer.within("hold", holding))
     event = UsageEvent(
         generation_id=generation_id,
         key_hash=key_hash,
@@ -762,8 +772,9 @@ async def embed(
         request = EmbeddingsRequest(body={**body, "model": route.model}, model=route.model)
         return await provider.embeddings(request)
 
+    traced = call if state.tracer is None else state.tracer.upstream(model.routes, call)
     try:
-        result, route = await call_routes(state, model, call)
+        result, route = await call_routes(state, model, traced)
     except RoutesFailed as failed:
         raise _failed(state, event, model, failed) from None
     except BaseException:  # cancelled, or a provider's bug: the hold goes back now

@@ -19,6 +19,7 @@ from apifast.router.publisher import EventPublisher
 from apifast.router.reservations import Reserver
 from apifast.router.settle import Settler
 from apifast.settings import Settings
+from apifast.tracing import Tracer
 
 if TYPE_CHECKING:
     from apifast.metering.clickhouse import ClickHouseStore
@@ -38,6 +39,7 @@ class RouterState:
     leases: LeaseBook | None = None  # balance leases; None: every request holds in Postgres
     metrics: Metrics | None = None  # Prometheus series (APIFAST_METRICS_LISTEN); None: off
     receipts: ReceiptSigner | None = None  # signs X-ApiFast-Receipt; None: no receipts
+    tracer: Tracer | None = None  # OpenTelemetry spans (APIFAST_OTEL_ENDPOINT); None: off
 
     @property
     def catalog(self) -> Catalog:

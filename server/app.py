@@ -41,25 +41,68 @@ from apifast.router.settle import Settler
 from apifast.router.size_limits import oversize_refusal
 from apifast.router.state import RouterState
 from apifast.settings import Settings
+from apifast.tracing import Tracer
+
+# The requests that get a root span when tracing is on: the inference endpoints.
+TRACED_PATHS = frozenset(
+    {"/v1/chat/completions", "/v1/messages", "/v1/responses", "/v1/embeddings"}
+)
+# On shutdown, how long the requests uvicorn cut at the drain timeout get to settle (bill
+# what they delivered, give back their holds) before the publisher flushes.
+_SETTLE_S = 5.0
 
 
 class ApiFastApp(FastAPI):
-    """FastAPI, except that chat completions skip the framework (see router/fast_path.py)."""
+    """FastAPI, except that chat completions skip the framework (see router/fast_path.py).
+    It counts the HTTP requests in flight, for the drain on shutdown."""
+
+    tracer: Tracer | None = None  # set by the lifespan when APIFAST_OTEL_ENDPOINT is set
+    in_flight = 0
+    _settled: asyncio.Event | None = None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        settings = getattr(self.state, "settings", None)
-        if scope["type"] == "http" and settings is not None:
-            # Before routing, for every endpoint: uvicorn's httptools has no header limit.
-            refused = oversize_refusal(scope, settings.max_header_bytes, settings.max_body_bytes)
-            if refused is not None:
-                await refused.response(speaks_anthropic(scope))(scope, receive, send)
-                return
-        if fast_path.handles(scope):
-            state = getattr(self.state, "apifast", None)
-            if state is not None:
-                await fast_path.serve(state, scope, receive, send)
-                return
-        await super().__call__(scope, receive, send)
+        if scope["type"] != "http":
+            await super().__call__(scope, receive, send)  # the lifespan
+            return
+        tracer = self.tracer
+        if tracer is not None and scope["path"] in TRACED_PATHS:
+            name = f"{scope['method']} {scope['path']}"
+            await tracer.request(name, self._http, scope, receive, send)
+            return
+        await self._http(scope, receive, send)
+
+    async def _http(self, scope: Scope, receive: Receive, send: Send) -> None:
+        self.in_flight += 1
+        try:
+            settings = getattr(self.state, "settings", None)
+            if settings is not None:
+                # Before routing, for every endpoint: uvicorn's httptools has no header limit.
+                refused = oversize_refusal(
+                    scope, settings.max_header_bytes, settings.max_body_bytes
+                )
+                if refused is not None:
+                    await refused.response(speaks_anthropic(scope))(scope, receive, send)
+                    return
+            if fast_path.handles(scope):
+                state = getattr(self.state, "apifast", None)
+                if state is not None:
+                    await fast_path.serve(state, scope, receive, send)
+                    return
+            await super().__call__(scope, receive, send)
+        finally:
+            self.in_flight -= 1
+            if not self.in_flight and self._settled is not None:
+                self._settled.set()
+
+    async def settle(self, within_s: float) -> None:
+        """Wait (up to `within_s`) until no request is in flight. uvicorn cancels the requests
+        still running at the drain timeout and starts the lifespan's shutdown at once: their
+        cleanup (billing what a cut stream delivered) must reach the publisher first."""
+        if not self.in_flight:
+            return
+        self._settled = asyncio.Event()
+        with suppress(TimeoutError):
+            await asyncio.wait_for(self._settled.wait(), within_s)
 
 
 def load_configured_catalog(settings: Settings, known_types: set[str]) -> Catalog:
@@ -99,6 +142,14 @@ def create_app(
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         async with contextlib.AsyncExitStack() as stack:
+            own = app if isinstance(app, ApiFastApp) else None
+            tracer = None
+            if settings.otel_endpoint:
+                # Shut down last, once every span (the meter's last batch too) has ended.
+                tracer = Tracer(settings.otel_endpoint, "apifast-router")
+                stack.push_async_callback(asyncio.to_thread, tracer.shutdown)
+                if own is not None:
+                    own.tracer = tracer
             pool = await create_pool(settings.database_url)
             stack.push_async_callback(pool.close)
             core = Core(settings=settings, secret=secret, pool=pool, plugin_manager=pm)
@@ -165,13 +216,18 @@ def create_app(
                 assert clickhouse is not None, "the meter needs APIFAST_CLICKHOUSE_URL"
                 meter = Meter.from_settings(settings, pool, clickhouse)
                 meter.metrics = metrics
+                meter.tracer = tracer
                 meter_task = asyncio.create_task(meter.run())
                 stack.push_async_callback(_stop_meter, meter, meter_task, publisher)
             # Drain usage events before the meter stops, so it can still count them.
             stack.push_async_callback(publisher.close)
             if leases is not None:
-                # First of all (requests are done): give back what the leases do not need.
+                # Once requests are done: give back what the leases do not need.
                 stack.push_async_callback(leases.close)
+            # First of all: the requests cut at the drain timeout settle (bill what they
+            # delivered, hand their events to the publisher) before anything closes.
+            if own is not None:
+                stack.push_async_callback(own.settle, _SETTLE_S)
 
             app.state.apifast = RouterState(
                 settings=settings,
@@ -184,6 +240,7 @@ def create_app(
                 reserver=reserver,
                 leases=leases,
                 metrics=metrics,
+                tracer=tracer,
                 receipts=ReceiptSigner.from_settings(
                     settings.receipt_keys, settings.resolved_data_dir()
                 ),

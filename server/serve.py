@@ -32,6 +32,9 @@ def run_uvicorn(app: object, settings: Settings, **options: object) -> None:
         forwarded_allow_ips=settings.forwarded_allow_ips or None,
         log_level=settings.log_level.lower(),
         h11_max_incomplete_event_size=settings.max_header_bytes,
-        timeout_graceful_shutdown=30,
+        # SIGTERM: stop accepting (the listener closes), let requests in flight finish for up
+        # to the drain timeout, cut the rest (billed for what they delivered), then the
+        # lifespan's shutdown flushes the usage publisher (server/app.py).
+        timeout_graceful_shutdown=settings.drain_timeout_s,
         **options,  # type: ignore[arg-type]
     )

@@ -3,7 +3,8 @@ chat-completions and embeddings wire format, SSE streams included.
 
 Behaviour is chosen per request by a marker in the last user message, or for every request
 by setting `server.behaviour`: "ok", "error:<status>", "slow:<seconds>", "broken" (the
-stream is cut after two chunks), "nousage" (a stream without a usage chunk), "tools".
+stream is cut after two chunks), "nousage" (a stream without a usage chunk), "tools",
+"gated" (a stream sends `gate_after` words, then waits for `gate` to be set).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import orjson
 from aiohttp import web
 
 REPLY = "Hello from the fake upstream model"
-_MARKER = re.compile(r"\[\[(ok|error:\d+|slow:[\d.]+|broken|nousage|tools)\]\]")
+_MARKER = re.compile(r"\[\[(ok|error:\d+|slow:[\d.]+|broken|nousage|tools|gated)\]\]")
 
 
 def prompt_tokens(body: dict[str, Any]) -> int:
@@ -41,6 +42,8 @@ class FakeOpenAI:
     usage_override: dict[str, Any] | None = None  # reported as is, however wrong
     requests: list[dict[str, Any]] = field(default_factory=list)
     headers: list[dict[str, str]] = field(default_factory=list)
+    gate: asyncio.Event = field(default_factory=asyncio.Event)  # releases "gated" streams
+    gate_after: int = 2
     url: str = ""
     _runner: web.AppRunner | None = None
 
@@ -212,6 +215,8 @@ class FakeOpenAI:
                 # Cut the connection mid-stream, as a crashed upstream would.
                 request.transport.close()  # type: ignore[union-attr]
                 return resp
+            if behaviour == "gated" and i == self.gate_after:
+                await self.gate.wait()
             await resp.write(chunk({"content": word if i == 0 else " " + word}))
             if behaviour.startswith("slow:"):
                 await asyncio.sleep(float(behaviour.split(":")[1]))
