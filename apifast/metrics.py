@@ -81,6 +81,11 @@ class Metrics:
             "apifast_meter_store_errors", "Meter batches that failed, by store", ["store"],
             registry=r,
         )  # fmt: skip
+        # Known label values exported at 0 from the start, so a rate() alert sees the first.
+        for store in ("postgres", "clickhouse"):
+            self.store_errors.labels(store)
+        for result in ("opened", "grown", "refused"):
+            self.lease_growths.labels(result)
 
     def finished(
         self, model: str, api: str, status: int, started: float, ttft_ms: int,

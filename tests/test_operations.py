@@ -107,6 +107,14 @@ async def test_metrics_on_their_own_listener_without_identifying_labels(
                 headers={"Authorization": f"Bearer {poor}"},
             )
             assert refused.status_code == 402
+            failed = await c.post(
+                "/v1/chat/completions",
+                json={
+                    "model": "fast-chat",
+                    "messages": [{"role": "user", "content": "[[error:500]]"}],
+                },
+            )
+            assert failed.status_code == 502
             assert (await c.get("/metrics")).status_code == 404  # not on the public port
         await stack.wait_metered([ok.json()["id"]])
         async with httpx.AsyncClient(timeout=10) as m:
@@ -117,8 +125,15 @@ async def test_metrics_on_their_own_listener_without_identifying_labels(
                  "apifast_time_to_first_byte_seconds_bucket", "apifast_added_seconds_bucket",
                  "apifast_tokens_total", "apifast_cost_usd_total", "apifast_hold_refusals_total",
                  "apifast_spool_events", "apifast_spool_age_seconds", "apifast_leases",
-                 "apifast_meter_events_total"):  # fmt: skip
+                 "apifast_lease_growths_total", "apifast_upstream_errors_total",
+                 "apifast_publish_failures_total", "apifast_meter_events_total",
+                 "apifast_meter_pending", "apifast_meter_store_errors_total"):  # fmt: skip
         assert name in series, name
+    # Upstream errors by route (the public model and the provider of the route) and cause.
+    assert (
+        'apifast_upstream_errors_total{cause="http",model="fast-chat",provider="local"} 1.0' in text
+    )
+    assert 'apifast_meter_store_errors_total{store="clickhouse"} 0.0' in text
     assert 'apifast_requests_total{api="chat",model="fast-chat",status="200"} 1.0' in text
     assert 'apifast_hold_refusals_total{reason="insufficient_balance"} 1.0' in text
     # Nothing that identifies a caller, nor any content.
