@@ -9,15 +9,21 @@ from __future__ import annotations
 import subprocess
 import sys
 from collections.abc import AsyncIterator, Callable
+from decimal import Decimal
+from pathlib import Path
 from typing import Any
 
+import asyncpg
 import orjson
 import pytest
 
+from apifast.key_admin import insert_key
 from apifast.keys import hash_key
+from apifast.server.migrations import migrate_database
 from tests.fakes.openai_upstream import REPLY, FakeOpenAI
 from tests.fakes.otlp_collector import FakeCollector, Span
-from tests.harness import SECRET, models_toml, running_stack
+from tests.fault_tools import MeterProcess, publish_events, usage_events, wait_in_ledger
+from tests.harness import SECRET, models_toml, running_stack, stack_settings
 
 PROMPT = "canary-prompt-5d1e9 tell me about zebras"
 CLIENT_IP = "203.0.113.77"  # TEST-NET-3, sent as X-Forwarded-For
@@ -65,6 +71,10 @@ async def test_chat_and_meter_spans_reach_the_collector_without_identifying_data
                 headers={**headers, "Authorization": f"Bearer {poor}"},
             )  # fmt: skip
             assert refused.status_code == 402
+            embedded = await c.post(
+                "/v1/embeddings", json={"model": "embed-small", "input": PROMPT}, headers=headers
+            )
+            assert embedded.status_code == 200, embedded.text
         stream_id = orjson.loads(streamed.text.split("data: ")[1])["id"]
         await stack.wait_metered([plain.json()["id"], stream_id])
     # The lifespan's shutdown flushed every span to the collector.
@@ -109,6 +119,12 @@ async def test_chat_and_meter_spans_reach_the_collector_without_identifying_data
     hold = collector.children(poor_root[0])
     assert [s.name for s in hold] == ["hold"]
     assert hold[0].attributes["error.type"] == "insufficient_balance"
+
+    # Embeddings, served by the framework's route rather than the fast path: the same steps.
+    (embed_root,) = collector.named("POST /v1/embeddings")
+    assert embed_root.attributes["apifast.model"] == "embed-small"
+    assert embed_root.attributes["apifast.endpoint"] == "embeddings"
+    assert [s.name for s in collector.children(embed_root)] == ["hold", "upstream", "publish"]
 
     # The meter's batches: each with its Postgres debit and ClickHouse insert.
     batches = collector.named("meter.batch")
@@ -179,3 +195,39 @@ async def test_the_exporter_posts_to_the_traces_path_of_the_endpoint(
     outer, inner = collector.named("outer"), collector.named("inner")
     assert len(outer) == len(inner) == 1 and inner[0].parent_id == outer[0].span_id
     assert collector.resources[0]["service.name"] == "apifast-test"
+
+
+async def test_the_meter_process_exports_its_batches(
+    database_factory: Callable[[str], str], nats_url: str, clickhouse_database: str,
+    collector: FakeCollector, tmp_path: Path,
+) -> None:  # fmt: skip
+    settings = stack_settings(
+        database_url=database_factory("trace_meter"), nats_url=nats_url, clickhouse_url="",
+        clickhouse_database=clickhouse_database, data_dir=tmp_path / "data", models_file=None,
+    )  # fmt: skip
+    await migrate_database(settings.database_url)
+    conn = await asyncpg.connect(settings.database_url)
+    try:
+        async with conn.transaction():
+            key, _, _ = await insert_key(conn, SECRET.encode(), Decimal("5.00"))
+    finally:
+        await conn.close()
+    key_hash = hash_key(SECRET.encode(), key)
+    events = usage_events([key_hash], 3)
+    await publish_events(settings, events)
+    meter = MeterProcess(settings, tmp_path / "meter-chdb", tmp_path / "meter")
+    meter.env["APIFAST_OTEL_ENDPOINT"] = collector.url
+    meter.start()
+    try:
+        await wait_in_ledger(settings.database_url, [gid for gid, _, _ in events], timeout=120)
+    finally:
+        assert await meter.stop() == 0, meter.log()  # SIGTERM: the last spans are exported
+    batches = collector.named("meter.batch")
+    assert batches and {b.service for b in batches} == {"apifast-meter"}
+    assert sum(int(b.attributes["apifast.events"]) for b in batches) == 3
+    for batch in batches:
+        assert not batch.parent_id
+        assert [s.name for s in collector.children(batch)] == ["meter.postgres", "meter.clickhouse"]
+    raw = b"".join(collector.bodies)
+    assert key_hash not in raw and key_hash.hex().encode() not in raw
+    assert not [gid for gid, _, _ in events if gid.encode() in raw]
