@@ -150,6 +150,7 @@ def create_app(
                 stack.push_async_callback(asyncio.to_thread, tracer.shutdown)
                 if own is not None:
                     own.tracer = tracer
+                    stack.callback(setattr, own, "tracer", None)  # before the shutdown
             pool = await create_pool(settings.database_url)
             stack.push_async_callback(pool.close)
             core = Core(settings=settings, secret=secret, pool=pool, plugin_manager=pm)
