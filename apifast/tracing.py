@@ -63,6 +63,7 @@ class Tracer:
         self._error = trace.StatusCode.ERROR
         self._server = trace.SpanKind.SERVER
         self._client = trace.SpanKind.CLIENT
+        self._invalid = trace.INVALID_SPAN
         resource = Resource.create({"service.name": service, "service.version": __version__})
         self._provider = TracerProvider(resource=resource)
         self._provider.add_span_processor(
@@ -79,6 +80,11 @@ class Tracer:
         self, name: str, attributes: Attributes | None = None, client: bool = False
     ) -> Iterator[Any]:
         """A child of the current span; an exception marks it failed, by class only."""
+        parent = self._trace.get_current_span()
+        if parent is not self._invalid and not parent.is_recording():
+            # A request the sampler dropped (OTEL_TRACES_SAMPLER): its steps make no span.
+            yield parent
+            return
         kind = self._client if client else self._trace.SpanKind.INTERNAL
         with self._tracer.start_as_current_span(
             name, kind=kind, attributes=attributes,

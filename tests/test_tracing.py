@@ -231,3 +231,30 @@ async def test_the_meter_process_exports_its_batches(
     raw = b"".join(collector.bodies)
     assert key_hash not in raw and key_hash.hex().encode() not in raw
     assert not [gid for gid, _, _ in events if gid.encode() in raw]
+
+
+async def test_a_request_the_sampler_drops_makes_no_step_spans(
+    collector: FakeCollector, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import asyncio
+
+    from apifast.tracing import Tracer
+
+    monkeypatch.setenv("OTEL_TRACES_SAMPLER", "always_off")
+    tracer = Tracer(collector.url, "apifast-test")
+    steps: list[bool] = []
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        with tracer.span("hold") as span:
+            steps.append(span.is_recording())
+        await send({"type": "http.response.start", "status": 200})
+
+    async def send(message: Any) -> None:
+        return None
+
+    scope = {"method": "POST", "path": "/v1/chat/completions"}
+    await tracer.request(ROOT, app, scope, None, send)
+    with tracer.span("meter.batch") as batch:  # no parent: the sampler decides, and drops
+        assert not batch.is_recording()
+    await asyncio.to_thread(tracer.shutdown)
+    assert steps == [False] and not collector.spans
