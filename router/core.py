@@ -521,6 +521,10 @@ async def generate(
     bound, size = gen.input_bound, gen.input_bytes
     for i, candidate in enumerate(choice.models):
         renderer.model = candidate.id
+        if i:
+            # Its own hold under its own id: the previous model's hold may not be gone yet
+            # (its release failed: the TTL frees it). Nothing was rendered under the old id.
+            generation_id = renderer.generation_id = new_generation_id()
         gen.input_bound, gen.input_bytes = bound, size
         more = i + 1 < len(choice.models)
         try:

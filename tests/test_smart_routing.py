@@ -569,3 +569,20 @@ async def test_admin_overview_shows_route_health_and_split(
             assert r.status_code == 400 and "unknown setting" in r.text
     finally:
         await cm.__aexit__(None, None, None)
+
+
+async def test_without_nats_health_stays_local(clock: FakeClock):
+    from apifast.providers import UpstreamError
+    from apifast.router.health_share import HealthShare
+    from tests.harness import free_port
+
+    book, model = _book(clock, failures=1)
+    share = HealthShare(book, f"nats://127.0.0.1:{free_port()}", "t.route_health", {}.get)
+    await share.start()
+    try:
+        a, _ = book.entries(model)
+        assert book.admit(a)
+        book.failed("m", a, UpstreamError(500))  # reported to nobody, without raising
+        assert a.breaker.state == OPEN and not book.admit(a)
+    finally:
+        await share.close()
