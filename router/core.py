@@ -856,6 +856,7 @@ async def _stream(
                 event.outcome = "ok"
             except UpstreamError as exc:
                 waiting = None
+                book.broke(model.id, entry, exc)  # never retried: the client has data
                 event.outcome = "upstream_error"
                 event.status = 504 if isinstance(exc, UpstreamTimeout) else 502
                 burst.append(renderer.stream_error(event.status))

@@ -121,6 +121,11 @@ class RouteBook:
         """An attempt failed: bench on Retry-After, count toward the breaker if the route is
         at fault (a retryable error other than a rate limit)."""
         entry.stats.in_flight -= 1
+        self.broke(model_id, entry, exc)
+
+    def broke(self, model_id: str, entry: RouteEntry, exc: UpstreamError) -> None:
+        """Judge a failure for the route's health; a stream that broke after its first byte
+        comes here too (it is not retried, but the route is not healthy)."""
         now = self.clock()
         breaker = entry.breaker
         if exc.status in (429, 503) and exc.retry_after_s is not None:

@@ -586,3 +586,25 @@ async def test_without_nats_health_stays_local(clock: FakeClock):
         assert a.breaker.state == OPEN and not book.admit(a)
     finally:
         await share.close()
+
+
+async def test_a_stream_broken_after_its_first_byte_counts_against_the_route(
+    stack_settings_factory, alpha, beta, clock
+):
+    cm, stack = await started(
+        stack_settings_factory, catalog(alpha.url, beta.url), clock, breaker_failures=1
+    )
+    try:
+        key = await stack.create_key("5.00")
+        alpha.behaviour = "broken"
+        async with stack.client(key) as c:
+            r = await chat(c, stream=True)
+            assert r.status_code == 200 and '"error"' in r.text  # not retried: data was sent
+            assert (alpha.chat_requests, beta.chat_requests) == (1, 0)
+            health = {r["index"]: r for r in stack.state.route_health() if r["model"] == "chat"}
+            assert health[0]["state"] == "open" and health[0]["in_flight"] == 0
+            assert (await chat(c)).status_code == 200
+            assert (alpha.chat_requests, beta.chat_requests) == (1, 1)
+        assert_nothing_named()
+    finally:
+        await cm.__aexit__(None, None, None)
