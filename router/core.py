@@ -641,6 +641,7 @@ async def _complete(
         )
 
     called = time.perf_counter()
+    clocked = state.routes.clock()  # the route book's clock (injectable), for its EWMAs
     try:
         result, entry = await call_routes(state, model, call, routing.budget, routing.strategy)
     except RoutesFailed as failed:
@@ -658,7 +659,7 @@ async def _complete(
         event.usage_estimated = True
     result.usage = event.usage = usage
     event.ttft_ms = round((time.time() - event.started_at) * 1000)
-    state.routes.release(entry, usage.output_tokens, upstream_s)
+    state.routes.release(entry, usage.output_tokens, state.routes.clock() - clocked)
     finish(state, event, model, route)
     if relay is not None:
         body = relay.native_completion(result.body, usage, event.cost_usd)

@@ -57,6 +57,8 @@ async def beta() -> AsyncIterator[FakeOpenAI]:
 
 def catalog(alpha: str, beta: str, strategy: str = "ordered", weights: tuple[int, int] = (1, 1),
             extra: str = "") -> str:  # fmt: skip
+    costs = [f'cost_input_usd_per_mtok = "{i}", cost_output_usd_per_mtok = "{o}"'
+             for i, o in (("0.80", "1.60"), ("0.40", "0.80"))]  # fmt: skip
     return (
         f"""
         [providers.prov_alpha]
@@ -73,8 +75,8 @@ def catalog(alpha: str, beta: str, strategy: str = "ordered", weights: tuple[int
         input_usd_per_mtok = "1.00"
         output_usd_per_mtok = "2.00"
         routes = [
-          {{ provider = "prov_alpha", model = "UPSTREAM-ALPHA-1", weight = {weights[0]} }},
-          {{ provider = "prov_beta", model = "UPSTREAM-BETA-1", weight = {weights[1]} }},
+          {{ provider = "prov_alpha", model = "UPSTREAM-ALPHA-1", weight = {weights[0]}, {costs[0]} }},
+          {{ provider = "prov_beta", model = "UPSTREAM-BETA-1", weight = {weights[1]}, {costs[1]} }},
         ]
 
         [[models]]
@@ -605,6 +607,31 @@ async def test_a_stream_broken_after_its_first_byte_counts_against_the_route(
             assert health[0]["state"] == "open" and health[0]["in_flight"] == 0
             assert (await chat(c)).status_code == 200
             assert (alpha.chat_requests, beta.chat_requests) == (1, 1)
+        assert_nothing_named()
+    finally:
+        await cm.__aexit__(None, None, None)
+
+
+@pytest.mark.parametrize("api", PROTOCOLS)
+async def test_route_sort_orders_a_models_routes(stack_settings_factory, alpha, beta, clock, api):
+    cm, stack = await started(stack_settings_factory, catalog(alpha.url, beta.url), clock)
+    alpha.on_request = lambda body: clock.advance(0.1)
+    beta.on_request = lambda body: clock.advance(0.5)
+    stack.state.routes.explore = 0.0
+    try:
+        key = await stack.create_key("5.00")
+        async with stack.client(key) as c:
+            r = await call(c, api, model="chat")  # ordered: alpha
+            assert (alpha.chat_requests, beta.chat_requests) == (1, 0)
+            r = await call(c, api, model="chat", route={"sort": "price"})  # beta costs less
+            assert r.status_code == 200 and answered_model(api, r, False) == "chat"
+            assert (alpha.chat_requests, beta.chat_requests) == (1, 1)
+            r = await call(c, api, model="chat", route={"sort": "latency"})  # alpha: 0.1 s
+            assert (alpha.chat_requests, beta.chat_requests) == (2, 1)
+            # Throughput: the same answer in less time is more tokens per second: alpha.
+            r = await call(c, api, model="chat", route={"sort": "throughput"})
+            assert (alpha.chat_requests, beta.chat_requests) == (3, 1)
+            assert all("route" not in b and "models" not in b for b in alpha.requests)
         assert_nothing_named()
     finally:
         await cm.__aexit__(None, None, None)
