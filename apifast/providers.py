@@ -8,8 +8,10 @@ common case (an OpenAI-compatible upstream) is a near pass-through.
 
 from __future__ import annotations
 
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from email.utils import parsedate_to_datetime
 from typing import Any, ClassVar
 
 __all__ = [
@@ -144,9 +146,6 @@ def parse_retry_after(value: bytes | str | None, cap_s: float = 3600.0) -> float
     try:
         seconds = float(text)
     except ValueError:
-        import time
-        from email.utils import parsedate_to_datetime
-
         try:
             seconds = parsedate_to_datetime(text).timestamp() - time.time()
         except (TypeError, ValueError, IndexError, OverflowError):

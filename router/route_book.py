@@ -20,7 +20,7 @@ from typing import Any
 from apifast.catalog.toml import Model, Route
 from apifast.providers import UpstreamError
 from apifast.router.route_choice import EXPLORE, RouteEntry, attempt_order
-from apifast.router.route_health import OPEN, Breaker, BreakerPolicy
+from apifast.router.route_health import CLOSED, OPEN, Breaker, BreakerPolicy
 
 log = logging.getLogger("apifast.router")
 
@@ -170,7 +170,7 @@ class RouteBook:
                 return False
             breaker.open(now - max(0.0, self.policy.cooldown_s - seconds))
         elif what == "closed":
-            if breaker.state != OPEN and breaker.state != "half_open":
+            if breaker.state == CLOSED:
                 return False
             breaker.close()
         elif what == "benched":

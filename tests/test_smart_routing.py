@@ -635,3 +635,18 @@ async def test_route_sort_orders_a_models_routes(stack_settings_factory, alpha, 
         assert_nothing_named()
     finally:
         await cm.__aexit__(None, None, None)
+
+
+def test_retry_after_header_values():
+    from datetime import UTC, datetime, timedelta
+    from email.utils import format_datetime
+
+    from apifast.providers import parse_retry_after
+
+    assert parse_retry_after(b"20") == 20.0
+    assert parse_retry_after(" 1.5 ") == 1.5
+    assert parse_retry_after(b"999999") == 3600.0  # capped
+    soon = format_datetime(datetime.now(UTC) + timedelta(seconds=120), usegmt=True)
+    assert 100 < (parse_retry_after(soon) or 0) <= 120
+    assert parse_retry_after(b"") is None and parse_retry_after(b"soon") is None
+    assert parse_retry_after(b"-5") == 0.0
