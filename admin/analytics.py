@@ -95,6 +95,22 @@ def _usd(value: Any) -> str:
     return format_usd(Decimal(value or 0))
 
 
+def route_split(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per model and route index: requests, their share of the model's, errors, retried."""
+    totals: dict[str, int] = {}
+    for r in rows:
+        totals[r["model"]] = totals.get(r["model"], 0) + int(r["requests"])
+    return [
+        {
+            "model": r["model"], "index": int(r["route_index"]), "provider": r["provider"],
+            "requests": int(r["requests"]), "errors": int(r["errors"]),
+            "retried": int(r["retried"]),
+            "share": _pct(int(r["requests"]), totals[r["model"]]),
+        }
+        for r in rows
+    ]  # fmt: skip
+
+
 async def usage_figures(clickhouse: UsageStore, w: Window) -> dict[str, Any]:
     params = {"table": w.table, "start": _naive(w.start), "end": _naive(w.end),
               "bucket_s": w.bucket_s}  # fmt: skip
@@ -103,6 +119,7 @@ async def usage_figures(clickhouse: UsageStore, w: Window) -> dict[str, Any]:
     per_model = await clickhouse.query(Q.admin_ch_latency_by_model, params)
     per_provider = await clickhouse.query(Q.admin_ch_latency_by_provider, params)
     per_api = await clickhouse.query(Q.admin_ch_by_api, params)
+    split = await clickhouse.query(Q.admin_ch_route_split, params)
     params["table"] = w.keys_table
     keys_series = await clickhouse.query(Q.admin_ch_active_keys_series, params)
     keys_total = (await clickhouse.query(Q.admin_ch_active_keys_total, params) or [{}])[0]
@@ -135,6 +152,7 @@ async def usage_figures(clickhouse: UsageStore, w: Window) -> dict[str, Any]:
             "upstream_cost": [_usd(p.get("upstream_cost_usd")) for p in points],
             "active_keys": [str(keys_by_bucket.get(_naive(b), 0)) for b in w.buckets()],
         },
+        "route_split": route_split(split),
         "models": [_breakdown(r) for r in per_model],
         "providers": [_breakdown(r) for r in per_provider],
         "apis": [_breakdown(r) for r in per_api],

@@ -12,7 +12,14 @@ from starlette.datastructures import FormData
 
 from apifast.admin.web import field
 from apifast.catalog.pricing import Price
-from apifast.catalog.toml import MODEL_KINDS, CatalogError, Model, parse_model, parse_providers
+from apifast.catalog.toml import (
+    MODEL_KINDS,
+    STRATEGIES,
+    CatalogError,
+    Model,
+    parse_model,
+    parse_providers,
+)
 from apifast.money import ZERO
 
 MODEL_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/@+-]{0,127}$")
@@ -64,6 +71,8 @@ def model_spec(model: Model) -> dict[str, Any]:
         spec["owned_by"] = model.owned_by
     if model.demo:
         spec["demo"] = True
+    if model.strategy != "ordered":
+        spec["strategy"] = model.strategy
     routes = []
     for r in model.routes:
         route: dict[str, Any] = {"provider": r.provider, "model": r.model}
@@ -71,9 +80,17 @@ def model_spec(model: Model) -> dict[str, Any]:
         if cost.input_usd_per_mtok or cost.output_usd_per_mtok:
             route["cost_input_usd_per_mtok"] = str(cost.input_usd_per_mtok)
             route["cost_output_usd_per_mtok"] = str(cost.output_usd_per_mtok)
+        if r.weight != 1:
+            route["weight"] = r.weight
+        if r.max_concurrency is not None:
+            route["max_concurrency"] = r.max_concurrency
         routes.append(route)
     spec["routes"] = routes
     return spec
+
+
+# Route settings written `name=value` after a route's provider, model and costs.
+_ROUTE_OPTIONS = ("weight", "max_concurrency")
 
 
 def routes_text(spec: dict[str, Any]) -> str:
@@ -85,6 +102,9 @@ def routes_text(spec: dict[str, Any]) -> str:
                 str(r["cost_input_usd_per_mtok"]),
                 str(r.get("cost_output_usd_per_mtok", "0")),
             ]
+        for name in _ROUTE_OPTIONS:
+            if name in r:
+                parts.append(f"{name}={r[name]}")
         lines.append(" ".join(parts))
     return "\n".join(lines)
 
@@ -94,6 +114,7 @@ def model_form_values(model_id: str, spec: dict[str, Any], enabled: bool) -> dic
     values.update(
         id=model_id,
         type=spec.get("type", "chat"),
+        strategy=spec.get("strategy", "ordered"),
         description=spec.get("description", ""),
         max_output_tokens=str(spec.get("max_output_tokens", "")),
         context_window=str(spec.get("context_window", "")),
@@ -103,20 +124,30 @@ def model_form_values(model_id: str, spec: dict[str, Any], enabled: bool) -> dic
     return values
 
 
-def _parse_routes(text: str) -> list[dict[str, str]]:
+def _parse_routes(text: str) -> list[dict[str, Any]]:
     routes = []
     for n, line in enumerate(text.splitlines(), 1):
-        parts = line.split()
+        words = line.split()
+        parts = [w for w in words if "=" not in w]
+        options = [w.split("=", 1) for w in words if "=" in w]
         if not parts:
             continue
         if len(parts) not in (2, 4):
             raise FormError(
-                f"routes, line {n}: write 'provider upstream-model' and optionally the "
-                "upstream's input and output cost per million tokens"
+                f"routes, line {n}: write 'provider upstream-model', optionally the "
+                "upstream's input and output cost per million tokens, then weight=N and "
+                "max_concurrency=N if wanted"
             )
-        route = {"provider": parts[0], "model": parts[1]}
+        route: dict[str, Any] = {"provider": parts[0], "model": parts[1]}
         if len(parts) == 4:
             route["cost_input_usd_per_mtok"], route["cost_output_usd_per_mtok"] = parts[2:]
+        for name, value in options:
+            if name not in _ROUTE_OPTIONS:
+                raise FormError(f"routes, line {n}: unknown setting {name!r}; use weight=N "
+                                "or max_concurrency=N")  # fmt: skip
+            if not value.isdigit():
+                raise FormError(f"routes, line {n}: {name} must be a whole number")
+            route[name] = int(value)
         routes.append(route)
     return routes
 
@@ -146,6 +177,11 @@ def parse_model_form(form: FormData, providers: set[str]) -> ModelForm:
     if kind not in MODEL_KINDS:
         raise FormError(f"type: must be one of {', '.join(MODEL_KINDS)}")
     spec: dict[str, Any] = {"type": kind}
+    strategy = field(form, "strategy", "ordered")
+    if strategy not in STRATEGIES:
+        raise FormError(f"strategy: must be one of {', '.join(STRATEGIES)}")
+    if strategy != "ordered":
+        spec["strategy"] = strategy
     for name in PRICE_FIELDS:
         value = field(form, name, limit=64)
         if value:

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -27,6 +28,8 @@ class AdminState:
     catalog_sync: CatalogSync | None = None  # None: the model and provider pages are unavailable
     clickhouse: UsageStore | None = None  # None: the overview shows credit sold only
     login_limiter: IpRateLimiter = field(init=False)  # per-IP password attempts
+    # This router's route health (state, error rate per model and route); None: not shown.
+    route_health: Callable[[], list[dict[str, Any]]] | None = None
 
     def __post_init__(self) -> None:
         s = self.core.settings

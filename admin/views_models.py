@@ -30,13 +30,14 @@ from apifast.admin.web import (
     render,
 )
 from apifast.catalog.live import CatalogSync, StoredModel, load_overlay
-from apifast.catalog.toml import MODEL_KINDS, Catalog
+from apifast.catalog.toml import MODEL_KINDS, STRATEGIES, Catalog
 from apifast.db import Queries
 
 router = APIRouter()
 Q = Queries("apifast.admin")
 _EDITOR_FIELDS = (
-    "id", "type", "description", *PRICE_FIELDS, "max_output_tokens", "context_window", "routes",
+    "id", "type", "strategy", "description", *PRICE_FIELDS, "max_output_tokens",
+    "context_window", "routes",
 )  # fmt: skip
 
 
@@ -86,7 +87,8 @@ def _editor(ctx: Ctx, values: dict[str, Any], *, is_new: bool, error: str = "",
             status: int = 200) -> Response:  # fmt: skip
     return render(
         ctx.request, "model_edit.html", status=status, ctx=ctx, v=values, is_new=is_new,
-        error=error, kinds=MODEL_KINDS, providers=sorted(ctx.state.live.catalog.providers),
+        error=error, kinds=MODEL_KINDS, strategies=STRATEGIES,
+        providers=sorted(ctx.state.live.catalog.providers),
     )  # fmt: skip
 
 

@@ -76,10 +76,11 @@ async def overview(
     sessions = await ctx.pool.fetchval(
         Q.admin_sessions_count, ctx.state.settings.admin_session_idle_s
     )
+    health = ctx.state.route_health
     return render(
         ctx.request, "overview.html", ctx=ctx, window=w, ranges=RANGES, usage=usage,
         credit=credit, charts={"charts": _charts(labels, usage, credit)}, sessions=sessions,
-        overages=overages,
+        overages=overages, routes=health() if health is not None else None,
     )  # fmt: skip
 
 

@@ -8,8 +8,10 @@ common case (an OpenAI-compatible upstream) is a near pass-through.
 
 from __future__ import annotations
 
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from email.utils import parsedate_to_datetime
 from typing import Any, ClassVar
 
 __all__ = [
@@ -24,6 +26,7 @@ __all__ = [
     "UpstreamError",
     "UpstreamTimeout",
     "Usage",
+    "parse_retry_after",
 ]
 
 
@@ -104,7 +107,8 @@ class UpstreamError(Exception):
 
     `retryable` errors (connect errors, timeouts, 429, 5xx) let the router try the next
     route. The message is for operators' logs only; it never reaches a client, so it must
-    not contain request or response content.
+    not contain request or response content. `retry_after_s` is the upstream's Retry-After
+    (on a 429 or 503): the router benches the route that long.
     """
 
     def __init__(
@@ -114,9 +118,11 @@ class UpstreamError(Exception):
         *,
         retryable: bool | None = None,
         cause: str = "",
+        retry_after_s: float | None = None,
     ):
         super().__init__(message or f"upstream status {status}")
         self.status = status
+        self.retry_after_s = retry_after_s
         self.retryable = (
             retryable if retryable is not None else status is None or status == 429 or status >= 500
         )
@@ -128,6 +134,25 @@ class UpstreamError(Exception):
 class UpstreamTimeout(UpstreamError):
     def __init__(self, message: str = "upstream timed out"):
         super().__init__(None, message, retryable=True, cause="timeout")
+
+
+def parse_retry_after(value: bytes | str | None, cap_s: float = 3600.0) -> float | None:
+    """Seconds from a Retry-After header (delta-seconds or an HTTP date), at most `cap_s`;
+    None when absent or unreadable."""
+    if not value:
+        return None
+    text = value.decode("latin-1") if isinstance(value, bytes) else value
+    text = text.strip()
+    try:
+        seconds = float(text)
+    except ValueError:
+        try:
+            seconds = parsedate_to_datetime(text).timestamp() - time.time()
+        except (TypeError, ValueError, IndexError, OverflowError):
+            return None
+    if seconds != seconds or seconds < 0:  # NaN or in the past
+        return 0.0 if seconds == seconds else None
+    return min(seconds, cap_s)
 
 
 class Provider:

@@ -83,6 +83,20 @@ class Settings(BaseSettings):
     # that clients and proxies do not time out an idle connection; 0 turns it off.
     stream_ping_s: float = Field(default=10.0, ge=0)
     default_max_output_tokens: int = 4096
+    # Smart routing (router/route_health.py, route_choice.py, health_share.py). A route's
+    # breaker opens after this many consecutive failures, or when at least this share of its
+    # last `breaker_window` outcomes failed; it stays open `breaker_cooldown_s`, then lets one
+    # probe through.
+    breaker_failures: int = Field(default=5, ge=1)
+    breaker_error_rate: float = Field(default=0.5, gt=0, le=1)
+    breaker_window: int = Field(default=20, ge=2)
+    breaker_cooldown_s: float = Field(default=30.0, gt=0)
+    # A request tries at most this many routes (across its `models` too), and starts no new
+    # attempt after this many seconds; only ever before the client got a byte.
+    route_max_attempts: int = Field(default=3, ge=1)
+    route_deadline_s: float = Field(default=60.0, gt=0)
+    # Core NATS subject on which routers share breaker changes; empty: NATS_SUBJECT.route_health.
+    route_health_subject: str = ""
     # Per-key limits for keys whose own rpm_limit / tpm_limit is unset; 0 means no limit.
     default_rpm_limit: int = Field(default=0, ge=0)
     default_tpm_limit: int = Field(default=0, ge=0)
@@ -163,6 +177,9 @@ class Settings(BaseSettings):
     # also poll for a change this often in case a notification was missed.
     catalog_poll_s: float = Field(default=5.0, gt=0)
     # --- end of admin block ------------------------------------------------------------------
+
+    def resolved_route_health_subject(self) -> str:
+        return self.route_health_subject or f"{self.nats_subject}.route_health"
 
     def resolved_data_dir(self) -> Path:
         return self.data_dir.expanduser().resolve()

@@ -1,4 +1,5 @@
-"""The model catalog: public model ids, their prices and their ordered upstream routes.
+"""The model catalog: public model ids, their prices, their upstream routes and how a
+request picks among them (`strategy`, per-route `weight` and `max_concurrency`).
 
 Loaded from the TOML file named by APIFAST_MODELS_FILE (and, from issue #4 on, overlaid by
 models stored in Postgres). A broken catalog raises `CatalogError` naming file, entry and problem.
@@ -18,6 +19,8 @@ from apifast.money import ZERO, MoneyError, parse_usd
 from apifast.providers import ProviderConfig
 
 MODEL_KINDS = ("chat", "embeddings")
+# How a model's routes are ordered for each request (router/route_choice.py).
+STRATEGIES = ("ordered", "weighted", "lowest_cost", "lowest_latency", "least_busy")
 _PRICE_FIELDS = (
     "input_usd_per_mtok",
     "output_usd_per_mtok",
@@ -33,9 +36,12 @@ _MEDIA_FIELDS = ("image_input_tokens", "audio_input_tokens", "file_input_tokens"
 DEFAULT_IMAGE_INPUT_TOKENS = 2500
 _MODEL_FIELDS = {
     "id", "routes", "type", "description", "max_output_tokens", "context_window",
-    "enabled", "request_usd", "demo", "owned_by", *_PRICE_FIELDS, *_MEDIA_FIELDS,
+    "enabled", "request_usd", "demo", "owned_by", "strategy", *_PRICE_FIELDS, *_MEDIA_FIELDS,
 }  # fmt: skip
-_ROUTE_FIELDS = {"provider", "model", "cost_input_usd_per_mtok", "cost_output_usd_per_mtok"}
+_ROUTE_FIELDS = {
+    "provider", "model", "cost_input_usd_per_mtok", "cost_output_usd_per_mtok", "weight",
+    "max_concurrency",
+}  # fmt: skip
 _PROVIDER_FIELDS = {"type", "base_url", "api_key_env", "api_key", "timeout_s", "connect_timeout_s"}
 
 
@@ -47,8 +53,10 @@ class CatalogError(ValueError):
 class Route:
     provider: str
     model: str
-    # What the upstream charges us, for margin reports; zero when unknown.
+    # What the upstream charges us, for margin reports (and `lowest_cost`); zero when unknown.
     cost: Price = field(default_factory=Price)
+    weight: int = 1  # its share of traffic under `weighted`
+    max_concurrency: int | None = None  # requests in flight at most on this router; None: any
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,6 +73,7 @@ class Model:
     image_input_tokens: int = DEFAULT_IMAGE_INPUT_TOKENS  # per image part
     audio_input_tokens: int | None = None  # per audio part; None: audio is refused
     file_input_tokens: int | None = None  # per file part; None: files are refused
+    strategy: str = "ordered"  # one of STRATEGIES
 
 
 @dataclass(frozen=True, slots=True)
@@ -192,7 +201,25 @@ def parse_model(table: Any, source: str, entry: str, providers: set[str]) -> Mod
         if not isinstance(upstream, str) or not upstream:
             raise _fail(source, rentry, "missing 'model' (the upstream model name)")
         cost = _price(r, source, rentry, prefix="cost_")
-        routes.append(Route(provider=provider, model=upstream, cost=cost))
+        weight = r.get("weight", 1)
+        if isinstance(weight, bool) or not isinstance(weight, int) or not 0 <= weight <= 1_000_000:
+            raise _fail(source, rentry, "weight must be a whole number from 0 to 1000000")
+        routes.append(
+            Route(
+                provider=provider,
+                model=upstream,
+                cost=cost,
+                weight=weight,
+                max_concurrency=_positive_int(
+                    r.get("max_concurrency"), source, rentry, "max_concurrency"
+                ),
+            )
+        )
+    strategy = table.get("strategy", "ordered")
+    if strategy not in STRATEGIES:
+        raise _fail(source, entry, f"strategy must be one of {', '.join(STRATEGIES)}")
+    if strategy == "weighted" and not any(r.weight for r in routes):
+        raise _fail(source, entry, "strategy 'weighted' needs a route with a weight above 0")
     for name in ("input_usd_per_mtok", "output_usd_per_mtok"):
         if kind == "chat" and name not in table:
             raise _fail(source, entry, f'missing price {name} (a decimal string such as "0.50")')
@@ -223,6 +250,7 @@ def parse_model(table: Any, source: str, entry: str, providers: set[str]) -> Mod
         file_input_tokens=_positive_int(
             table.get("file_input_tokens"), source, entry, "file_input_tokens"
         ),
+        strategy=strategy,
     )
 
 

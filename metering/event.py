@@ -76,10 +76,15 @@ FIELDS: tuple[EventField, ...] = (
     # The router's balance lease the request was served from ("" for its own hold): the meter
     # takes the debit out of that lease's hold.
     EventField("lease", None, ""),
+    # Which of the model's routes answered (its place in the catalog, never a name a client
+    # sees), and how many route attempts the request made (0: none was admitted).
+    EventField("route_index", "UInt16", 0),
+    EventField("attempts", "UInt16", 0),
 )
 EVENT_COLUMNS = tuple(f.name for f in FIELDS if f.column is not None)
 COUNT_FIELDS = tuple(f.name for f in FIELDS if f.column == "UInt32")
 MONEY_FIELDS = tuple(f.name for f in FIELDS if f.column == "Decimal")
+SMALL_FIELDS = tuple(f.name for f in FIELDS if f.column == "UInt16" and f.name != "status")
 STRING_FIELDS = tuple(f.name for f in FIELDS if f.column == "String" and f.default is not REQUIRED)
 _DEFAULTS = {f.name: f.default for f in FIELDS}
 _UINT32 = 1 << 32
@@ -109,6 +114,8 @@ class UsageEvent:
     overage_usd: Decimal = ZERO  # priced usage beyond the hold; never charged
     checkpoint: int = 0  # 0: final; n: a running stream's n-th checkpoint
     lease: str = ""  # the balance lease that holds this request's money, if any
+    route_index: int = 0  # the answering route's index in the model's routes
+    attempts: int = 0  # route attempts made (across the client's `models`)
     # The router's own, never published: settle this hold as soon as the request ends.
     settle_early: bool = False
 
@@ -144,6 +151,8 @@ class UsageEvent:
                 "overage_usd": str(self.overage_usd),
                 "checkpoint": self.checkpoint,
                 "lease": self.lease,
+                "route_index": self.route_index,
+                "attempts": self.attempts,
             }
         )
 
@@ -189,6 +198,10 @@ def event_problem(event: Any) -> str | None:
     for name in COUNT_FIELDS:
         value = event.get(name, _DEFAULTS[name])
         if not isinstance(value, int) or not 0 <= value < _UINT32:
+            return f"bad {name}"
+    for name in SMALL_FIELDS:
+        value = event.get(name, _DEFAULTS[name])
+        if not isinstance(value, int) or not 0 <= value < 1 << 16:
             return f"bad {name}"
     for name in STRING_FIELDS:
         if not isinstance(event.get(name, _DEFAULTS[name]), str):

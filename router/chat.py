@@ -13,7 +13,7 @@ from starlette.responses import Response
 from apifast.auth import key_hash_from_request
 from apifast.providers import Usage
 from apifast.request_body import parse_json_object, read_body
-from apifast.router.core import Generation, Reply, generate, resolve
+from apifast.router.core import Generation, Reply, generate
 from apifast.router.framework_reply import framework_response
 from apifast.router.openai_shape import (
     DONE,
@@ -23,8 +23,9 @@ from apifast.router.openai_shape import (
     usage_chunk_bytes,
 )
 from apifast.router.prompt_bound import prompt_token_bound
+from apifast.router.route_prefs import resolve_request
 from apifast.router.state import RouterState
-from apifast.router.validation import model_name, upstream_body, validate_chat
+from apifast.router.validation import upstream_body, validate_chat
 
 api = APIRouter(tags=["chat"])
 
@@ -107,7 +108,7 @@ async def chat_completions(request: Request) -> Response:
 async def handle_chat(state: RouterState, key_hash: bytes, raw: bytes, started: float) -> Reply:
     """Parse, resolve and hand over to the core; raises ApiError on refusal."""
     body = parse_json_object(raw)
-    model = resolve(state, model_name(body), "chat")
+    model, choice = resolve_request(state, body, "chat")
     stream, include_usage, asked, n = validate_chat(body)
     gen = Generation(
         body=upstream_body(body, ""),
@@ -118,4 +119,4 @@ async def handle_chat(state: RouterState, key_hash: bytes, raw: bytes, started: 
         input_bytes=len(raw),
     )
     renderer = ChatRenderer(model.id, started, include_usage)
-    return await generate(state, key_hash, model, gen, renderer, started)
+    return await generate(state, key_hash, model, gen, renderer, started, choice)

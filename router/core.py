@@ -1,7 +1,13 @@
 """The request core every client protocol shares, as named steps:
 
-    authenticate -> parse -> resolve model -> hold -> call routes (with fallback) -> relay
+    authenticate -> parse -> resolve model(s) -> hold -> call routes (with fallback) -> relay
     -> finish (price, record limits, publish)
+
+Routes are tried in the order `router/route_book.py` gives (the model's strategy, or the
+client's `route.sort`), skipping open breakers and benched routes, within the request's
+attempt budget and only before the first byte reaches the client. With the client's
+`models`, a model whose routes all failed that way gives its hold back and the next model is
+tried with its own hold, at its own price.
 
 A protocol adapter (chat completions, embeddings, and the translating ones) reads its own
 request shape, turns it into a `Generation` (a chat-completions body for the providers, the
@@ -20,7 +26,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from decimal import Decimal
-from typing import Any, Protocol, TypeVar
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 from apifast.auth import key_hash_from_header
 from apifast.catalog.toml import Model, Route
@@ -50,8 +56,13 @@ from apifast.router.reservations import (
     release,
     reserve,
 )
+from apifast.router.route_book import Budget
+from apifast.router.route_choice import RouteEntry
 from apifast.router.state import RouterState
 from apifast.router.traces import publish as traced_publish
+
+if TYPE_CHECKING:
+    from apifast.router.route_prefs import Choice
 
 log = logging.getLogger("apifast.router")
 T = TypeVar("T")
@@ -109,6 +120,7 @@ class Renderer(Protocol):
     sets `generation_id` (ApiFast's own id for the request) before rendering anything."""
 
     generation_id: str
+    model: str  # the public model answering (the core sets it for each of `models`)
 
     def completion(self, upstream: dict[str, Any], usage: Usage, cost: Decimal) -> bytes: ...
 
@@ -197,11 +209,12 @@ def ensure_metering(state: RouterState) -> None:
 
 
 async def hold(
-    state: RouterState, key_hash: bytes, generation_id: str, min_usd: Decimal, max_usd: Decimal
-) -> Hold:
-    """Hold money on the key, then apply its rate limits. From this router's balance lease
-    on the key when it covers the request (memory only); else in Postgres, which also
-    authenticates the key (router/leases.py)."""
+    state: RouterState, key_hash: bytes, generation_id: str, min_usd: Decimal, max_usd: Decimal,
+    limits: bool = True,
+) -> Hold:  # fmt: skip
+    """Hold money on the key, then apply its rate limits (not again for a fallback model:
+    `limits` False). From this router's balance lease on the key when it covers the request
+    (memory only); else in Postgres, which also authenticates the key (router/leases.py)."""
     leases = state.leases
     held = leases.take(key_hash, max_usd) if leases is not None else None
     if held is None:
@@ -213,6 +226,8 @@ async def hold(
             raise
         if leases is not None:
             leases.consider(key_hash, held, max_usd)
+    if not limits:
+        return held
     settings = state.settings
     wait = state.key_limits.check_request(
         held.key_id, held.rpm_limit or settings.default_rpm_limit
@@ -271,39 +286,89 @@ async def _reserve(
 
 
 class RoutesFailed(Exception):
-    def __init__(self, last: UpstreamError | None, route: Route | None) -> None:
+    def __init__(
+        self, last: UpstreamError | None, entry: RouteEntry | None, unavailable_s: int = 0
+    ) -> None:
         super().__init__("all routes failed")
         self.last = last
-        self.route = route
+        self.entry = entry  # the last route attempted
+        self.unavailable_s = unavailable_s  # >0: no route was admitted; retry after this
+
+    @property
+    def route(self) -> Route | None:
+        return self.entry.route if self.entry is not None else None
+
+    @property
+    def retryable(self) -> bool:
+        """Another model may be tried: nothing failed for a reason of the request's own."""
+        return self.last is None or self.last.retryable
 
 
 async def call_routes(
-    state: RouterState, model: Model, call: Callable[[Provider, Route], Awaitable[T]]
-) -> tuple[T, Route]:
-    """Call each route in order until one answers; fall back only on retryable errors."""
+    state: RouterState,
+    model: Model,
+    call: Callable[[Provider, Route], Awaitable[T]],
+    budget: Budget | None = None,
+    strategy: str | None = None,
+) -> tuple[T, RouteEntry]:
+    """Call the routes in this request's order until one answers; fall back only on
+    retryable errors, within `budget`. The answering route stays counted as in flight until
+    `state.routes.release` (the caller's, once the answer is relayed)."""
+    book = state.routes
+    if budget is None:
+        budget = book.budget()
     last: UpstreamError | None = None
-    for route in model.routes:
-        provider = state.providers.get(route.provider)
+    tried: RouteEntry | None = None
+    skipped: list[RouteEntry] = []
+    providers = state.providers
+    for entry in book.order(model, strategy):
+        route = entry.route
+        provider = providers.get(route.provider)
         if provider is None:
             continue
+        clock = book.clock
+        if budget.spent(clock()):
+            break
+        if not book.admit(entry):
+            skipped.append(entry)
+            continue
+        budget.used += 1
+        tried = entry
+        begun = clock()
         try:
-            return await call(provider, route), route
+            result = await call(provider, route)
         except UpstreamError as exc:
+            book.failed(model.id, entry, exc)
             last = exc
             # Status only: upstream error bodies may echo the prompt.
             log.warning(
-                "model %s route %s failed: status=%s cause=%s %s",
-                model.id, route.provider, exc.status, exc.cause, type(exc).__name__,
+                "model %s route %d (%s) failed: status=%s cause=%s %s",
+                model.id, entry.index, route.provider, exc.status, exc.cause,
+                type(exc).__name__,
             )  # fmt: skip
             if state.metrics is not None:
                 state.metrics.upstream_errors.labels(model.id, route.provider, exc.cause).inc()
             if not exc.retryable:
                 break
-    raise RoutesFailed(last, model.routes[-1] if model.routes else None)
+            continue
+        except BaseException:
+            book.abandoned(entry)
+            raise
+        book.succeeded(model.id, entry, clock() - begun)
+        return result, entry
+    wait = book.wait_s(skipped) if last is None and skipped else 0
+    raise RoutesFailed(last, tried, wait)
 
 
-def upstream_failure(exc: UpstreamError | None) -> ApiError:
+def upstream_failure(exc: UpstreamError | None, unavailable_s: int = 0) -> ApiError:
     """What the client learns of an upstream failure: a status, never the upstream's text."""
+    if exc is None and unavailable_s:
+        return ApiError(
+            503,
+            "The model is temporarily unavailable; retry shortly.",
+            code="upstream_unavailable",
+            headers={"Retry-After": str(unavailable_s)},
+        )
     if isinstance(exc, UpstreamTimeout):
         return ApiError(504, "The model provider timed out.", code="upstream_timeout")
     if exc is not None and exc.status in (400, 422):
@@ -413,11 +478,26 @@ async def give_back(state: RouterState, generation_id: str, lease: str, amount: 
         log.warning("releasing hold %s failed: %s", generation_id, type(exc).__name__)
 
 
-def _failed(state: RouterState, event: UsageEvent, model: Model, failed: RoutesFailed) -> ApiError:
-    error = upstream_failure(failed.last)
+def _failed(
+    state: RouterState, event: UsageEvent, model: Model, failed: RoutesFailed, budget: Budget
+) -> ApiError:
+    error = upstream_failure(failed.last, failed.unavailable_s)
     event.status, event.outcome = error.status, "upstream_error"
+    event.attempts = budget.used
+    if failed.entry is not None:
+        event.route_index = failed.entry.index
     finish(state, event, model, failed.route)
     return error
+
+
+class _NextModel(Exception):
+    """Every route of this model failed retryably before any byte: its hold is given back
+    and the client's next model is tried."""
+
+
+def _answered(event: UsageEvent, entry: RouteEntry, budget: Budget) -> None:
+    event.route_index = entry.index
+    event.attempts = budget.used
 
 
 # --- chat generations (chat completions and the protocols translated to it) ----------------
@@ -430,9 +510,50 @@ async def generate(
     gen: Generation,
     renderer: Renderer,
     started: float,
+    choice: Choice | None = None,
 ) -> Reply:
-    """Hold, call the routes and relay the answer through `renderer`; raises ApiError."""
+    """Hold, call the routes and relay the answer through `renderer`; raises ApiError.
+    With a `choice` (the client's `models` / `route`), its models in turn, each with its
+    own hold, until one answers or fails for good."""
     ensure_metering(state)
+    generation_id = renderer.generation_id = new_generation_id()
+    if choice is None:
+        return await _generate_one(
+            state, key_hash, model, gen, renderer, started, generation_id, state.routes.budget()
+        )
+    budget = choice.budget(state.routes)
+    bound, size = gen.input_bound, gen.input_bytes
+    for i, candidate in enumerate(choice.models):
+        renderer.model = candidate.id
+        if i:
+            # Its own hold under its own id: the previous model's hold may not be gone yet
+            # (its release failed: the TTL frees it). Nothing was rendered under the old id.
+            generation_id = renderer.generation_id = new_generation_id()
+        gen.input_bound, gen.input_bytes = bound, size
+        more = i + 1 < len(choice.models)
+        try:
+            return await _generate_one(
+                state, key_hash, candidate, gen, renderer, started, generation_id, budget,
+                choice.strategy, more, first=i == 0,
+            )  # fmt: skip
+        except _NextModel:
+            continue
+    raise AssertionError("the last model never asks for the next")
+
+
+async def _generate_one(
+    state: RouterState,
+    key_hash: bytes,
+    model: Model,
+    gen: Generation,
+    renderer: Renderer,
+    started: float,
+    generation_id: str,
+    budget: Budget,
+    strategy: str | None = None,
+    more: bool = False,
+    first: bool = True,
+) -> Reply:
     gen.input_bound += media_token_bound(model, gen.body.get("messages"))
     # The estimate for missing usage (body bytes / 4) stays within the hold's input bound.
     gen.input_bytes = min(gen.input_bytes, 4 * gen.input_bound)
@@ -440,10 +561,9 @@ async def generate(
     if model.max_output_tokens:
         cap = min(cap, model.max_output_tokens)
     price, n = model.price, gen.n
-    generation_id = renderer.generation_id = new_generation_id()
     max_usd = quantize_up(price.bound(gen.input_bound, cap * n))
     min_usd = quantize_up(price.bound(gen.input_bound, n))
-    holding = hold(state, key_hash, generation_id, min_usd, max_usd)
+    holding = hold(state, key_hash, generation_id, min_usd, max_usd, limits=first)
     held = await (holding if state.tracer is None else state.tracer.within("hold", holding))
 
     headers: dict[str, str] = {}
@@ -473,10 +593,13 @@ async def generate(
         lease=held.lease,
         settle_early=held.reserved * SETTLE_EARLY_SHARE > held.available,
     )
+    routing = _Routing(budget, strategy, more)
     try:
         if gen.stream:
-            return await _stream(state, model, ubody, event, gen, renderer, headers, out_tokens * n)
-        return await _complete(state, model, ubody, event, gen, renderer, headers)
+            return await _stream(
+                state, model, ubody, event, gen, renderer, headers, out_tokens * n, routing
+            )
+        return await _complete(state, model, ubody, event, gen, renderer, headers, routing)
     except BaseException:
         # Anything unexpected before the request was finished (a provider's serialisation
         # failing on what the client sent, a cancelled request): give the hold back now,
@@ -484,6 +607,20 @@ async def generate(
         if not event.latency_ms:
             await give_back(state, generation_id, event.lease, event.reserved_usd)
         raise
+
+
+@dataclass(slots=True)
+class _Routing:
+    budget: Budget
+    strategy: str | None  # the client's route.sort, as a strategy; None: the model's
+    more: bool  # another of the client's models may follow this one
+
+    def fail(
+        self, state: RouterState, event: UsageEvent, model: Model, failed: RoutesFailed
+    ) -> BaseException:
+        if self.more and failed.retryable and not self.budget.spent(state.routes.clock()):
+            return _NextModel()
+        return _failed(state, event, model, failed, self.budget)
 
 
 async def _complete(
@@ -494,6 +631,7 @@ async def _complete(
     gen: Generation,
     renderer: Renderer,
     headers: dict[str, str],
+    routing: _Routing,
 ) -> Reply:
     native = [False]
 
@@ -509,11 +647,14 @@ async def _complete(
 
     traced = call if state.tracer is None else state.tracer.upstream(model.routes, call)
     called = time.perf_counter()
+    clocked = state.routes.clock()  # the route book's clock (injectable), for its EWMAs
     try:
-        result, route = await call_routes(state, model, traced)
+        result, entry = await call_routes(state, model, traced, routing.budget, routing.strategy)
     except RoutesFailed as failed:
-        raise _failed(state, event, model, failed) from None
+        raise routing.fail(state, event, model, failed) from None
     upstream_s = time.perf_counter() - called
+    route = entry.route
+    _answered(event, entry, routing.budget)
     relay: NativeRenderer | None = renderer if native[0] else None  # type: ignore[assignment]
     usage = sane_usage(result.usage)
     if usage is None:
@@ -524,6 +665,7 @@ async def _complete(
         event.usage_estimated = True
     result.usage = event.usage = usage
     event.ttft_ms = round((time.time() - event.started_at) * 1000)
+    state.routes.release(entry, usage.output_tokens, state.routes.clock() - clocked)
     finish(state, event, model, route)
     if relay is not None:
         body = relay.native_completion(result.body, usage, event.cost_usd)
@@ -583,6 +725,7 @@ async def _stream(
     renderer: Renderer,
     headers: dict[str, str],
     max_output: int,
+    routing: _Routing,
 ) -> Reply:
     native = [False]
 
@@ -613,9 +756,15 @@ async def _stream(
         open_stream if state.tracer is None else state.tracer.upstream(model.routes, open_stream)
     )
     try:
-        (iterator, first), route = await call_routes(state, model, traced)
+        (iterator, first), entry = await call_routes(
+            state, model, traced, routing.budget, routing.strategy
+        )
     except RoutesFailed as failed:
-        raise _failed(state, event, model, failed) from None
+        raise routing.fail(state, event, model, failed) from None
+    route = entry.route
+    _answered(event, entry, routing.budget)
+    book = state.routes
+    first_byte = book.clock()
 
     reply = Reply({**STREAM_HEADERS, **headers})
     tally = [0, 0]  # content chars, content pieces
@@ -635,6 +784,7 @@ async def _stream(
             return
         finished[0] = True
         event.usage, event.usage_estimated = delivered()
+        book.release(entry, event.usage.output_tokens, book.clock() - first_byte)
         finish(state, event, model, route)
 
     every = state.settings.stream_checkpoint_s
@@ -716,6 +866,7 @@ async def _stream(
                 event.outcome = "ok"
             except UpstreamError as exc:
                 waiting = None
+                book.broke(model.id, entry, exc)  # never retried: the client has data
                 event.outcome = "upstream_error"
                 event.status = 504 if isinstance(exc, UpstreamTimeout) else 502
                 burst.append(renderer.stream_error(event.status))
@@ -773,13 +924,17 @@ async def embed(
         return await provider.embeddings(request)
 
     traced = call if state.tracer is None else state.tracer.upstream(model.routes, call)
+    budget = state.routes.budget()
     try:
-        result, route = await call_routes(state, model, traced)
+        result, entry = await call_routes(state, model, traced, budget)
     except RoutesFailed as failed:
-        raise _failed(state, event, model, failed) from None
+        raise _failed(state, event, model, failed, budget) from None
     except BaseException:  # cancelled, or a provider's bug: the hold goes back now
         await give_back(state, generation_id, event.lease, event.reserved_usd)
         raise
+    state.routes.release(entry)
+    route = entry.route
+    _answered(event, entry, budget)
     usage = sane_usage(result.usage)
     if usage is None:
         usage = Usage(input_tokens=input_bound)  # the hold's own bound

@@ -24,6 +24,7 @@ from apifast.router.anthropic_shape import MessagesRenderer, chat_body, native_b
 from apifast.router.core import Generation, Reply, authenticate, generate, resolve
 from apifast.router.framework_reply import framework_response
 from apifast.router.media import media_token_bound
+from apifast.router.route_prefs import resolve_request
 from apifast.router.state import RouterState
 from apifast.router.validation import model_name
 
@@ -85,10 +86,11 @@ async def handle_message(state: RouterState, key_hash: bytes, raw: bytes, starte
     """Parse, translate and hand over to the core; raises ApiError on refusal.
     anthropic-version and anthropic-beta are accepted and ignored."""
     body = parse_json_object(raw)
-    model = resolve(state, model_name(body), "chat")
+    model, choice = resolve_request(state, body, "chat")
     chat, _ = chat_body(body)
     gen = Generation.translated(chat, "messages", len(raw), native_body(body))
-    return await generate(state, key_hash, model, gen, MessagesRenderer(model.id), started)
+    renderer = MessagesRenderer(model.id)
+    return await generate(state, key_hash, model, gen, renderer, started, choice)
 
 
 @api.post("/v1/messages/count_tokens")

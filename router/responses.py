@@ -13,12 +13,12 @@ from starlette.responses import Response
 
 from apifast.errors import ApiError
 from apifast.request_body import parse_json_object, read_body
-from apifast.router.core import Generation, Reply, authenticate, generate, resolve
+from apifast.router.core import Generation, Reply, authenticate, generate
 from apifast.router.framework_reply import framework_response
 from apifast.router.responses_input import chat_body
 from apifast.router.responses_shape import ResponsesRenderer, request_echo
+from apifast.router.route_prefs import resolve_request
 from apifast.router.state import RouterState
-from apifast.router.validation import model_name
 
 api = APIRouter(tags=["responses"])
 
@@ -61,11 +61,11 @@ async def create_response(request: Request) -> Response:
 async def handle_response(state: RouterState, key_hash: bytes, raw: bytes, started: float) -> Reply:
     """Parse, translate and hand over to the core; raises ApiError on refusal."""
     body = parse_json_object(raw)
-    model = resolve(state, model_name(body), "chat")
+    model, choice = resolve_request(state, body, "chat")
     chat, _ = chat_body(body)
     gen = Generation.translated(chat, "responses", len(raw))
     renderer = ResponsesRenderer(model.id, started, request_echo(body))
-    return await generate(state, key_hash, model, gen, renderer, started)
+    return await generate(state, key_hash, model, gen, renderer, started, choice)
 
 
 @api.get("/v1/responses/{response_id}")

@@ -4,7 +4,7 @@ on `app.state.apifast`."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import asyncpg
 
@@ -17,12 +17,15 @@ from apifast.router.leases import LeaseBook
 from apifast.router.limits import KeyRateLimiter
 from apifast.router.publisher import EventPublisher
 from apifast.router.reservations import Reserver
+from apifast.router.route_book import RouteBook
+from apifast.router.route_health import BreakerPolicy
 from apifast.router.settle import Settler
 from apifast.settings import Settings
 from apifast.tracing import Tracer
 
 if TYPE_CHECKING:
     from apifast.metering.clickhouse import ClickHouseStore
+    from apifast.router.health_share import HealthShare
 
 
 @dataclass(slots=True)
@@ -40,6 +43,9 @@ class RouterState:
     metrics: Metrics | None = None  # Prometheus series (APIFAST_METRICS_LISTEN); None: off
     receipts: ReceiptSigner | None = None  # signs X-ApiFast-Receipt; None: no receipts
     tracer: Tracer | None = None  # OpenTelemetry spans (APIFAST_OTEL_ENDPOINT); None: off
+    # Route health, observations and attempt order (router/route_book.py).
+    routes: RouteBook = field(default_factory=lambda: RouteBook(BreakerPolicy()))
+    health: HealthShare | None = None  # shares route health over NATS; None: local only
 
     @property
     def catalog(self) -> Catalog:
@@ -48,3 +54,7 @@ class RouterState:
     @property
     def providers(self) -> dict[str, Provider]:
         return self.live.providers
+
+    def route_health(self) -> list[dict[str, Any]]:
+        """Every served route's health, for the admin overview (names included)."""
+        return self.routes.snapshot(self.catalog.models)

@@ -10,7 +10,10 @@ from apifast.errors import ApiError, bad
 _ROLES = frozenset({"system", "developer", "user", "assistant", "tool", "function"})
 # Fields that identify the caller or make the upstream keep data: never sent upstream.
 # service_tier changes the upstream's price, which the catalog price does not follow.
-STRIPPED_FIELDS = ("user", "store", "metadata", "safety_identifier", "service_tier")
+# models and route are ApiFast's own routing preferences (router/route_prefs.py).
+STRIPPED_FIELDS = (
+    "user", "store", "metadata", "safety_identifier", "service_tier", "models", "route",
+)  # fmt: skip
 
 
 def _optional_int(body: dict[str, Any], name: str, low: int, high: int) -> int | None:

@@ -33,9 +33,12 @@ from apifast.plugin_manager import make_plugin_manager, provider_types
 from apifast.providers import Provider
 from apifast.receipts import ReceiptSigner
 from apifast.router import fast_path
+from apifast.router.health_share import HealthShare
 from apifast.router.leases import LeaseBook
 from apifast.router.publisher import EventPublisher
 from apifast.router.reservations import Reserver
+from apifast.router.route_book import RouteBook
+from apifast.router.route_health import BreakerPolicy
 from apifast.router.routes import install_router
 from apifast.router.settle import Settler
 from apifast.router.size_limits import oversize_refusal
@@ -230,6 +233,22 @@ def create_app(
             if own is not None:
                 stack.push_async_callback(own.settle, _SETTLE_S)
 
+            routes = RouteBook(
+                BreakerPolicy(
+                    failures=settings.breaker_failures,
+                    error_rate=settings.breaker_error_rate,
+                    window=settings.breaker_window,
+                    cooldown_s=settings.breaker_cooldown_s,
+                ),
+                max_attempts=settings.route_max_attempts,
+                deadline_s=settings.route_deadline_s,
+            )
+            health = HealthShare(
+                routes, settings.nats_url, settings.resolved_route_health_subject(),
+                lambda model_id: live.catalog.get(model_id),
+            )  # fmt: skip
+            await health.start()
+            stack.push_async_callback(health.close)
             app.state.apifast = RouterState(
                 settings=settings,
                 secret=secret,
@@ -245,6 +264,8 @@ def create_app(
                 receipts=ReceiptSigner.from_settings(
                     settings.receipt_keys, settings.resolved_data_dir()
                 ),
+                routes=routes,
+                health=health,
             )
 
             # Every router keeps its catalog current, whether or not it serves the panel.
@@ -260,6 +281,8 @@ def create_app(
             await sync.start()
             stack.push_async_callback(_quietly, sync.stop)
             app.state.admin = AdminState.create(core, live, sync, clickhouse)
+            # The overview shows route health; the admin never imports the router.
+            app.state.admin.route_health = app.state.apifast.route_health
 
             payments = await start_payments(core)
             stack.push_async_callback(_quietly, payments.stop)

@@ -67,6 +67,7 @@ from apifast.providers import (
     UpstreamError,
     UpstreamTimeout,
     Usage,
+    parse_retry_after,
 )
 
 ANTHROPIC_VERSION = "2023-06-01"
@@ -533,14 +534,17 @@ def _error_type(value: Any) -> str:
     return value if isinstance(value, str) and _ERROR_TYPE_RE.fullmatch(value) else "unknown"
 
 
-def _http_error(status: int, raw: bytes) -> UpstreamError:
+def _http_error(status: int, raw: bytes, retry_after: bytes = b"") -> UpstreamError:
     try:
         error_type = _error_type(orjson.loads(raw)["error"]["type"])
     except Exception:
         error_type = "unknown"
     # Anthropic asks clients to retry 408 and 409 as well as 429 and 5xx (incl. 529).
     retryable = status in (408, 409, 429) or status >= 500
-    return UpstreamError(status, f"anthropic HTTP {status} ({error_type})", retryable=retryable)
+    return UpstreamError(
+        status, f"anthropic HTTP {status} ({error_type})", retryable=retryable,
+        retry_after_s=parse_retry_after(retry_after) if retry_after else None,
+    )  # fmt: skip
 
 
 def _transport_error(exc: BaseException, stage: str) -> UpstreamError:
@@ -627,7 +631,7 @@ class AnthropicProvider(Provider):
                 raw = await response.read()
             except HttpError:
                 raw = b""
-            raise _http_error(response.status, raw)
+            raise _http_error(response.status, raw, response.retry_after)
         return response
 
     async def _post_json(self, path: str, payload: bytes) -> Any:

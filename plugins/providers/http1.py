@@ -95,6 +95,7 @@ class _Connection(asyncio.Protocol):
         self.complete = False
         self.framed = False  # Content-Length or chunked: the parser sees the end
         self.encoding = b""
+        self.retry_after = b""  # the answer's Retry-After, for a 429 or 503
         self.chunks: deque[bytes] = deque()
         self.buffered = 0
         self.paused = False
@@ -140,6 +141,8 @@ class _Connection(asyncio.Protocol):
             self.framed = True
         elif name == b"content-encoding":
             self.encoding = value.strip().lower()
+        elif name == b"retry-after":
+            self.retry_after = value
 
     def on_headers_complete(self) -> None:
         status = self.parser.get_status_code()
@@ -270,6 +273,7 @@ class Response:
     def __init__(self, conn: _Connection) -> None:
         self._conn: _Connection | None = conn
         self.status = conn.status
+        self.retry_after = conn.retry_after
         encoding = conn.encoding
         self._inflate = None
         if encoding in (b"gzip", b"x-gzip", b"deflate"):

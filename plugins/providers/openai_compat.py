@@ -30,6 +30,7 @@ from apifast.providers import (
     UpstreamError,
     UpstreamTimeout,
     Usage,
+    parse_retry_after,
 )
 
 
@@ -91,13 +92,18 @@ class OpenAIProvider(Provider):
     async def _post_json(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
         client = await self._client_ready()
         try:
-            status, payload = await client.fetch(b"POST", path, orjson.dumps(body), self._headers)
+            response = await client.request(b"POST", path, orjson.dumps(body), self._headers)
+            status, retry_after = response.status, response.retry_after
+            payload = await response.read()
         except HttpTimeout:
             raise UpstreamTimeout(f"{self.config.name}: timed out") from None
         except HttpError as exc:
             raise UpstreamError(None, f"{self.config.name}: {exc}", cause=exc.cause) from None
         if status != 200:
-            raise UpstreamError(status, f"{self.config.name}: HTTP {status}")
+            raise UpstreamError(
+                status, f"{self.config.name}: HTTP {status}",
+                retry_after_s=parse_retry_after(retry_after) if retry_after else None,
+            )  # fmt: skip
         try:
             data = orjson.loads(payload)
         except orjson.JSONDecodeError:
@@ -125,8 +131,12 @@ class OpenAIProvider(Provider):
                 b"POST", "/chat/completions", orjson.dumps(body), self._stream_headers, stream=True
             )
             if response.status != 200:
+                retry_after = response.retry_after
                 await response.read()
-                raise UpstreamError(response.status, f"{name}: HTTP {response.status}")
+                raise UpstreamError(
+                    response.status, f"{name}: HTTP {response.status}",
+                    retry_after_s=parse_retry_after(retry_after) if retry_after else None,
+                )  # fmt: skip
             failure = UpstreamError(None, f"{name}: stream ended before [DONE]", cause="reset")
             async for data in sse_data(response.chunks()):
                 if data == b"[DONE]":

@@ -5,6 +5,11 @@ Behaviour is chosen per request by a marker in the last user message, or for eve
 by setting `server.behaviour`: "ok", "error:<status>", "slow:<seconds>", "broken" (the
 stream is cut after two chunks), "nousage" (a stream without a usage chunk), "tools",
 "gated" (a stream sends `gate_after` words, then waits for `gate` to be set).
+
+For routing tests, by counts rather than wall-clock: `fail(status, times, retry_after)` makes
+the next `times` chat requests fail and then recovers; `retry_after` adds a Retry-After
+header to error answers; `on_request` is called with each chat body before it is answered
+(a test advances its fake clock there, to make this upstream "slow").
 """
 
 from __future__ import annotations
@@ -12,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import re
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -44,6 +50,10 @@ class FakeOpenAI:
     headers: list[dict[str, str]] = field(default_factory=list)
     gate: asyncio.Event = field(default_factory=asyncio.Event)  # releases "gated" streams
     gate_after: int = 2
+    retry_after: str | None = None  # sent with every error answer
+    on_request: Callable[[dict[str, Any]], None] | None = None
+    fail_status: int = 0
+    fail_times: int = 0  # the next this many chat requests fail with fail_status
     url: str = ""
     _runner: web.AppRunner | None = None
 
@@ -59,6 +69,17 @@ class FakeOpenAI:
         sock = site._server.sockets[0]  # type: ignore[union-attr]
         self.url = f"http://127.0.0.1:{sock.getsockname()[1]}/v1"
         return self
+
+    def fail(self, status: int, times: int = 1_000_000, retry_after: str | None = None) -> None:
+        """Fail the next `times` chat requests with `status` (then recover)."""
+        self.fail_status, self.fail_times, self.retry_after = status, times, retry_after
+
+    def recover(self) -> None:
+        self.fail_times, self.behaviour, self.retry_after = 0, "ok", None
+
+    @property
+    def chat_requests(self) -> int:
+        return sum(1 for body in self.requests if "messages" in body)
 
     async def stop(self) -> None:
         if self._runner:
@@ -87,7 +108,10 @@ class FakeOpenAI:
                 }
             ),
             content_type="application/json",
-            headers=self._upstream_headers(),
+            headers={
+                **self._upstream_headers(),
+                **({"Retry-After": self.retry_after} if self.retry_after else {}),
+            },
         )
 
     def _auth_failed(self, request: web.Request) -> web.Response | None:
@@ -134,6 +158,11 @@ class FakeOpenAI:
         body = orjson.loads(await request.read())
         self.requests.append(body)
         self.headers.append(dict(request.headers))
+        if self.on_request is not None:
+            self.on_request(body)
+        if self.fail_times > 0:
+            self.fail_times -= 1
+            return self._error(self.fail_status)
         behaviour = self._behaviour(body)
         if behaviour.startswith("error:"):
             return self._error(int(behaviour.split(":")[1]))

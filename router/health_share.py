@@ -1,0 +1,123 @@
+"""Route health shared between routers over core NATS, so that one router's discovery (a
+breaker opening, a probe closing it, a Retry-After bench) spares the others the same
+failures.
+
+Each breaker change is published on APIFAST_ROUTE_HEALTH_SUBJECT as a small JSON message:
+the router's id, the model id, the route's index and fingerprint, what happened and for how
+long. Receivers apply it to their own `RouteBook` (ignoring their own messages, and reports
+about a route their catalog does not have at that index). Nothing is persisted: it is
+advisory, and without NATS each router keeps its own state, as it always does.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+from collections.abc import Callable
+from typing import Any
+
+import nats
+import orjson
+from nats.aio.client import Client as NATS
+
+from apifast.catalog.toml import Model
+from apifast.router.route_book import RouteBook, fingerprint
+from apifast.router.route_choice import RouteEntry
+
+log = logging.getLogger("apifast.router")
+_RETRY_S = 2.0
+
+
+class HealthShare:
+    def __init__(
+        self,
+        book: RouteBook,
+        nats_url: str,
+        subject: str,
+        models: Callable[[str], Model | None],
+    ) -> None:
+        self.book = book
+        self.nats_url = nats_url
+        self.subject = subject
+        self.models = models
+        self.router_id = os.urandom(8).hex()
+        self.applied = 0  # reports from other routers applied (for tests and logs)
+        self._nc: NATS | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._sends: set[asyncio.Task[None]] = set()
+        self._ready = asyncio.Event()
+
+    async def start(self) -> None:
+        self.book.on_change = self.report
+        self._task = asyncio.create_task(self._connect_forever(), name="apifast-route-health")
+
+    async def wait_ready(self) -> None:
+        """Until connected and subscribed (tests; requests never wait for it)."""
+        await self._ready.wait()
+
+    async def close(self) -> None:
+        if self.book.on_change == self.report:
+            self.book.on_change = None
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        if self._sends:
+            await asyncio.gather(*self._sends, return_exceptions=True)
+        if self._nc is not None:
+            with contextlib.suppress(Exception):
+                await self._nc.close()
+
+    async def _connect_forever(self) -> None:
+        while True:
+            try:
+                nc = await nats.connect(
+                    self.nats_url, name="apifast-route-health", max_reconnect_attempts=-1,
+                    reconnect_time_wait=0.5, connect_timeout=2, allow_reconnect=True,
+                )  # fmt: skip
+                await nc.subscribe(self.subject, cb=self._received)
+                await nc.flush()
+                self._nc = nc
+                self._ready.set()
+                return
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                log.warning("route health: NATS not reachable (%s); local only", type(exc).__name__)
+                await asyncio.sleep(_RETRY_S)
+
+    def report(self, model_id: str, entry: RouteEntry, what: str, seconds: float) -> None:
+        """RouteBook's change hook: publish without waiting (best effort)."""
+        nc = self._nc
+        if nc is None or not nc.is_connected:
+            return
+        payload = orjson.dumps({
+            "r": self.router_id, "model": model_id, "i": entry.index,
+            "fp": fingerprint(entry.route), "what": what, "s": seconds,
+        })  # fmt: skip
+        task = asyncio.get_running_loop().create_task(self._send(nc, payload))
+        self._sends.add(task)
+        task.add_done_callback(self._sends.discard)
+
+    async def _send(self, nc: NATS, payload: bytes) -> None:
+        try:
+            await nc.publish(self.subject, payload)
+        except Exception as exc:
+            log.warning("route health: publish failed (%s)", type(exc).__name__)
+
+    async def _received(self, msg: Any) -> None:
+        try:
+            report = orjson.loads(msg.data)
+            if not isinstance(report, dict) or report.get("r") == self.router_id:
+                return
+            model = self.models(str(report["model"]))
+            if model is None:
+                return
+            seconds = float(report["s"])
+            if self.book.apply(model, int(report["i"]), str(report["fp"]), str(report["what"]),
+                               seconds):  # fmt: skip
+                self.applied += 1
+        except (KeyError, TypeError, ValueError, orjson.JSONDecodeError):
+            log.warning("route health: ignored a malformed report")

@@ -1,0 +1,131 @@
+"""The client's routing preferences, the same in all three protocols' bodies:
+
+    "models": ["a", "b", ...]        public models to fall back across, each at its own price
+    "route": {"sort": "price" | "latency" | "throughput",
+              "max_price": {"prompt": "1.00", "completion": "2.00"},   USD per million tokens
+              "allow_fallbacks": true}
+
+Nothing here names, or can name, an upstream: `sort` orders a model's routes without showing
+them, and `max_price` is compared with the public price the client pays. Both fields are
+read here and never sent upstream. A request that no model can serve within `max_price`
+gets a 400 (an unknown model a 404) before any upstream call.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from decimal import Decimal
+from typing import TYPE_CHECKING, Any
+
+from apifast.catalog.toml import Model
+from apifast.errors import ApiError, bad
+from apifast.money import MoneyError, parse_usd
+from apifast.router.core import resolve
+from apifast.router.route_book import Budget, RouteBook
+from apifast.router.route_choice import SORTS
+from apifast.router.validation import model_name
+
+if TYPE_CHECKING:
+    from apifast.router.state import RouterState
+
+MAX_MODELS = 8
+_ROUTE_KEYS = frozenset({"sort", "max_price", "allow_fallbacks"})
+_PRICE_KEYS = frozenset({"prompt", "completion"})
+
+
+@dataclass(frozen=True, slots=True)
+class Choice:
+    """The models one request may be served by, in the order they are tried."""
+
+    models: tuple[Model, ...]
+    strategy: str | None  # route.sort as a strategy; None: each model's own
+    single: bool  # allow_fallbacks false: one attempt, on the first choice
+
+    def budget(self, book: RouteBook) -> Budget:
+        budget = book.budget()
+        if self.single:
+            budget.attempts = 1
+        return budget
+
+
+def _price_cap(raw: Any, name: str) -> Decimal | None:
+    if raw is None:
+        return None
+    try:
+        return parse_usd(raw, field=f"route.max_price.{name}")
+    except MoneyError as exc:
+        raise bad(f"route.max_price.{name}", str(exc)) from None
+
+
+def _public_price(model: Model) -> tuple[Decimal, Decimal]:
+    return model.price.input_usd_per_mtok, model.price.output_usd_per_mtok
+
+
+def resolve_request(
+    state: RouterState, body: dict[str, Any], kind: str
+) -> tuple[Model, Choice | None]:
+    """The model to serve `body` (and, when the client set `models` or `route`, the models it
+    may fall back to); ApiError 400/404 in the protocol's shape otherwise. Removes both
+    fields from `body`, so nothing of them goes upstream."""
+    models_raw = body.pop("models", None)
+    route = body.pop("route", None)
+    if models_raw is None and route is None:
+        return resolve(state, model_name(body), kind), None
+    ids: list[str] = []
+    if body.get("model") is not None or models_raw is None:
+        ids.append(model_name(body))
+    if models_raw is not None:
+        if not isinstance(models_raw, list) or not models_raw:
+            raise bad("models", "must be a non-empty array of model ids")
+        if len(models_raw) > MAX_MODELS:
+            raise bad("models", f"at most {MAX_MODELS} models")
+        for i, value in enumerate(models_raw):
+            if not isinstance(value, str) or not value:
+                raise bad(f"models[{i}]", "must be a model id from GET /v1/models")
+            if value not in ids:
+                ids.append(value)
+    strategy, prompt_cap, completion_cap, single = None, None, None, False
+    if route is not None:
+        if not isinstance(route, dict):
+            raise bad("route", "must be an object: {sort, max_price, allow_fallbacks}")
+        unknown = set(route) - _ROUTE_KEYS
+        if unknown:
+            raise bad(f"route.{sorted(unknown)[0]}", "unknown field; route takes sort, "
+                      "max_price and allow_fallbacks")  # fmt: skip
+        sort = route.get("sort")
+        if sort is not None:
+            if sort not in SORTS:
+                raise bad("route.sort", "must be price, latency or throughput")
+            strategy = SORTS[sort]
+        caps = route.get("max_price")
+        if caps is not None:
+            if not isinstance(caps, dict) or set(caps) - _PRICE_KEYS:
+                raise bad("route.max_price", "must be an object {prompt, completion} of USD "
+                          "per million tokens, as decimal strings")  # fmt: skip
+            prompt_cap = _price_cap(caps.get("prompt"), "prompt")
+            completion_cap = _price_cap(caps.get("completion"), "completion")
+        fallbacks = route.get("allow_fallbacks", True)
+        if not isinstance(fallbacks, bool):
+            raise bad("route.allow_fallbacks", "must be a boolean")
+        single = not fallbacks
+    # Every named model must exist and fit the endpoint, before anything is held or called.
+    candidates = [resolve(state, model_id, kind) for model_id in ids]
+    within = [
+        m
+        for m in candidates
+        if (prompt_cap is None or m.price.input_usd_per_mtok <= prompt_cap)
+        and (completion_cap is None or m.price.output_usd_per_mtok <= completion_cap)
+    ]
+    if not within:
+        raise ApiError(
+            400,
+            "route.max_price: no requested model is offered within this price; "
+            "GET /v1/models lists the prices.",
+            param="route.max_price",
+            code="no_model_within_max_price",
+        )
+    if strategy == "lowest_cost":
+        within.sort(key=_public_price)
+    if single:
+        within = within[:1]
+    return within[0], Choice(tuple(within), strategy, single)
