@@ -129,3 +129,25 @@ async def test_alerts_need_the_email_on_file(env: PayEnv) -> None:
         # Forgetting the email forgets the alert's copy of it too.
         assert (await c.delete("/v1/key/email")).status_code == 200
         assert (await c.get("/v1/key/alerts")).json()["low_balance_usd"] is None
+
+
+async def test_the_alert_follows_a_rotation(env: PayEnv) -> None:
+    address = "rotating.holder@example.com"
+    order = await env.new_order("10.00", email=address)
+    old = order["api_key"]
+    await _credit(env, await _key_id(env, old), Decimal("1.00"), "alerts-rot")
+    async with env.client(old) as c:
+        r = await c.post("/v1/key/alerts", json={"low_balance_usd": "0.99999", "email": address})
+        assert r.status_code == 200, r.text
+        rotated = await c.post("/v1/key/rotate")
+    assert rotated.status_code == 201, rotated.text
+    new = rotated.json()["key"]
+    async with env.client(new) as c:
+        assert (await c.get("/v1/key/alerts")).json()["low_balance_usd"] == "0.99999"
+    assert not await env.pool.fetchval(
+        "SELECT count(*) FROM balance_alerts WHERE key_id = $1", await _key_id(env, old)
+    )
+    await _spend(env, new)  # below 0.99999 now
+    assert await _sweep(env) == 1
+    [mail] = _alerts(env, address)
+    assert new[:11] in mail.body and old[:11] not in mail.body

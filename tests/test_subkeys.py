@@ -299,3 +299,80 @@ async def test_concurrent_children_cannot_overspend_their_parent(sstack: Stack) 
     for made in children:
         row = await _row(sstack, made["key"])
         assert row["spent_usd"] == per_child.get(row["id"], 0) <= cap  # caps exact too
+
+
+LEASES = "SELECT generation_id, amount_usd FROM reservations WHERE generation_id LIKE 'lease:%'"
+
+
+async def test_a_busy_child_is_never_leased_and_its_parents_lease_is_a_hold_on_it(
+    stack_settings_factory: Callable[..., Any], fake_openai: FakeOpenAI
+) -> None:
+    settings = stack_settings_factory(
+        models_toml(fake_openai.url), lease_idle_s=30, lease_min_rps=8
+    )
+    async with running_stack(settings) as stack:
+        parent = await stack.create_key("20.00")
+        made = await _child(stack, parent)
+        body = {**BODY, "max_tokens": 40}
+        async with stack.client(made["key"]) as c:
+            busy = await asyncio.gather(
+                *(c.post("/v1/chat/completions", json=body) for _ in range(40))
+            )
+        assert {r.status_code for r in busy} == {200}
+        # Far past the lease threshold, yet every hold was the child's own, in Postgres.
+        assert await stack.pool.fetch(LEASES) == [] and not stack.state.leases._live
+        async with stack.client(parent) as c:
+            for _ in range(200):
+                assert (await c.post("/v1/chat/completions", json=body)).status_code == 200
+                if await stack.pool.fetch(LEASES):
+                    break
+        [(lease_id, leased)] = await stack.pool.fetch(LEASES)
+        slow = {
+            **body,
+            "stream": True,
+            "messages": [{"role": "user", "content": "hi [[slow:0.2]]"}],
+        }
+        async with (
+            stack.client(made["key"]) as c,
+            c.stream("POST", "/v1/chat/completions", json=slow) as s,
+        ):
+            assert s.status_code == 200
+            # The child's hold sits on the parent's row next to the parent's lease: what the
+            # lease holds is not available to the child, and nothing is promised twice.
+            p = await _row(stack, parent)
+            holds = await stack.pool.fetch(
+                "SELECT generation_id, key_id, sub_key_id, amount_usd FROM reservations"
+            )
+            child_id = (await _row(stack, made["key"]))["id"]
+            mine = [h for h in holds if h["sub_key_id"] == child_id]
+            assert len(mine) == 1 and mine[0]["key_id"] == p["id"]
+            assert p["reserved_usd"] >= leased + mine[0]["amount_usd"]
+            async for _ in s.aiter_bytes():
+                pass
+        assert lease_id in {h["generation_id"] for h in holds}
+        assert list(stack.state.leases._live) == [hash_key(SECRET.encode(), parent)]
+
+
+async def test_reconcile_matches_a_childs_debits_to_its_own_usage(sstack: Stack) -> None:
+    from apifast.metering.reconcile import reconcile
+
+    parent = await sstack.create_key("5.00")
+    made = await _child(sstack, parent)
+    ids = []
+    for key in (parent, made["key"], made["key"]):
+        async with sstack.client(key) as c:
+            r = await c.post("/v1/chat/completions", json=BODY)
+            assert r.status_code == 200
+            ids.append(r.json()["id"])
+    await sstack.wait_metered(ids)
+    start = datetime.now(UTC) - timedelta(hours=1)
+    end = datetime.now(UTC) + timedelta(hours=1)
+
+    async def clean() -> bool:  # ClickHouse is written just after the ledger
+        return (await reconcile(sstack.settings, start, end)).clean
+
+    await sstack.wait_until(clean, True)
+    report = await reconcile(sstack.settings, start, end)
+    totals = {k.key_hash: (k.ledger_events, k.clickhouse_events) for k in report.keys}
+    assert totals[hash_key(SECRET.encode(), made["key"]).hex()] == (2, 2)
+    assert totals[hash_key(SECRET.encode(), parent).hex()] == (1, 1)
