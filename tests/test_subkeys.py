@@ -263,7 +263,29 @@ async def test_a_child_cannot_create_keys_see_siblings_or_read_its_parents_data(
     assert set(me) >= {"id", "usage", "spend_cap_usd"} and "balance_usd" not in me
     assert two["id"] in await _listed(sstack, parent)  # untouched
     async with sstack.client(two["key"]) as c:
-        assert (await c.post("/v1/chat/completions", json=BODY)).status_code == 200
+        sibling = await c.post("/v1/chat/completions", json=BODY)
+        assert sibling.status_code == 200
+    async with sstack.client(parent) as c:
+        own = await c.post("/v1/chat/completions", json=BODY)
+        assert own.status_code == 200
+
+        async def seen() -> int:  # the meter wrote both to ClickHouse
+            a = (await c.get(f"/v1/generation/{own.json()['id']}")).status_code
+            async with sstack.client(two["key"]) as t:
+                b = (await t.get(f"/v1/generation/{sibling.json()['id']}")).status_code
+            return a + b
+
+        await sstack.wait_until(seen, 400)
+    # Usage, generations and receipts answer a sub-key with its own requests only: none.
+    today = datetime.now(UTC).date().isoformat()
+    async with sstack.client(one["key"]) as c:
+        usage = (await c.get("/v1/usage")).json()
+        assert usage["total_requests"] == 0 and usage["data"] == []
+        assert (await c.get("/v1/generations")).json()["data"] == []
+        for gen in (own.json()["id"], sibling.json()["id"]):
+            assert (await c.get(f"/v1/generation/{gen}")).status_code == 404
+        receipts = await c.get(f"/v1/receipts?from={today}&to={today}")
+        assert receipts.status_code == 200 and receipts.text == ""
 
 
 async def test_concurrent_children_cannot_overspend_their_parent(sstack: Stack) -> None:
