@@ -139,7 +139,8 @@ def _hold_or_refuse(row: Any, min_usd: Decimal) -> Hold:
         )
     else:
         refused = _insufficient(min_usd, available)
-    refused.parent_id = row["parent_id"]
+    # Only the parent's balance can be freed by giving back a lease on it, not a cap.
+    refused.parent_id = row["parent_id"] if status == "insufficient" else None
     raise refused
 
 

@@ -398,3 +398,32 @@ async def test_reconcile_matches_a_childs_debits_to_its_own_usage(sstack: Stack)
     totals = {k.key_hash: (k.ledger_events, k.clickhouse_events) for k in report.keys}
     assert totals[hash_key(SECRET.encode(), made["key"]).hex()] == (2, 2)
     assert totals[hash_key(SECRET.encode(), parent).hex()] == (1, 1)
+
+
+async def test_a_child_refused_for_its_parents_balance_takes_back_the_parents_lease_first(
+    stack_settings_factory: Callable[..., Any], fake_openai: FakeOpenAI
+) -> None:
+    # No waiting for holds in flight: without the give-back this would be a 429 at once.
+    settings = stack_settings_factory(
+        models_toml(fake_openai.url), lease_idle_s=30, lease_min_rps=8, hold_wait_s=0
+    )
+    async with running_stack(settings) as stack:
+        parent = await stack.create_key("0.006")
+        made = await _child(stack, parent)
+        body = {**BODY, "max_tokens": 40}
+        async with stack.client(parent) as c:
+            for _ in range(100):
+                assert (await c.post("/v1/chat/completions", json=body)).status_code == 200
+                if await stack.pool.fetch(LEASES):
+                    break
+        [(_, leased)] = await stack.pool.fetch(LEASES)
+        p = await _row(stack, parent)
+        available = p["balance_usd"] - p["reserved_usd"]
+        # A prompt whose input bound alone needs more than the lease leaves available.
+        big = {**body, "messages": [{"role": "user", "content": "x" * 10_800}]}
+        need = Decimal(10_800 + 16) * Decimal("0.0000005")
+        assert available < need < available + leased, (available, leased, need)
+        async with stack.client(made["key"]) as c:
+            r = await c.post("/v1/chat/completions", json=big)
+        assert r.status_code == 200, r.text
+        assert not stack.state.leases._live  # the parent's lease went back for it
