@@ -91,7 +91,8 @@ async def adjust(key_id: int, ctx: Ctx = Depends(admin_ctx)) -> Response:
     if balance is None:
         return await _key_page(
             ctx, key_id, status=409,
-            error=f"Not done: a debit of {format_usd(amount)} would take the balance below 0.",
+            error=f"Not done: a debit of {format_usd(amount)} would take the balance below 0, "
+            "or this is a sub-key (it spends its parent's balance: adjust the parent).",
         )  # fmt: skip
     await audit(ctx.pool, ctx.session.id, kind, f"key {key_id}", amount_usd=str(signed),
                 reason=reason, ledger_ref=ref, balance_usd=str(balance))  # fmt: skip

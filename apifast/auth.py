@@ -60,3 +60,23 @@ async def key_row(pool: asyncpg.Pool, key_hash: bytes) -> dict[str, Any]:
     if row is None:
         raise ApiError(401, "Invalid API key.", code="invalid_api_key")
     return dict(row)
+
+
+def refuse_sub_key(row: dict[str, Any]) -> None:
+    """403 for a sub-key where only the key holder (the parent key) may act: keys, orders,
+    rotation, recovery email and alerts. A sub-key never reads or changes its parent's data."""
+    if row.get("parent_id") is not None:
+        raise ApiError(
+            403,
+            "A sub-key cannot do this; use the key holder's own key.",
+            code="sub_key_not_allowed",
+        )
+
+
+async def holder_summary(
+    request: Request, pool: asyncpg.Pool, secret: bytes
+) -> tuple[bytes, dict[str, Any]]:
+    """`key_summary` for the key holder's own endpoints: 403 for a sub-key."""
+    key_hash, row = await key_summary(request, pool, secret)
+    refuse_sub_key(row)
+    return key_hash, row

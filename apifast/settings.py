@@ -153,6 +153,8 @@ class Settings(BaseSettings):
     smtp_url: str = ""
     smtp_from: str = "ApiFast <noreply@localhost>"
     smtp_timeout_s: float = 30.0
+    # Low-balance alerts (POST /v1/key/alerts) are checked this often, off the request path.
+    balance_alert_interval_s: float = Field(default=60.0, gt=0)
     mail_retry_attempts: int = Field(default=6, ge=1)
     mail_retry_base_s: float = Field(default=30.0, ge=0)
     # AES-256-GCM key ring for the key copies stored with emails: "kid:base64key,..." — the

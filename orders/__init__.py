@@ -14,13 +14,13 @@ if __name__ != "apifast.orders":
 
 from fastapi import FastAPI
 
-from apifast.orders import orders_api, recover_api, rotate_api, webhooks_api
+from apifast.orders import alerts_api, orders_api, recover_api, rotate_api, webhooks_api
 
 
 def install_payments(app: FastAPI) -> None:
     """Add the payment routes: /v1/orders, /v1/payments/options, /v1/webhooks/{processor},
-    /v1/recover and /v1/key/email."""
-    for module in (orders_api, webhooks_api, recover_api, rotate_api):
+    /v1/recover, /v1/key/email, /v1/key/rotate and /v1/key/alerts."""
+    for module in (orders_api, webhooks_api, recover_api, rotate_api, alerts_api):
         app.include_router(module.api)
 
 

@@ -19,7 +19,7 @@ from fastapi import APIRouter
 from starlette.requests import Request
 from starlette.responses import Response
 
-from apifast.auth import bearer_key, key_summary
+from apifast.auth import bearer_key, holder_summary, refuse_sub_key
 from apifast.db import Queries
 from apifast.errors import ApiError, bad
 from apifast.keys import generate_key, hash_key, key_prefix
@@ -197,6 +197,7 @@ async def create_order(request: Request) -> Response:
         row = await core.pool.fetchrow(CORE.key_summary, hash_key(core.secret, existing_key))
         if row is None:
             raise ApiError(401, "Invalid API key.", code="invalid_api_key")
+        refuse_sub_key(dict(row))  # a sub-key has no balance of its own to top up
         key_id = row["id"]
 
     order_id = "ord_" + secrets.token_hex(12)
@@ -296,7 +297,7 @@ async def _insert_order(
 @api.get("/v1/orders/{order_id}")
 async def get_order(order_id: str, request: Request) -> Response:
     core = runtime(request).core
-    _, key = await key_summary(request, core.pool, core.secret)
+    _, key = await holder_summary(request, core.pool, core.secret)
     row = await core.pool.fetchrow(Q.order_for_key, order_id, key["id"])
     if row is None:
         raise ApiError(404, f"no order {order_id[:40]!r} for this key", code="order_not_found")
@@ -309,7 +310,7 @@ async def list_orders(request: Request, limit: int = DEFAULT_LIST_LIMIT) -> Resp
     if not 1 <= limit <= MAX_LIST_LIMIT:
         raise bad("limit", f"must be from 1 to {MAX_LIST_LIMIT}")
     core = runtime(request).core
-    _, key = await key_summary(request, core.pool, core.secret)
+    _, key = await holder_summary(request, core.pool, core.secret)
     rows = await core.pool.fetch(Q.orders_for_key, key["id"], limit)
     return _json({"object": "list", "data": [order_json(r) for r in rows]})
 

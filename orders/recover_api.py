@@ -14,7 +14,7 @@ from fastapi import APIRouter
 from starlette.requests import Request
 from starlette.responses import Response
 
-from apifast.auth import key_summary
+from apifast.auth import holder_summary
 from apifast.crypto import EncryptedKey, KeyRingError
 from apifast.db import Queries
 from apifast.errors import bad
@@ -64,8 +64,10 @@ async def recover(request: Request) -> Response:
 @api.delete("/v1/key/email")
 async def delete_email(request: Request) -> Response:
     core = runtime(request).core
-    _, key = await key_summary(request, core.pool, core.secret)
+    _, key = await holder_summary(request, core.pool, core.secret)
     result = await core.pool.execute(Q.email_key_delete, key["id"])
+    # The alerts' copy of the address goes with it: alerts are only for a saved email.
+    await core.pool.execute(Q.balance_alert_delete, key["id"])
     deleted = result.endswith(" 1")
     return Response(
         orjson.dumps({"email_saved": False, "deleted": deleted}), media_type="application/json"

@@ -1,5 +1,6 @@
 """POST /v1/key/rotate: the key holder's remedy for a leaked key. A new key takes over the
-whole balance, the limits, the orders (so a payment still on its way credits the new key) and
+whole balance, the limits, the orders (so a payment still on its way credits the new key), the
+sub-keys (they keep their keys and now draw on the new one), the low-balance alert and
 the opted-in recovery email (its stored copy re-encrypted for the new key), in one
 transaction; the old key is disabled. The new key is shown once, in the answer.
 
@@ -15,16 +16,19 @@ import asyncio
 import time
 from decimal import Decimal
 
+import asyncpg
 import orjson
 from fastapi import APIRouter
 from starlette.requests import Request
 from starlette.responses import Response
 
-from apifast.auth import key_summary
+from apifast.auth import holder_summary
+from apifast.crypto import EncryptedKey
 from apifast.db import Queries
 from apifast.errors import ApiError
 from apifast.key_admin import insert_key
 from apifast.money import format_usd
+from apifast.orders.balance_alerts import alert_aad
 from apifast.orders.email_keys import key_aad
 from apifast.orders.runtime import PaymentsRuntime, runtime
 
@@ -42,6 +46,21 @@ def _in_flight() -> ApiError:
         code="requests_in_flight",
         headers={"Retry-After": "2"},
     )
+
+
+async def _move_alert(
+    rt: PaymentsRuntime, conn: asyncpg.Connection, old_id: int, new_id: int
+) -> None:
+    """The low-balance alert follows the key: its address re-encrypted for the new row."""
+    row = await conn.fetchrow(Q.balance_alert_get, old_id)
+    if row is None:
+        return
+    sealed = EncryptedKey(row["enc_key_id"], bytes(row["nonce"]), bytes(row["email_ciphertext"]))
+    address = rt.keyring.decrypt(sealed, alert_aad(old_id))
+    moved = rt.keyring.encrypt(address, alert_aad(new_id))
+    await conn.execute(Q.balance_alert_upsert, new_id, row["threshold_usd"], moved.ciphertext,
+                       moved.nonce, moved.kid)  # fmt: skip
+    await conn.execute(Q.balance_alert_delete, old_id)
 
 
 async def _move(rt: PaymentsRuntime, old_id: int) -> tuple[str, Decimal, bool]:
@@ -67,6 +86,7 @@ async def _move(rt: PaymentsRuntime, old_id: int) -> tuple[str, Decimal, bool]:
             await conn.execute(Q.email_key_upsert, new_id, hashed, sealed.ciphertext,
                                sealed.nonce, sealed.kid)  # fmt: skip
             await conn.execute(Q.email_key_delete, old_id)
+            await _move_alert(rt, conn, old_id, new_id)
     return key, balance, hashed is not None
 
 
@@ -74,7 +94,7 @@ async def _move(rt: PaymentsRuntime, old_id: int) -> tuple[str, Decimal, bool]:
 async def rotate(request: Request) -> Response:
     rt = runtime(request)
     pool, secret = rt.core.pool, rt.core.secret
-    _, old = await key_summary(request, pool, secret)
+    _, old = await holder_summary(request, pool, secret)
     if old["disabled"]:
         raise ApiError(401, "This API key has been disabled.", code="key_disabled")
     await pool.execute(Q.key_set_disabled, old["id"], True)

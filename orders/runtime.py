@@ -18,6 +18,7 @@ from apifast.context import Core
 from apifast.crypto import KeyRing
 from apifast.errors import ApiError
 from apifast.ip_limits import IpRateLimiter
+from apifast.orders.balance_alerts import BalanceAlerts
 from apifast.orders.mailer import Mailer
 from apifast.orders.reconcile import Reconciler
 from apifast.payments import PaymentProcessor
@@ -36,6 +37,7 @@ class PaymentsRuntime:
     reconciler: Reconciler
     order_limiter: IpRateLimiter
     recover_limiter: IpRateLimiter
+    alerts: BalanceAlerts  # the low-balance alerts' sweep (sweep() can be called directly)
     _jobs: set[asyncio.Task[None]] = field(default_factory=set)
 
     @property
@@ -65,6 +67,7 @@ class PaymentsRuntime:
     async def stop(self) -> None:
         """Stop reconciling, let queued jobs and mail finish (5 s at most), close the rest."""
         await self.reconciler.stop()
+        await self.alerts.stop()
         with contextlib.suppress(Exception):
             await asyncio.wait_for(self.drain(), timeout=5)
         await self.mailer.close()
@@ -115,11 +118,12 @@ async def start_payments(core: Core) -> PaymentsRuntime:
         interval_s=settings.reconcile_interval_s,
         max_age_s=settings.reconcile_max_age_s,
     )
+    keyring = KeyRing.from_settings(settings.encryption_keys, core.secret)
     payments = PaymentsRuntime(
         core=core,
         processors=processors,
         mailer=mailer,
-        keyring=KeyRing.from_settings(settings.encryption_keys, core.secret),
+        keyring=keyring,
         reconciler=reconciler,
         order_limiter=IpRateLimiter(
             settings.order_rate_limit, settings.rate_limit_window_s, name="order"
@@ -127,8 +131,10 @@ async def start_payments(core: Core) -> PaymentsRuntime:
         recover_limiter=IpRateLimiter(
             settings.recover_rate_limit, settings.rate_limit_window_s, name="recovery"
         ),
+        alerts=BalanceAlerts(core.pool, mailer, keyring, settings.balance_alert_interval_s),
     )
     reconciler.start()
+    payments.alerts.start()
     if processors:
         log.info("payment processors on offer: %s", ", ".join(processors))
     else:

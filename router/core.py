@@ -52,6 +52,7 @@ from apifast.router.reservations import (
     DATABASE_DOWN,
     BalanceHeldUp,
     Hold,
+    Refused,
     rate_limited,
     release,
     reserve,
@@ -209,17 +210,24 @@ def ensure_metering(state: RouterState) -> None:
 
 
 async def hold(
-    state: RouterState, key_hash: bytes, generation_id: str, min_usd: Decimal, max_usd: Decimal,
+    state: RouterState,
+    key_hash: bytes,
+    generation_id: str,
+    min_usd: Decimal,
+    max_usd: Decimal,
+    model: str = "",
     limits: bool = True,
-) -> Hold:  # fmt: skip
+) -> Hold:
     """Hold money on the key, then apply its rate limits (not again for a fallback model:
     `limits` False). From this router's balance lease on the key when it covers the request
-    (memory only); else in Postgres, which also authenticates the key (router/leases.py)."""
+    (memory only); else in Postgres, which also authenticates the key and checks a sub-key's
+    caps, expiry and allowed models (`model`, the public id) before any upstream call
+    (router/leases.py; a sub-key is never leased)."""
     leases = state.leases
     held = leases.take(key_hash, max_usd) if leases is not None else None
     if held is None:
         try:
-            held = await _hold_in_postgres(state, key_hash, generation_id, min_usd, max_usd)
+            held = await _hold_in_postgres(state, key_hash, generation_id, min_usd, max_usd, model)
         except ApiError as refused:
             if state.metrics is not None:
                 state.metrics.hold_refusals.labels(refused.code or str(refused.status)).inc()
@@ -241,7 +249,12 @@ async def hold(
 
 
 async def _hold_in_postgres(
-    state: RouterState, key_hash: bytes, generation_id: str, min_usd: Decimal, max_usd: Decimal
+    state: RouterState,
+    key_hash: bytes,
+    generation_id: str,
+    min_usd: Decimal,
+    max_usd: Decimal,
+    model: str,
 ) -> Hold:
     """The request's own hold. When only holds in flight stand in the way, wait up to
     settings.hold_wait_s for them to settle (each settled batch wakes the wait; other
@@ -250,11 +263,12 @@ async def _hold_in_postgres(
     deadline = time.monotonic() + state.settings.hold_wait_s
     while True:
         try:
-            return await _reserve(state, key_hash, generation_id, min_usd, max_usd)
+            return await _reserve(state, key_hash, generation_id, min_usd, max_usd, model)
         except ApiError as refused:
             if refused.status not in (402, 429):
                 raise
-            if state.leases is not None and await _surrender(state, key_hash):
+            parent = refused.parent_id if isinstance(refused, Refused) else None
+            if state.leases is not None and await _surrender(state, key_hash, parent):
                 continue
             left = deadline - time.monotonic()
             if not isinstance(refused, BalanceHeldUp) or left <= 0:
@@ -262,9 +276,12 @@ async def _hold_in_postgres(
             await state.settler.wait(min(left, _HOLD_POLL_S))
 
 
-async def _surrender(state: RouterState, key_hash: bytes) -> bool:
+async def _surrender(state: RouterState, key_hash: bytes, parent_id: int | None) -> bool:
+    """Give back this router's lease on the key (or, for a sub-key, on its parent)."""
     assert state.leases is not None
     try:
+        if parent_id is not None:
+            return await state.leases.surrender_key(parent_id)
         return await state.leases.surrender(key_hash)
     except DATABASE_DOWN:
         return False
@@ -274,14 +291,19 @@ _HOLD_POLL_S = 0.1  # how often a waiting request re-tries without a local settl
 
 
 async def _reserve(
-    state: RouterState, key_hash: bytes, generation_id: str, min_usd: Decimal, max_usd: Decimal
+    state: RouterState,
+    key_hash: bytes,
+    generation_id: str,
+    min_usd: Decimal,
+    max_usd: Decimal,
+    model: str,
 ) -> Hold:
     if state.reserver is not None:
-        return await state.reserver.reserve(key_hash, generation_id, min_usd, max_usd)
+        return await state.reserver.reserve(key_hash, generation_id, min_usd, max_usd, model)
     s = state.settings
     return await reserve(
         state.pool, key_hash, generation_id, min_usd, max_usd, s.reservation_ttl_s,
-        s.default_rpm_limit, s.default_tpm_limit,
+        s.default_rpm_limit, s.default_tpm_limit, model,
     )  # fmt: skip
 
 
@@ -563,7 +585,7 @@ async def _generate_one(
     price, n = model.price, gen.n
     max_usd = quantize_up(price.bound(gen.input_bound, cap * n))
     min_usd = quantize_up(price.bound(gen.input_bound, n))
-    holding = hold(state, key_hash, generation_id, min_usd, max_usd, limits=first)
+    holding = hold(state, key_hash, generation_id, min_usd, max_usd, model.id, limits=first)
     held = await (holding if state.tracer is None else state.tracer.within("hold", holding))
 
     headers: dict[str, str] = {}
@@ -904,7 +926,7 @@ async def embed(
     ensure_metering(state)
     generation_id = new_generation_id()
     bound = quantize_up(model.price.bound(input_bound, 0))
-    holding = hold(state, key_hash, generation_id, bound, bound)
+    holding = hold(state, key_hash, generation_id, bound, bound, model.id)
     held = await (holding if state.tracer is None else state.tracer.within("hold", holding))
     event = UsageEvent(
         generation_id=generation_id,

@@ -1,4 +1,5 @@
-"""GET /v1/key: the calling key's balance and spend, as exact decimal strings."""
+"""GET /v1/key: the calling key's balance and spend, as exact decimal strings. A sub-key sees
+only itself: its caps and spend, never its parent's balance."""
 
 from __future__ import annotations
 
@@ -8,8 +9,12 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from apifast.auth import key_summary
+from apifast.db import Queries
 from apifast.money import format_usd
 from apifast.router.state import RouterState
+from apifast.router.subkeys import sub_key_json
+
+Q = Queries("apifast.router")
 
 api = APIRouter(tags=["key"])
 
@@ -18,6 +23,10 @@ api = APIRouter(tags=["key"])
 async def get_key(request: Request) -> Response:
     state: RouterState = request.app.state.apifast
     _, row = await key_summary(request, state.pool, state.secret)
+    if row["parent_id"] is not None:
+        own = await state.pool.fetchrow(Q.subkey_self, row["id"])
+        return Response(orjson.dumps(sub_key_json(own, with_label=False)),
+                        media_type="application/json")  # fmt: skip
     body = {
         "balance_usd": format_usd(row["balance_usd"]),
         "reserved_usd": format_usd(row["reserved_usd"]),

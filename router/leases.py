@@ -163,6 +163,10 @@ class LeaseBook:
         within a tick) and its balance is large enough."""
         if key_hash in self._live or key_hash in self._opening or self.share <= 0:
             return
+        if held.parent_id is not None:
+            # A sub-key is held per request, exactly: its caps are checked by each hold
+            # (and it has no balance of its own to lease; lease_grow.sql refuses it too).
+            return
         if held.rpm_limit or held.tpm_limit or self.default_limits:
             return
         seen = self._busy.get(key_hash, 0) + 1
@@ -186,6 +190,14 @@ class LeaseBook:
         if free <= 0:
             return False
         return await self._give_back([(lease, free)])
+
+    async def surrender_key(self, key_id: int) -> bool:
+        """`surrender` by key id: a sub-key's request refused for its parent's balance,
+        which this router's lease on the parent may be holding."""
+        for key_hash, lease in list(self._live.items()):
+            if lease.key_id == key_id:
+                return await self.surrender(key_hash)
+        return False
 
     def revoke(self, key_id: int) -> None:
         """The key changed (disabled, debited by hand, limits): serve nothing more from its

@@ -35,16 +35,27 @@ class Hold:
     rpm_limit: int | None
     tpm_limit: int | None
     lease: str = ""  # the balance lease it was taken from (router/leases.py); "": its own row
+    # A sub-key's hold: the parent whose balance it is held on (never leased). key_id is the
+    # calling key (the child's own, for its rate limits).
+    parent_id: int | None = None
 
 
-class BalanceHeldUp(ApiError):
+class Refused(ApiError):
+    """A hold refused for money (402, or 429 held up). `parent_id`: for a sub-key, the key
+    whose balance it draws on (whose lease on this router can be given back first)."""
+
+    parent_id: int | None = None
+
+
+class BalanceHeldUp(Refused):
     """The settled balance covers the request, but requests in flight hold it: worth a wait
     for them to settle (router/settle.py), and a 429 (not 402) if they do not in time."""
 
-    def __init__(self, in_flight: Decimal) -> None:
+    def __init__(self, in_flight: Decimal, *, amount_shown: bool = True) -> None:
+        held = f" (${format_usd(in_flight)})" if amount_shown else ""
         super().__init__(
             429,
-            f"The balance is held by this key's requests in flight (${format_usd(in_flight)}); "
+            f"The balance is held by this key's requests in flight{held}; "
             "retry when they finish, after the seconds in Retry-After.",
             code="balance_in_flight",
             headers={"Retry-After": "1"},
@@ -70,6 +81,18 @@ def _unavailable() -> ApiError:
     )
 
 
+_SUB_KEY_REFUSALS = {
+    "expired": (401, "This sub-key has expired.", "key_expired"),
+    "parent_disabled": (401, "The key this sub-key draws on has been disabled.", "key_disabled"),
+    "model_not_allowed": (
+        403,
+        "This sub-key is not allowed to use this model.",
+        "model_not_allowed",
+    ),
+}
+_CAPS = {"spend_cap": "total spend cap", "daily_cap": "daily spend cap"}
+
+
 def _hold_or_refuse(row: Any, min_usd: Decimal) -> Hold:
     status = row["status"]
     if status == "ok":
@@ -79,6 +102,7 @@ def _hold_or_refuse(row: Any, min_usd: Decimal) -> Hold:
             available=row["available_usd"],
             rpm_limit=row["rpm_limit"],
             tpm_limit=row["tpm_limit"],
+            parent_id=row["parent_id"],
         )
     if status == "unknown":
         raise ApiError(401, "Invalid API key.", code="invalid_api_key")
@@ -86,11 +110,42 @@ def _hold_or_refuse(row: Any, min_usd: Decimal) -> Hold:
         raise ApiError(401, "This API key has been disabled.", code="key_disabled")
     if status == "rate_limited":
         raise rate_limited(60 - time.time() % 60)  # the window is the database's minute
+    if status in _SUB_KEY_REFUSALS:
+        code_status, message, code = _SUB_KEY_REFUSALS[status]
+        param = "model" if status == "model_not_allowed" else None
+        raise ApiError(code_status, message, code=code, param=param)
     available = row["available_usd"]
     in_flight = row["reserved_usd"]
+    refused: Refused
+    # A sub-key is never told its parent's balance, only what its own cap leaves.
+    own = row["parent_id"] is None or status in _CAPS
     if in_flight > 0 and available + in_flight >= min_usd:
-        raise BalanceHeldUp(in_flight)
-    raise ApiError(
+        refused = BalanceHeldUp(in_flight, amount_shown=own)
+    elif status in _CAPS:
+        # The parent may well have funds: it is this sub-key's own cap that is reached.
+        refused = Refused(
+            402,
+            f"This sub-key reached its {_CAPS[status]}: this request needs at least "
+            f"${format_usd(min_usd)}, the cap leaves ${format_usd(max(available, Decimal(0)))} "
+            "(after requests in flight). Ask the key holder to raise it.",
+            code="insufficient_balance",
+        )
+    elif not own:
+        refused = Refused(
+            402,
+            "The balance this sub-key draws on is too low for this request; ask the key "
+            "holder to top it up.",
+            code="insufficient_balance",
+        )
+    else:
+        refused = _insufficient(min_usd, available)
+    # Only the parent's balance can be freed by giving back a lease on it, not a cap.
+    refused.parent_id = row["parent_id"] if status == "insufficient" else None
+    raise refused
+
+
+def _insufficient(min_usd: Decimal, available: Decimal) -> Refused:
+    return Refused(
         402,
         f"Balance too low: this request needs at least ${format_usd(min_usd)} available, "
         f"the key has ${format_usd(max(available, Decimal(0)))} (after requests in flight). "
@@ -108,20 +163,23 @@ async def reserve(
     ttl_s: int,
     default_rpm: int = 0,
     default_tpm: int = 0,
+    model: str = "",
 ) -> Hold:
     """Hold between `min_usd` and `max_usd` of the key's available balance and count the
-    request toward the key's limits (those of its row, else the defaults), or refuse."""
+    request toward the key's limits (those of its row, else the defaults), or refuse.
+    `model` (the public id) is checked against a sub-key's allowed models."""
     try:
         row = await pool.fetchrow(
-            Q.reserve, key_hash, generation_id, min_usd, max_usd, ttl_s, default_rpm, default_tpm
-        )
+            Q.reserve, key_hash, generation_id, min_usd, max_usd, ttl_s, default_rpm,
+            default_tpm, model,
+        )  # fmt: skip
     except DATABASE_DOWN:
         raise _unavailable() from None
     assert row is not None
     return _hold_or_refuse(row, min_usd)
 
 
-_Ask = tuple[bytes, str, Decimal, Decimal, "asyncio.Future[Any]"]
+_Ask = tuple[bytes, str, Decimal, Decimal, str, "asyncio.Future[Any]"]
 _KEEP_IDLE_S = 1.0  # connections unused this long go back to the pool
 
 
@@ -157,10 +215,15 @@ class Reserver:
         self._idle_timer: asyncio.TimerHandle | None = None
 
     async def reserve(
-        self, key_hash: bytes, generation_id: str, min_usd: Decimal, max_usd: Decimal
+        self,
+        key_hash: bytes,
+        generation_id: str,
+        min_usd: Decimal,
+        max_usd: Decimal,
+        model: str = "",
     ) -> Hold:
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        self._pending.append((key_hash, generation_id, min_usd, max_usd, future))
+        self._pending.append((key_hash, generation_id, min_usd, max_usd, model, future))
         if self._inflight < self.max_inflight:
             self._inflight += 1
             task = asyncio.create_task(self._flush())
@@ -241,6 +304,7 @@ class Reserver:
             self.ttl_s,
             self.default_rpm,
             self.default_tpm,
+            [a[4] for a in batch],
         )
         for attempt in range(3):
             try:

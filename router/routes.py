@@ -13,6 +13,7 @@ from apifast.router import (
     models_api,
     receipts_api,
     responses,
+    subkeys_api,
     usage_api,
 )
 
@@ -29,5 +30,6 @@ def install_router(app: FastAPI) -> None:
         usage_api,
         generations_api,
         receipts_api,
+        subkeys_api,
     ):
         app.include_router(module.api)

@@ -127,3 +127,39 @@ async def test_a_rotation_that_cannot_wait_moves_nothing_and_the_key_keeps_worki
                 "SELECT count(*) FROM ledger WHERE kind LIKE 'rotation%'"
             ) == 0  # fmt: skip
             assert (await c.post("/v1/chat/completions", json=BODY)).status_code == 200
+
+
+async def test_rotation_moves_the_children_and_they_keep_working(stack: Stack) -> None:
+    old = await stack.create_key("5.00")
+    async with stack.client(old) as c:
+        made = await c.post("/v1/keys", json={"label": "bot", "spend_cap_usd": "1.00"})
+        assert made.status_code == 201, made.text
+    child = made.json()["key"]
+    async with stack.client(child) as c:
+        before = await c.post("/v1/chat/completions", json=BODY)
+        assert before.status_code == 200
+        await stack.wait_metered([before.json()["id"]])
+    async with stack.client(old) as c:
+        r = await c.post("/v1/key/rotate")
+    assert r.status_code == 201, r.text
+    new = r.json()["key"]
+    async with stack.client(child) as c:  # the same child key, now drawing on the new key
+        after = await c.post("/v1/chat/completions", json=BODY)
+        assert after.status_code == 200, after.text
+        await stack.wait_metered([after.json()["id"]])
+    old_row, new_row = await _row(stack, old), await _row(stack, new)
+    debit = await stack.pool.fetchval(
+        "SELECT key_id FROM ledger WHERE kind = 'usage' AND ref = $1", after.json()["id"]
+    )
+    assert debit == new_row["id"]  # billed to the new key
+    cost = Decimal(str(after.json()["usage"]["cost"]))
+    assert new_row["balance_usd"] == Decimal(r.json()["balance_usd"]) - cost
+    assert old_row["balance_usd"] == 0
+    async with stack.client(old) as c:
+        assert (await c.post("/v1/chat/completions", json=BODY)).status_code == 401
+        assert (await c.get("/v1/keys")).status_code == 401
+    async with stack.client(new) as c:
+        listed = (await c.get("/v1/keys")).json()["data"]
+    assert [k["id"] for k in listed] == [made.json()["id"]] and listed[0]["label"] == "bot"
+    total = Decimal(str(before.json()["usage"]["cost"])) + cost
+    assert Decimal(listed[0]["usage"]["spent_usd"]) == total  # the child's spend came along

@@ -4,29 +4,38 @@ ClickHouse, the JetStream stream, or log lines."""
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 import anthropic
 import nats
 import openai
 import pytest
 
+from apifast.keys import hash_key
+from apifast.orders.email_keys import email_hash, key_aad
+from tests.fakes.mailbox import Mailbox
 from tests.fakes.openai_upstream import FakeOpenAI
-from tests.harness import Stack
+from tests.harness import SECRET, Stack, models_toml, running_stack
 
 CANARY = "CANARY-7f3a9c-do-not-store"
 
 
-async def postgres_text(stack: Stack) -> str:
+async def postgres_tables(stack: Stack) -> dict[str, str]:
+    """Every Postgres table's rows as text, by table."""
     async with stack.pool.acquire() as conn:
         tables = await conn.fetch(
             "SELECT quote_ident(table_name) AS t FROM information_schema.tables "
             "WHERE table_schema = 'public' AND table_type = 'BASE TABLE'"
         )
-        parts = []
+        found = {}
         for row in tables:
             rows = await conn.fetch(f"SELECT x::text AS v FROM {row['t']} x")
-            parts.extend(r["v"] for r in rows)
-    return "\n".join(parts)
+            found[row["t"]] = "\n".join(r["v"] for r in rows)
+    return found
+
+
+async def postgres_text(stack: Stack) -> str:
+    return "\n".join((await postgres_tables(stack)).values())
 
 
 async def clickhouse_text(stack: Stack) -> str:
@@ -133,3 +142,81 @@ async def test_unhandled_errors_log_no_exception_text(
     assert "RuntimeError" in caplog.text and CANARY not in caplog.text
     out, err = capfd.readouterr()
     assert CANARY not in out and CANARY not in err
+
+
+LABEL = "LABEL-CANARY-51c2e8"
+ADDRESS = "address-canary-93d1@example.com"
+
+
+async def test_sub_key_labels_and_alert_addresses_stay_with_the_holders_data(
+    stack_settings_factory: Any, fake_openai: FakeOpenAI, caplog: pytest.LogCaptureFixture, capfd
+) -> None:
+    """The new key-holder endpoints (sub-keys, alerts): the prompt is kept nowhere, a sub-key's
+    label only in its api_keys row, an alert's address nowhere in the clear."""
+    caplog.set_level(logging.DEBUG)
+    box = Mailbox().start()
+    settings = stack_settings_factory(
+        models_toml(fake_openai.url), smtp_url=box.url, balance_alert_interval_s=3600.0
+    )
+    try:
+        async with running_stack(settings) as stack:
+            parent = await stack.create_key("2.00")
+            parent_id = await stack.pool.fetchval(
+                "SELECT id FROM api_keys WHERE key_hash = $1", hash_key(SECRET.encode(), parent)
+            )
+            # An email left with an order, as orders store it (hash and encrypted key copy).
+            ring = stack.app.state.payments.keyring
+            hashed = email_hash(SECRET.encode(), ADDRESS)
+            sealed = ring.encrypt(parent.encode(), key_aad(parent_id, hashed))
+            await stack.pool.execute(
+                "INSERT INTO email_keys (key_id, email_hash, key_ciphertext, nonce, enc_key_id) "
+                "VALUES ($1, $2, $3, $4, $5)", parent_id, hashed, sealed.ciphertext,
+                sealed.nonce, sealed.kid,
+            )  # fmt: skip
+            async with stack.client(parent) as c:
+                made = await c.post("/v1/keys", json={"label": LABEL, "spend_cap_usd": "1.00"})
+                assert made.status_code == 201, made.text
+                child_id = made.json()["id"]
+                r = await c.patch(f"/v1/keys/{child_id}", json={"label": LABEL + "-2"})
+                assert r.status_code == 200
+                r = await c.post(
+                    "/v1/key/alerts", json={"low_balance_usd": "1.99999", "email": ADDRESS}
+                )
+                assert r.status_code == 200, r.text
+            client = openai.AsyncOpenAI(
+                api_key=made.json()["key"], base_url=stack.base_url + "/v1", max_retries=0
+            )
+            resp = await client.chat.completions.create(
+                model="fast-chat", messages=[{"role": "user", "content": f"Say {CANARY}"}],
+                user=CANARY,
+            )  # fmt: skip
+            await stack.wait_metered([resp.id])
+            async with stack.client(parent) as c:
+                listed = (await c.get("/v1/keys")).json()["data"]
+                assert listed[0]["label"] == LABEL + "-2"  # the holder sees it
+                assert (await c.get("/v1/key/alerts")).status_code == 200
+            async with stack.client(made.json()["key"]) as c:
+                assert LABEL not in (await c.get("/v1/key")).text  # the child does not
+            # The alert goes out (the balance fell below 1.99999) and tells only the balance.
+            assert await stack.app.state.payments.alerts.sweep() == 1
+            await stack.app.state.payments.drain()
+            mails = box.to(ADDRESS)
+            assert len(mails) == 1 and CANARY not in mails[0].body and LABEL not in mails[0].body
+
+            tables = await postgres_tables(stack)
+            everything = "\n".join(tables.values())
+            assert CANARY not in everything
+            assert {t for t, text in tables.items() if LABEL in text} == {"api_keys"}
+            assert ADDRESS not in everything.lower()
+            # Not the test's own parties: the SMTP test server (mail.log) and the SDK client.
+            ours = "\n".join(
+                f"{r.name} {r.getMessage()}" for r in caplog.records
+                if not r.name.startswith(("mail.log", "openai", "httpx", "httpcore"))
+            )  # fmt: skip
+            for text in (await clickhouse_text(stack), await stream_text(stack), ours):
+                assert CANARY not in text and LABEL not in text and ADDRESS not in text
+            out, err = capfd.readouterr()
+            for text in (out, err):
+                assert CANARY not in text and LABEL not in text and ADDRESS not in text
+    finally:
+        box.stop()

@@ -51,12 +51,44 @@
     return whole + "." + (frac.length < 2 ? frac.padEnd(2, "0") : frac);
   }
 
+  function when(iso) { return iso ? iso.replace("T", " ").slice(0, 19) : "–"; }
+
+  function usd(value) { return value === null || value === undefined ? "–" : "$" + value; }
+
   function renderKey(info) {
-    $("balance").textContent = "$" + info.balance_usd;
-    $("available").textContent = "$" + info.available_usd;
-    $("spent").textContent = "$" + info.spent_usd;
-    $("created").textContent = info.created_at.replace("T", " ").slice(0, 19) + " UTC";
+    var sub = info.object === "sub_key";  // a sub-key sees its own caps, not a balance
+    $("balance").textContent = sub ? usd(info.spend_cap_usd) : "$" + info.balance_usd;
+    $("balance").previousElementSibling.textContent = sub ? "Spend cap" : "Balance";
+    $("available").textContent = sub ? usd(info.daily_cap_usd) : "$" + info.available_usd;
+    $("available").previousElementSibling.textContent = sub ? "Daily cap" : "Available";
+    $("spent").textContent = "$" + (sub ? info.usage.spent_usd : info.spent_usd);
+    $("created").textContent = when(info.created_at) + " UTC";
     show("disabled", !!info.disabled);
+    show("sub-key-note", sub);
+    return sub;
+  }
+
+  // The key holder's sub-keys and their spend (GET /v1/keys); a sub-key sees none.
+  function renderSubKeys(list) {
+    var body = $("sub-keys");
+    body.textContent = "";
+    list.data.forEach(function (k) {
+      var tr = document.createElement("tr");
+      cell(tr, k.label || "–");
+      cell(tr, k.id, "mono");
+      cell(tr, usd(k.usage.spent_usd), "num");
+      cell(tr, usd(k.usage.spent_today_usd), "num");
+      cell(tr, usd(k.usage.held_usd), "num");
+      cell(tr, usd(k.spend_cap_usd), "num");
+      cell(tr, usd(k.daily_cap_usd), "num");
+      cell(tr, k.rpm_limit === null ? "–" : String(k.rpm_limit), "num");
+      cell(tr, when(k.expires_at));
+      cell(tr, k.allowed_models ? k.allowed_models.join(", ") : "all");
+      cell(tr, k.disabled ? "disabled" : "active");
+      body.appendChild(tr);
+    });
+    show("no-sub-keys", list.data.length === 0);
+    show("children", true);
   }
 
   function renderUsage(usage) {
@@ -110,12 +142,14 @@
     var end = new Date(), start = new Date(end.getTime() - (span - 1) * 86400000);
     message("Loading…");
     return api("/v1/key").then(function (info) {
-      renderKey(info);
+      var sub = renderKey(info);
       show("login", false);
       show("board", true);
+      show("children", false);
       return Promise.all([
         api("/v1/usage?start=" + isoDay(start) + "&end=" + isoDay(end)).then(renderUsage),
-        api("/v1/generations?limit=20").then(renderGenerations)
+        api("/v1/generations?limit=20").then(renderGenerations),
+        sub ? null : api("/v1/keys").then(renderSubKeys)
       ]);
     }).then(function () {
       message("");

@@ -1,3 +1,6 @@
 -- Lock these keys in key-hash order, the order reservation batches lock them in, so that a
--- settlement touching many keys can never deadlock with them.
-SELECT 1 FROM api_keys WHERE key_hash = ANY($1::bytea[]) ORDER BY key_hash FOR UPDATE
+-- settlement touching many keys can never deadlock with them. A sub-key is billed to its
+-- parent: the parent's row is the one locked (its own row is updated after, under it).
+SELECT 1 FROM api_keys
+WHERE id IN (SELECT coalesce(k.parent_id, k.id) FROM api_keys k WHERE k.key_hash = ANY($1::bytea[]))
+ORDER BY key_hash FOR UPDATE

@@ -6,6 +6,9 @@
 -- lease's hold: the money it held is spent now (docs/billing.md, "Balance leases").
 -- The tokens of rate-limited keys (those counting requests in key_rate_windows) are counted
 -- toward this minute's tpm.
+-- A sub-key's event is debited to its parent (the ledger row names the child in
+-- sub_key_id) and added to the child's spent_usd and its UTC day in sub_key_daily, once:
+-- only for the ledger rows this statement inserted.
 -- $1 generation ids, $2 key hashes, $3 costs (already capped), $4 overages, $5 models,
 -- $6 lease ids, $7 tokens (input + output).
 -- Returns the generation ids newly counted.
@@ -13,13 +16,17 @@ WITH ev AS (
     SELECT * FROM unnest($1::text[], $2::bytea[], $3::numeric[], $4::numeric[], $5::text[],
                          $6::text[], $7::bigint[])
         AS e(generation_id, key_hash, cost, overage, model, lease_id, tokens)
-), ins AS (
-    INSERT INTO ledger (key_id, kind, ref, amount_usd)
-    SELECT k.id, 'usage', ev.generation_id, -ev.cost
+), evk AS (
+    SELECT ev.*, k.id AS own_id, coalesce(k.parent_id, k.id) AS bill_id,
+           CASE WHEN k.parent_id IS NULL THEN NULL ELSE k.id END AS sub_id
     FROM ev JOIN api_keys k ON k.key_hash = ev.key_hash
-    ORDER BY k.id
+), ins AS (
+    INSERT INTO ledger (key_id, kind, ref, amount_usd, sub_key_id)
+    SELECT evk.bill_id, 'usage', evk.generation_id, -evk.cost, evk.sub_id
+    FROM evk
+    ORDER BY evk.bill_id
     ON CONFLICT (kind, ref) DO NOTHING
-    RETURNING key_id, ref, amount_usd
+    RETURNING key_id, ref, amount_usd, sub_key_id
 ), over AS (
     INSERT INTO usage_overages (generation_id, key_id, model, overage_usd)
     SELECT ins.ref, ins.key_id, ev.model, ev.overage
@@ -44,8 +51,19 @@ WITH ev AS (
     FROM lease_cut c WHERE r.generation_id = c.generation_id
     RETURNING r.key_id, c.amount
 ), used AS (
-    SELECT ins.key_id, sum(ev.tokens) AS tokens
-    FROM ins JOIN ev ON ev.generation_id = ins.ref GROUP BY ins.key_id
+    -- Counted toward the calling key's own window (a sub-key's, for a sub-key).
+    SELECT evk.own_id AS key_id, sum(evk.tokens) AS tokens
+    FROM ins JOIN evk ON evk.generation_id = ins.ref GROUP BY evk.own_id
+), sub_spent AS (
+    SELECT sub_key_id, sum(-amount_usd) AS spent FROM ins
+    WHERE sub_key_id IS NOT NULL GROUP BY sub_key_id
+), sub_total AS (
+    UPDATE api_keys k SET spent_usd = k.spent_usd + s.spent
+    FROM sub_spent s WHERE k.id = s.sub_key_id
+), sub_day AS (
+    INSERT INTO sub_key_daily AS d (key_id, day, spent_usd)
+    SELECT sub_key_id, (now() AT TIME ZONE 'UTC')::date, spent FROM sub_spent
+    ON CONFLICT (key_id, day) DO UPDATE SET spent_usd = d.spent_usd + excluded.spent_usd
 ), counted AS (
     INSERT INTO key_rate_windows AS w (key_id, minute, tokens)
     SELECT used.key_id, floor(extract(epoch FROM now()) / 60), used.tokens FROM used

@@ -5,11 +5,13 @@
 -- $1 key hash, $2 lease id, $3 wanted, $4 share, $5 smallest grant, $6 ttl seconds,
 -- $7 true to take a new lease.
 WITH k AS (
-    SELECT id, balance_usd - reserved_usd AS available, disabled, rpm_limit, tpm_limit
+    SELECT id, balance_usd - reserved_usd AS available, disabled, rpm_limit, tpm_limit,
+           parent_id IS NOT NULL AS sub
     FROM api_keys WHERE key_hash = $1 FOR UPDATE
 ), g AS (
+    -- Never a sub-key (parent_id set): its holds are per request, on its parent's row.
     SELECT id, trunc(least($3::numeric, available * $4::numeric), 12) AS amount
-    FROM k WHERE NOT disabled
+    FROM k WHERE NOT disabled AND NOT sub
 ), had AS (
     SELECT EXISTS (SELECT 1 FROM reservations WHERE generation_id = $2) AS found
 ), ok AS (

@@ -172,6 +172,38 @@ async def test_dashboard_shows_a_request_made_with_the_sdk(
     assert await page.is_visible("#login")
 
 
+async def test_dashboard_shows_the_sub_keys_and_their_spend(admin_stack: Stack, context: Any):
+    stack = admin_stack
+    parent = await stack.create_key("10.00")
+    async with stack.client(parent) as c:
+        made = await c.post("/v1/keys", json={"label": "nightly job", "daily_cap_usd": "2.00"})
+    assert made.status_code == 201, made.text
+    resp = await sdk(stack, made.json()["key"]).chat.completions.create(
+        model="fast-chat", messages=[{"role": "user", "content": "Hello from a sub-key"}]
+    )
+    await stack.wait_metered([resp.id])
+    async with stack.client(parent) as c:
+        spent = (await c.get("/v1/keys")).json()["data"][0]["usage"]["spent_usd"]
+    errors: list[str] = []
+    page = await context.new_page()
+    page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
+    await page.goto(stack.base_url + "/dashboard")
+    await page.fill("#key", parent)
+    await page.click("#login button[type=submit]")
+    await page.wait_for_selector("#sub-keys td:text-is('nightly job')")
+    row = await page.locator("#sub-keys tr", has_text="nightly job").inner_text()
+    assert made.json()["id"] in row and f"${spent}" in row and "$2.00" in row
+    assert errors == []
+    # The sub-key itself sees its own caps and spend, and no sub-keys table.
+    await page.click("#forget")
+    await page.fill("#key", made.json()["key"])
+    await page.click("#login button[type=submit]")
+    await page.wait_for_selector("#sub-key-note", state="visible")
+    assert await page.text_content("#spent") == f"${spent}"
+    assert not await page.is_visible("#children")
+    assert errors == []
+
+
 async def test_admin_overview_charts(admin_stack: Stack, context: Any, screenshot_dir: Path):
     stack = admin_stack
     keys = [await stack.create_key("20.00") for _ in range(4)]

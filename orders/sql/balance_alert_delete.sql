@@ -1,0 +1,1 @@
+DELETE FROM balance_alerts WHERE key_id = $1

@@ -1,0 +1,1 @@
+SELECT count(*) FROM api_keys WHERE parent_id = $1 AND deleted_at IS NULL
