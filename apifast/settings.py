@@ -50,6 +50,9 @@ class Settings(BaseSettings):
     meter_batch_size: int = 500
     meter_batch_wait_s: float = 0.5
     spool_max_events: int = 100_000
+    # Copies JetStream keeps of the usage stream: 3 on a 3-node cluster (docs/scaling.md).
+    # An existing stream with fewer is raised at start; APIFAST_NATS_URL then lists the nodes.
+    nats_replicas: int = Field(default=1, ge=1, le=5)
     # Raw usage events, and the per-key daily rollup, are kept this many days in ClickHouse
     # (a TTL); 0 keeps them. Past it only the model-level rollups remain, with no key hash.
     usage_retention_days: int = Field(default=0, ge=0)

@@ -38,7 +38,7 @@ from apifast.metering.ledger import (
     record_checkpoints,
     release_expired,
 )
-from apifast.metering.stream import ensure_usage_stream
+from apifast.metering.stream import ensure_usage_stream, nats_servers
 from apifast.metrics import Metrics
 
 if TYPE_CHECKING:
@@ -64,6 +64,7 @@ class Meter:
         batch_wait_s: float = 0.5,
         ack_wait_s: float = 60.0,
         sweep_s: float = 30.0,
+        replicas: int = 1,
     ) -> None:
         self.nats_url = nats_url
         self.stream = stream
@@ -75,6 +76,7 @@ class Meter:
         self.batch_wait_s = batch_wait_s
         self.ack_wait_s = ack_wait_s
         self.sweep_s = sweep_s  # how often expired holds are looked for
+        self.replicas = replicas  # of the usage stream, when this meter creates it
         self.processed = 0  # events newly counted, for tests and logs
         self.failures = 0  # batches that failed and were nak'ed
         self.overages = 0  # events whose upstream usage went beyond the hold
@@ -97,6 +99,7 @@ class Meter:
             batch_size=settings.meter_batch_size,
             batch_wait_s=settings.meter_batch_wait_s,
             sweep_s=settings.reservation_sweep_s,
+            replicas=settings.nats_replicas,
         )
 
     def stop(self) -> None:
@@ -146,12 +149,12 @@ class Meter:
 
     async def _consume(self) -> None:
         nc = await nats.connect(
-            self.nats_url, name="apifast-meter", connect_timeout=2, max_reconnect_attempts=-1,
-            reconnect_time_wait=0.5,
+            nats_servers(self.nats_url), name="apifast-meter", connect_timeout=2,
+            max_reconnect_attempts=-1, reconnect_time_wait=0.5,
         )  # fmt: skip
         try:
             js = nc.jetstream()
-            await ensure_usage_stream(js, self.stream, self.subject)
+            await ensure_usage_stream(js, self.stream, self.subject, self.replicas)
             sub = await js.pull_subscribe(
                 self.subject,
                 durable=self.durable,

@@ -242,7 +242,11 @@ async def _events_from_stream(
     from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
     found: dict[str, dict[str, Any]] = {}
-    nc = await nats.connect(settings.nats_url, connect_timeout=5, max_reconnect_attempts=2)
+    from apifast.metering.stream import nats_servers
+
+    nc = await nats.connect(
+        nats_servers(settings.nats_url), connect_timeout=5, max_reconnect_attempts=2
+    )
     try:
         js = nc.jetstream()
         sub = await js.pull_subscribe(

@@ -153,6 +153,7 @@ def create_app(
                 settings.nats_subject,
                 settings.resolved_data_dir() / "spool",
                 settings.spool_max_events,
+                settings.nats_replicas,
             )
             publisher.keep_holds_alive(pool, settings.reservation_ttl_s)
             publisher.metrics = metrics
