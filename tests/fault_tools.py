@@ -250,8 +250,12 @@ class RouterProcess(ApifastProcess):
 
 
 class MeterProcess(ApifastProcess):
-    def __init__(self, settings: Settings, chdb_path: Path, workdir: Path) -> None:
-        env = process_env(settings, CLICKHOUSE_URL=f"chdb://{chdb_path}")
+    """`apifast meter` on its own chdb path, or on `clickhouse_url` (a server) when given."""
+
+    def __init__(
+        self, settings: Settings, chdb_path: Path, workdir: Path, clickhouse_url: str = ""
+    ) -> None:
+        env = process_env(settings, CLICKHOUSE_URL=clickhouse_url or f"chdb://{chdb_path}")
         super().__init__("meter", env, workdir, "meter")
         self.chdb_path = chdb_path
 
