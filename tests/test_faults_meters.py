@@ -208,4 +208,3 @@ async def _balances_exact(settings: Settings, events: list[tuple[str, bytes, Dec
             assert (row["spent_usd"], row["balance_usd"]) == (total, CREDIT - total)
     finally:
         await conn.close()
-
