@@ -28,6 +28,7 @@ from apifast.metering.clickhouse import ClickHouseStore
 from apifast.metering.consumer import Meter
 from apifast.metrics import Metrics, MetricsServer
 from apifast.orders import install_payments
+from apifast.orders.retention import RetentionJob
 from apifast.orders.runtime import start_payments
 from apifast.plugin_manager import make_plugin_manager, provider_types
 from apifast.providers import Provider
@@ -207,6 +208,9 @@ def create_app(
             payments = await start_payments(core)
             stack.push_async_callback(_quietly, payments.stop)
             app.state.payments = payments
+            retention = RetentionJob(pool, settings.order_retention_days)
+            retention.start()
+            stack.push_async_callback(retention.stop)
             yield
 
     app = ApiFastApp(
