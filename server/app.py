@@ -28,7 +28,6 @@ from apifast.metering.clickhouse import ClickHouseStore
 from apifast.metering.consumer import Meter
 from apifast.metrics import Metrics, MetricsServer
 from apifast.orders import install_payments
-from apifast.orders.retention import RetentionJob
 from apifast.orders.runtime import start_payments
 from apifast.plugin_manager import make_plugin_manager, provider_types
 from apifast.providers import Provider
@@ -41,6 +40,7 @@ from apifast.router.routes import install_router
 from apifast.router.settle import Settler
 from apifast.router.size_limits import oversize_refusal
 from apifast.router.state import RouterState
+from apifast.server.retention import RetentionJob
 from apifast.settings import Settings
 
 

@@ -20,9 +20,9 @@ from apifast.keys import hash_key
 from apifast.metering.clickhouse import ClickHouseStore
 from apifast.metering.event import UsageEvent
 from apifast.metering.reconcile import reconcile
-from apifast.orders.retention import apply_order_retention
 from apifast.providers import Usage
 from apifast.server.migrations import migrate_database
+from apifast.server.retention import apply_order_retention
 from apifast.settings import Settings
 from tests.harness import SECRET
 
@@ -178,6 +178,11 @@ async def test_old_orders_and_ledger_rows_go_and_balances_stay_exact(
             await _order(conn, f"ord_old_open_{key_id}", key_id, old, None)
             await _order(conn, f"ord_recent_{key_id}", key_id, recent, recent)
         await store.insert_new_events(events)
+        for gid, when in ((f"gen-ret-{keys[0][0]}-0", old), (f"gen-ret-{keys[0][0]}-3", recent)):
+            await conn.execute(
+                "INSERT INTO usage_overages (generation_id, key_id, model, overage_usd, "
+                "created_at) VALUES ($1, $2, 'fast-chat', 0.5, $3)", gid, keys[0][0], when,
+            )  # fmt: skip
         before = await _per_key(conn)
         assert all(total == balance for total, balance, _ in before.values())
 
@@ -185,6 +190,8 @@ async def test_old_orders_and_ledger_rows_go_and_balances_stay_exact(
         assert done is not None
         assert done.ledger_rows == 2 * (1 + 3 + 1)  # per key: credit, 3 debits, 1 payment
         assert (done.orders, done.payments, done.order_events) == (2, 2, 2)
+        assert done.overages == 1  # the old request's; the recent one stays
+        assert await conn.fetchval("SELECT count(*) FROM usage_overages") == 1
 
         # Expired rows are gone; each key has one carried-forward row instead.
         cutoff = now - timedelta(days=30)
