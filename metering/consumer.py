@@ -1,13 +1,14 @@
 """`apifast meter`: a durable JetStream pull consumer.
 
 For each batch: debit Postgres (the ledger's unique generation id drops repeats), then insert
-the events ClickHouse does not have yet, then ack. Money goes first so that balances do not
-wait on analytics. When either store fails the batch is nak'ed and nothing is acked; the
-meter backs off and retries until the store is back, then catches up on the backlog. Both
-steps are idempotent, so a redelivery or a meter killed mid-batch neither loses nor doubles
-anything. Events found already in ClickHouse on redelivery get their dashboard rollups
-checked and repaired (`rollups.py`): the insert that stored them may have died before every
-materialized view had run.
+the events ClickHouse does not have yet (under a Postgres advisory lock, so that several
+meters sharing one ClickHouse never both insert an event), then ack. Money goes first so
+that balances do not wait on analytics. When either store fails the batch is nak'ed and
+nothing is acked; the meter backs off and retries until the store is back, then catches up
+on the backlog. Both steps are idempotent, so a redelivery or a meter killed mid-batch
+neither loses nor doubles anything. Events found already in ClickHouse on redelivery get
+their dashboard rollups checked and repaired (`rollups.py`): the insert that stored them may
+have died before every materialized view had run.
 
 Reservations of crashed routers are released once they expire, but only while the meter is
 caught up with the stream: an event still waiting in the stream settles its own hold.
@@ -47,6 +48,12 @@ if TYPE_CHECKING:
 log = logging.getLogger("apifast.meter")
 
 _MAX_BACKOFF_S = 10.0
+# Postgres advisory lock held around each batch's ClickHouse check-and-insert: with several
+# meters on one ClickHouse, two of them can hold the same event at once (a message left in
+# one meter's fetch queue past its ack wait is redelivered to another), and both would find
+# it missing and insert it. The lock makes check-and-insert one step across meters; Postgres
+# debits still run in parallel. A dead meter's lock goes with its connection.
+CLICKHOUSE_WRITE_LOCK = 0x61665F63
 _LAG_EVERY_S = 5.0  # how often the stream's pending count is read for /metrics
 
 
@@ -254,7 +261,13 @@ class Meter:
             self._store_failed("postgres")
             raise
         try:
-            await self.clickhouse.insert_new_events(unique)
+            async with self.pool.acquire() as conn:
+                # Released by hand, and by the pool's reset if this is cancelled.
+                await conn.execute("SELECT pg_advisory_lock($1)", CLICKHOUSE_WRITE_LOCK)
+                try:
+                    await self.clickhouse.insert_new_events(unique)
+                finally:
+                    await conn.execute("SELECT pg_advisory_unlock($1)", CLICKHOUSE_WRITE_LOCK)
         except Exception:
             self._store_failed("clickhouse")
             raise

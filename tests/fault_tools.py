@@ -260,6 +260,74 @@ class MeterProcess(ApifastProcess):
         self.chdb_path = chdb_path
 
 
+class SharedClickHouse:
+    """One ClickHouse that several meter processes share: the real chdb engine behind its HTTP
+    interface, in a process of its own (tests/fakes/clickhouse_http.py), since there is no
+    ClickHouse server here. `hold()` holds the inserts that arrive next (after their body is
+    read) until `release()`, so a meter can be killed between its write and its ack."""
+
+    def __init__(self, chdb_path: Path, workdir: Path) -> None:
+        self.chdb_path, self.workdir = chdb_path, workdir
+        self.port = free_port()
+        self.base = f"http://127.0.0.1:{self.port}"
+        self.url = f"{self.base}/?compress=false"
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def _launch(self) -> subprocess.Popen[bytes]:
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        with (self.workdir / "clickhouse-http.log").open("ab") as log:
+            return subprocess.Popen(
+                [sys.executable, "-m", "tests.fakes.clickhouse_http", str(self.chdb_path),
+                 str(self.port)],
+                cwd=REPO, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
+            )  # fmt: skip
+
+    async def start(self) -> None:
+        self.process = process = self._launch()
+        async with httpx.AsyncClient(timeout=5) as client:
+            while True:
+                assert process.poll() is None, (self.workdir / "clickhouse-http.log").read_text()
+                try:
+                    if (await client.get(self.base + "/ping")).status_code == 200:
+                        return
+                except httpx.TransportError:
+                    pass
+                await asyncio.sleep(0.1)
+
+    async def _control(self, what: str) -> str:
+        async with httpx.AsyncClient(timeout=5) as client:
+            r = await client.request("GET" if what == "held" else "POST", f"{self.base}/__{what}")
+            r.raise_for_status()
+            return r.text
+
+    async def hold(self) -> None:
+        await self._control("hold")
+
+    async def release(self) -> None:
+        await self._control("release")
+
+    async def held(self) -> int:
+        return int(await self._control("held"))
+
+    def query(self, database: str, sql: str) -> list[tuple[Any, ...]]:
+        import clickhouse_connect
+
+        client = clickhouse_connect.get_client(dsn=self.url, database=database)
+        try:
+            return list(client.query(sql).result_rows)
+        finally:
+            client.close()
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+
+
 def clickhouse_ids_in_subprocess(chdb_path: Path, database: str) -> list[str]:
     """Every generation id in `database`.usage_events of a chdb path, read by a separate
     process (a process may open only one chdb path)."""
