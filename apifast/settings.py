@@ -6,8 +6,12 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+# The shortest order and ledger retention: longer than the stream keeps an event (7 days) and
+# than any spool replay, so a redelivered event still meets its ledger row.
+ORDER_RETENTION_MIN_DAYS = 30
 
 
 class Settings(BaseSettings):
@@ -50,9 +54,18 @@ class Settings(BaseSettings):
     meter_batch_size: int = 500
     meter_batch_wait_s: float = 0.5
     spool_max_events: int = 100_000
+    # Copies JetStream keeps of the usage stream: 3 on a 3-node cluster (docs/scaling.md).
+    # An existing stream with fewer is raised at start; APIFAST_NATS_URL then lists the nodes.
+    nats_replicas: int = Field(default=1, ge=1, le=5)
     # Raw usage events, and the per-key daily rollup, are kept this many days in ClickHouse
     # (a TTL); 0 keeps them. Past it only the model-level rollups remain, with no key hash.
     usage_retention_days: int = Field(default=0, ge=0)
+    # Closed orders (with their payments and history) and ledger rows are kept this many days;
+    # 0 keeps them. Older ledger rows are summed into one carried-forward row per key, so
+    # balances and each key's ledger total stay exact (docs/billing.md, Retention). At least
+    # 30: the ledger's unique generation ids must outlive every redelivery (the stream keeps
+    # 7 days) and orders must outlive their reconciliation (APIFAST_RECONCILE_MAX_AGE_S).
+    order_retention_days: int = Field(default=0, ge=0)
 
     # Reservations: an unsettled hold is released after this many seconds.
     reservation_ttl_s: int = 900
@@ -182,6 +195,16 @@ class Settings(BaseSettings):
 
     def resolved_route_health_subject(self) -> str:
         return self.route_health_subject or f"{self.nats_subject}.route_health"
+
+    @model_validator(mode="after")
+    def _retention_outlives_redelivery(self) -> Settings:
+        days = self.order_retention_days
+        if days and days < max(ORDER_RETENTION_MIN_DAYS, self.reconcile_max_age_s / 86400 + 1):
+            raise ValueError(
+                f"APIFAST_ORDER_RETENTION_DAYS={days} is too short: 0 (keep) or at least "
+                f"{ORDER_RETENTION_MIN_DAYS} days, and more than APIFAST_RECONCILE_MAX_AGE_S"
+            )
+        return self
 
     def resolved_data_dir(self) -> Path:
         return self.data_dir.expanduser().resolve()

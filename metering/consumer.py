@@ -1,13 +1,14 @@
 """`apifast meter`: a durable JetStream pull consumer.
 
 For each batch: debit Postgres (the ledger's unique generation id drops repeats), then insert
-the events ClickHouse does not have yet, then ack. Money goes first so that balances do not
-wait on analytics. When either store fails the batch is nak'ed and nothing is acked; the
-meter backs off and retries until the store is back, then catches up on the backlog. Both
-steps are idempotent, so a redelivery or a meter killed mid-batch neither loses nor doubles
-anything. Events found already in ClickHouse on redelivery get their dashboard rollups
-checked and repaired (`rollups.py`): the insert that stored them may have died before every
-materialized view had run.
+the events ClickHouse does not have yet (under a Postgres advisory lock, so that several
+meters sharing one ClickHouse never both insert an event), then ack. Money goes first so
+that balances do not wait on analytics. When either store fails the batch is nak'ed and
+nothing is acked; the meter backs off and retries until the store is back, then catches up
+on the backlog. Both steps are idempotent, so a redelivery or a meter killed mid-batch
+neither loses nor doubles anything. Events found already in ClickHouse on redelivery get
+their dashboard rollups checked and repaired (`rollups.py`): the insert that stored them may
+have died before every materialized view had run.
 
 Reservations of crashed routers are released once they expire, but only while the meter is
 caught up with the stream: an event still waiting in the stream settles its own hold.
@@ -39,7 +40,7 @@ from apifast.metering.ledger import (
     record_checkpoints,
     release_expired,
 )
-from apifast.metering.stream import ensure_usage_stream
+from apifast.metering.stream import ensure_usage_stream, nats_servers
 from apifast.metrics import Metrics
 from apifast.tracing import Tracer
 
@@ -50,6 +51,12 @@ log = logging.getLogger("apifast.meter")
 T = TypeVar("T")
 
 _MAX_BACKOFF_S = 10.0
+# Postgres advisory lock held around each batch's ClickHouse check-and-insert: with several
+# meters on one ClickHouse, two of them can hold the same event at once (a message left in
+# one meter's fetch queue past its ack wait is redelivered to another), and both would find
+# it missing and insert it. The lock makes check-and-insert one step across meters; Postgres
+# debits still run in parallel. A dead meter's lock goes with its connection.
+CLICKHOUSE_WRITE_LOCK = 0x61665F63
 _LAG_EVERY_S = 5.0  # how often the stream's pending count is read for /metrics
 
 
@@ -67,6 +74,7 @@ class Meter:
         batch_wait_s: float = 0.5,
         ack_wait_s: float = 60.0,
         sweep_s: float = 30.0,
+        replicas: int = 1,
     ) -> None:
         self.nats_url = nats_url
         self.stream = stream
@@ -78,6 +86,7 @@ class Meter:
         self.batch_wait_s = batch_wait_s
         self.ack_wait_s = ack_wait_s
         self.sweep_s = sweep_s  # how often expired holds are looked for
+        self.replicas = replicas  # of the usage stream, when this meter creates it
         self.processed = 0  # events newly counted, for tests and logs
         self.failures = 0  # batches that failed and were nak'ed
         self.overages = 0  # events whose upstream usage went beyond the hold
@@ -101,6 +110,7 @@ class Meter:
             batch_size=settings.meter_batch_size,
             batch_wait_s=settings.meter_batch_wait_s,
             sweep_s=settings.reservation_sweep_s,
+            replicas=settings.nats_replicas,
         )
 
     def stop(self) -> None:
@@ -150,12 +160,12 @@ class Meter:
 
     async def _consume(self) -> None:
         nc = await nats.connect(
-            self.nats_url, name="apifast-meter", connect_timeout=2, max_reconnect_attempts=-1,
-            reconnect_time_wait=0.5,
+            nats_servers(self.nats_url), name="apifast-meter", connect_timeout=2,
+            max_reconnect_attempts=-1, reconnect_time_wait=0.5,
         )  # fmt: skip
         try:
             js = nc.jetstream()
-            await ensure_usage_stream(js, self.stream, self.subject)
+            await ensure_usage_stream(js, self.stream, self.subject, self.replicas)
             sub = await js.pull_subscribe(
                 self.subject,
                 durable=self.durable,
@@ -255,7 +265,15 @@ class Meter:
             self._store_failed("postgres")
             raise
         try:
-            await self._traced("meter.clickhouse", self.clickhouse.insert_new_events(unique))
+            async with self.pool.acquire() as conn:
+                # Released by hand, and by the pool's reset if this is cancelled.
+                await conn.execute("SELECT pg_advisory_lock($1)", CLICKHOUSE_WRITE_LOCK)
+                try:
+                    await self._traced(
+                        "meter.clickhouse", self.clickhouse.insert_new_events(unique)
+                    )
+                finally:
+                    await conn.execute("SELECT pg_advisory_unlock($1)", CLICKHOUSE_WRITE_LOCK)
         except Exception:
             self._store_failed("clickhouse")
             raise

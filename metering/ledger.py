@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from datetime import datetime
 from decimal import Decimal
 from typing import Any
 
@@ -80,3 +81,9 @@ async def drop_settled_checkpoints(pool: asyncpg.Pool) -> None:
 async def release_expired(pool: asyncpg.Pool) -> None:
     await pool.execute(Q.release_expired_reservations)
     await pool.execute(Q.prune_rate_windows)
+
+
+async def delete_old_overages(conn: asyncpg.Connection, before: datetime) -> int:
+    """Order and ledger retention: drop the overage records of requests before `before`."""
+    status = await conn.execute(Q.usage_overages_expire, before)
+    return int(status.split()[-1])

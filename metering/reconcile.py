@@ -242,7 +242,11 @@ async def _events_from_stream(
     from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
     found: dict[str, dict[str, Any]] = {}
-    nc = await nats.connect(settings.nats_url, connect_timeout=5, max_reconnect_attempts=2)
+    from apifast.metering.stream import nats_servers
+
+    nc = await nats.connect(
+        nats_servers(settings.nats_url), connect_timeout=5, max_reconnect_attempts=2
+    )
     try:
         js = nc.jetstream()
         sub = await js.pull_subscribe(
@@ -335,18 +339,28 @@ async def _repair_rollups(store: ClickHouseStore, report: Report) -> None:
         )
 
 
+def reconcile_floor(settings: Settings, now: datetime | None = None) -> datetime:
+    """The earliest instant reconcile compares: the start of the day after the shorter
+    retention's cutoff (a day of margin: an event's debit is booked after its request)."""
+    days = [d for d in (settings.usage_retention_days, settings.order_retention_days) if d]
+    if not days:
+        return datetime.min.replace(tzinfo=UTC)
+    kept_from = (now or datetime.now(UTC)) - timedelta(days=min(days) - 1)
+    return kept_from.replace(hour=0, minute=0, second=0, microsecond=0)
+
+
 async def reconcile(
     settings: Settings, start: datetime, end: datetime, *, repair: bool = False
 ) -> Report:
     """Compare (and with `repair`, fix) the ledger and ClickHouse over [start, end). Never
     before the usage retention: there ClickHouse has dropped the raw events on purpose, and
-    the ledger (and the model-level rollups) keep the totals."""
+    the ledger (and the model-level rollups) keep the totals. Never before the order
+    retention either: there the ledger has carried its rows forward into one per key, and
+    a raw event without its debit must not be "repaired" by debiting it again."""
     from apifast.db import create_pool
 
-    if settings.usage_retention_days:
-        kept_from = datetime.now(UTC) - timedelta(days=settings.usage_retention_days - 1)
-        start = max(start, kept_from.replace(hour=0, minute=0, second=0, microsecond=0))
-        end = max(end, start)
+    start = max(start, reconcile_floor(settings))
+    end = max(end, start)
     from apifast.metering.clickhouse import ClickHouseStore
 
     pool = await create_pool(settings.database_url, min_size=1, max_size=2)

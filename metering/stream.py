@@ -2,12 +2,30 @@
 
 from __future__ import annotations
 
+import logging
+
 from nats.js.api import DiscardPolicy, RetentionPolicy, StorageType, StreamConfig
 from nats.js.client import JetStreamContext
 from nats.js.errors import BadRequestError, NotFoundError
 
+log = logging.getLogger("apifast.stream")
 
-def usage_stream_config(stream: str, subject: str) -> StreamConfig:
+# Seconds that Nats-Msg-Id dedupe remembers an event. A publish whose ack was lost is
+# spooled and replayed; the stream drops the copy if the replay comes within this window.
+# A replay after a longer outage may store a second copy in the stream: the meter still
+# counts it once (the ledger's unique generation id, ClickHouse's check), see docs/billing.md.
+# The dedupe costs the server about 150 bytes per event in the window: 30 minutes at 1,000
+# events/s is some 270 MB per replica (docs/scaling.md).
+DUPLICATE_WINDOW_S = 30 * 60
+
+
+def nats_servers(url: str) -> list[str]:
+    """`APIFAST_NATS_URL` as a server list: one URL, or several comma-separated (a cluster,
+    so a client fails over to the next server when one goes away)."""
+    return [u.strip() for u in url.split(",") if u.strip()]
+
+
+def usage_stream_config(stream: str, subject: str, replicas: int = 1) -> StreamConfig:
     return StreamConfig(
         name=stream,
         subjects=[subject],
@@ -15,17 +33,32 @@ def usage_stream_config(stream: str, subject: str) -> StreamConfig:
         storage=StorageType.FILE,
         discard=DiscardPolicy.OLD,
         max_age=7 * 24 * 3600,  # seconds: time for a stopped meter to catch up
-        duplicate_window=600,  # seconds: Nats-Msg-Id dedupe covers spool replays
+        duplicate_window=DUPLICATE_WINDOW_S,
+        num_replicas=replicas,
     )
 
 
-async def ensure_usage_stream(js: JetStreamContext, stream: str, subject: str) -> None:
-    config = usage_stream_config(stream, subject)
+async def ensure_usage_stream(
+    js: JetStreamContext, stream: str, subject: str, replicas: int = 1
+) -> None:
+    """Create the usage stream if missing; raise its replica count to `replicas` and its
+    duplicate window to ours if lower (JetStream moves an R1 stream to R3 in place)."""
+    config = usage_stream_config(stream, subject, replicas)
     try:
-        await js.stream_info(stream)
+        info = await js.stream_info(stream)
     except NotFoundError:
         try:
             await js.add_stream(config)
         except BadRequestError:
             # Another process created it between our two calls.
             await js.stream_info(stream)
+        return
+    current = info.config
+    if (current.num_replicas or 1) < replicas or (current.duplicate_window or 0) < (
+        DUPLICATE_WINDOW_S
+    ):
+        log.warning("usage stream %s: raising replicas %s -> %d, duplicate window to %d s",
+                    stream, current.num_replicas, replicas, DUPLICATE_WINDOW_S)  # fmt: skip
+        current.num_replicas = max(replicas, current.num_replicas or 1)
+        current.duplicate_window = max(DUPLICATE_WINDOW_S, current.duplicate_window or 0)
+        await js.update_stream(current)

@@ -27,7 +27,7 @@ from nats.js.client import JetStreamContext
 
 from apifast.db import Queries
 from apifast.metering.event import UsageEvent, message_id
-from apifast.metering.stream import ensure_usage_stream
+from apifast.metering.stream import ensure_usage_stream, nats_servers
 from apifast.metrics import Metrics
 from apifast.router.spool import Spool
 
@@ -46,9 +46,16 @@ _Q = Queries("apifast.router")
 
 class EventPublisher:
     def __init__(
-        self, nats_url: str, stream: str, subject: str, spool_dir: Path, spool_max: int
+        self,
+        nats_url: str,
+        stream: str,
+        subject: str,
+        spool_dir: Path,
+        spool_max: int,
+        replicas: int = 1,
     ) -> None:
         self.nats_url = nats_url
+        self.replicas = replicas
         self.stream = stream
         self.subject = subject
         self.spool = Spool(spool_dir, spool_max)
@@ -102,7 +109,7 @@ class EventPublisher:
         while not self._closing:
             try:
                 nc = await nats.connect(
-                    self.nats_url,
+                    nats_servers(self.nats_url),
                     name="apifast-router",
                     max_reconnect_attempts=-1,
                     reconnect_time_wait=0.5,
@@ -111,7 +118,7 @@ class EventPublisher:
                     disconnected_cb=self._on_disconnect,
                 )
                 js = nc.jetstream(timeout=_PUBLISH_TIMEOUT_S)
-                await ensure_usage_stream(js, self.stream, self.subject)
+                await ensure_usage_stream(js, self.stream, self.subject, self.replicas)
                 self._nc, self._js = nc, js
                 return
             except Exception as exc:  # any failure means "try again later"
@@ -139,7 +146,7 @@ class EventPublisher:
         if self._stream_missing:
             # A NATS server that came back without its store: recreate the stream first.
             try:
-                await ensure_usage_stream(js, self.stream, self.subject)
+                await ensure_usage_stream(js, self.stream, self.subject, self.replicas)
                 self._stream_missing = False
             except Exception:  # still down; spooled and retried
                 return batch

@@ -43,6 +43,7 @@ from apifast.router.routes import install_router
 from apifast.router.settle import Settler
 from apifast.router.size_limits import oversize_refusal
 from apifast.router.state import RouterState
+from apifast.server.retention import RetentionJob
 from apifast.settings import Settings
 from apifast.tracing import Tracer
 
@@ -208,6 +209,7 @@ def create_app(
                 settings.nats_subject,
                 settings.resolved_data_dir() / "spool",
                 settings.spool_max_events,
+                settings.nats_replicas,
             )
             publisher.keep_holds_alive(pool, settings.reservation_ttl_s)
             publisher.metrics = metrics
@@ -287,6 +289,9 @@ def create_app(
             payments = await start_payments(core)
             stack.push_async_callback(_quietly, payments.stop)
             app.state.payments = payments
+            retention = RetentionJob(pool, settings.order_retention_days)
+            retention.start()
+            stack.push_async_callback(retention.stop)
             yield
 
     app = ApiFastApp(

@@ -5,6 +5,7 @@ what the stream, the Postgres ledger and ClickHouse hold."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import signal
@@ -24,6 +25,7 @@ import nats
 from nats.js.errors import NotFoundError
 
 from apifast.embedded import EmbeddedNats, start_nats
+from apifast.metering.stream import nats_servers
 from apifast.settings import Settings
 from tests.harness import SECRET, free_port
 
@@ -60,6 +62,89 @@ class OwnNats:
             self._server = None
 
 
+class NatsCluster:
+    """A 3-node nats-server cluster with JetStream (the same binary as `apifast dev`), on free
+    127.0.0.1 ports; each node can be SIGKILLed and restarted with the same ports and store."""
+
+    def __init__(self, root: Path, nodes: int = 3) -> None:
+        self.root = root
+        self.client_ports = [free_port() for _ in range(nodes)]
+        self.route_ports = [free_port() for _ in range(nodes)]
+        self.processes: list[subprocess.Popen[bytes] | None] = [None] * nodes
+        # Every node's URL: clients fail over between them.
+        self.url = ",".join(f"nats://127.0.0.1:{p}" for p in self.client_ports)
+
+    def _config(self, n: int) -> Path:
+        store = self.root / f"n{n}"
+        store.mkdir(parents=True, exist_ok=True)
+        routes = ", ".join(f"nats-route://127.0.0.1:{p}" for p in self.route_ports)
+        conf = store / "nats.conf"
+        conf.write_text(textwrap.dedent(f"""
+            server_name: n{n}
+            listen: 127.0.0.1:{self.client_ports[n]}
+            jetstream {{ store_dir: "{store / "js"}" }}
+            cluster {{
+              name: apifast-test
+              listen: 127.0.0.1:{self.route_ports[n]}
+              routes: [{routes}]
+            }}
+        """))  # fmt: skip
+        return conf
+
+    def start(self, n: int) -> None:
+        from apifast.embedded.nats import nats_server_binary
+
+        assert self.processes[n] is None or self.processes[n].poll() is not None  # type: ignore[union-attr]
+        conf = self._config(n)
+        with (self.root / f"n{n}.log").open("ab") as log:
+            self.processes[n] = subprocess.Popen(
+                [nats_server_binary(), "-c", str(conf)],
+                stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True,
+            )  # fmt: skip
+
+    def start_all(self) -> None:
+        for n in range(len(self.processes)):
+            self.start(n)
+
+    def kill(self, n: int) -> None:
+        """SIGKILL one node (by its pid), as a crash would."""
+        process = self.processes[n]
+        if process is not None and process.poll() is None:
+            os.kill(process.pid, signal.SIGKILL)
+            process.wait()
+
+    def stop_all(self) -> None:
+        for process in self.processes:
+            if process is not None and process.poll() is None:
+                process.terminate()
+                try:
+                    process.wait(10)
+                except subprocess.TimeoutExpired:
+                    process.kill()
+                    process.wait()
+
+    async def wait_stream_ready(self, stream: str, replicas: int) -> None:
+        """Until the stream has a leader and `replicas` current copies (peers caught up)."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 120
+        while True:
+            with contextlib.suppress(Exception):
+                nc = await nats.connect(nats_servers(self.url), connect_timeout=2,
+                                        max_reconnect_attempts=1)  # fmt: skip
+                try:
+                    info = await nc.jetstream(timeout=2).stream_info(stream)
+                    cluster = info.cluster
+                    if cluster is not None and cluster.leader:
+                        current = [r for r in cluster.replicas or [] if r.current]
+                        if 1 + len(current) >= replicas:
+                            return
+                finally:
+                    await nc.close()
+            if loop.time() > deadline:
+                raise AssertionError(f"stream {stream} never had {replicas} current replicas")
+            await asyncio.sleep(0.2)
+
+
 # --- subprocesses ---------------------------------------------------------------------------------
 
 
@@ -82,6 +167,7 @@ def process_env(settings: Settings, **extra: str) -> dict[str, str]:
         "HOST": "127.0.0.1",
         "PORT": str(settings.port),
         "SPOOL_MAX_EVENTS": str(settings.spool_max_events),
+        "NATS_REPLICAS": str(settings.nats_replicas),
         "RESERVATION_TTL_S": str(settings.reservation_ttl_s),
         "RESERVATION_SWEEP_S": str(settings.reservation_sweep_s),
         "STREAM_CHECKPOINT_S": str(settings.stream_checkpoint_s),
@@ -164,10 +250,82 @@ class RouterProcess(ApifastProcess):
 
 
 class MeterProcess(ApifastProcess):
-    def __init__(self, settings: Settings, chdb_path: Path, workdir: Path) -> None:
-        env = process_env(settings, CLICKHOUSE_URL=f"chdb://{chdb_path}")
+    """`apifast meter` on its own chdb path, or on `clickhouse_url` (a server) when given."""
+
+    def __init__(
+        self, settings: Settings, chdb_path: Path, workdir: Path, clickhouse_url: str = ""
+    ) -> None:
+        env = process_env(settings, CLICKHOUSE_URL=clickhouse_url or f"chdb://{chdb_path}")
         super().__init__("meter", env, workdir, "meter")
         self.chdb_path = chdb_path
+
+
+class SharedClickHouse:
+    """One ClickHouse that several meter processes share: the real chdb engine behind its HTTP
+    interface, in a process of its own (tests/fakes/clickhouse_http.py), since there is no
+    ClickHouse server here. `hold()` holds the inserts that arrive next (after their body is
+    read) until `release()`, so a meter can be killed between its write and its ack."""
+
+    def __init__(self, chdb_path: Path, workdir: Path) -> None:
+        self.chdb_path, self.workdir = chdb_path, workdir
+        self.port = free_port()
+        self.base = f"http://127.0.0.1:{self.port}"
+        self.url = f"{self.base}/?compress=false"
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def _launch(self) -> subprocess.Popen[bytes]:
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        with (self.workdir / "clickhouse-http.log").open("ab") as log:
+            return subprocess.Popen(
+                [sys.executable, "-m", "tests.fakes.clickhouse_http", str(self.chdb_path),
+                 str(self.port)],
+                cwd=REPO, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
+            )  # fmt: skip
+
+    async def start(self) -> None:
+        self.process = process = self._launch()
+        async with httpx.AsyncClient(timeout=5) as client:
+            while True:
+                assert process.poll() is None, (self.workdir / "clickhouse-http.log").read_text()
+                try:
+                    if (await client.get(self.base + "/ping")).status_code == 200:
+                        return
+                except httpx.TransportError:
+                    pass
+                await asyncio.sleep(0.1)
+
+    async def _control(self, what: str) -> str:
+        async with httpx.AsyncClient(timeout=5) as client:
+            r = await client.request("GET" if what == "held" else "POST", f"{self.base}/__{what}")
+            r.raise_for_status()
+            return r.text
+
+    async def hold(self) -> None:
+        await self._control("hold")
+
+    async def release(self) -> None:
+        await self._control("release")
+
+    async def held(self) -> int:
+        return int(await self._control("held"))
+
+    def query(self, database: str, sql: str) -> list[tuple[Any, ...]]:
+        import clickhouse_connect
+
+        client = clickhouse_connect.get_client(dsn=self.url, database=database)
+        try:
+            return list(client.query(sql).result_rows)
+        finally:
+            client.close()
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
 
 
 def clickhouse_ids_in_subprocess(chdb_path: Path, database: str) -> list[str]:
@@ -193,7 +351,7 @@ def clickhouse_ids_in_subprocess(chdb_path: Path, database: str) -> list[str]:
 
 async def stream_generation_ids(nats_url: str, stream: str) -> list[str]:
     """The generation id of every message in the stream (duplicates kept)."""
-    nc = await nats.connect(nats_url, connect_timeout=5, max_reconnect_attempts=3)
+    nc = await nats.connect(nats_servers(nats_url), connect_timeout=5, max_reconnect_attempts=3)
     try:
         js = nc.jetstream()
         try:
@@ -366,10 +524,12 @@ def usage_events(
 async def publish_events(settings: Settings, events: list[tuple[str, bytes, Decimal]]) -> None:
     from apifast.metering.stream import ensure_usage_stream
 
-    nc = await nats.connect(settings.nats_url, connect_timeout=5)
+    nc = await nats.connect(nats_servers(settings.nats_url), connect_timeout=5)
     try:
         js = nc.jetstream(timeout=10)
-        await ensure_usage_stream(js, settings.nats_stream, settings.nats_subject)
+        await ensure_usage_stream(
+            js, settings.nats_stream, settings.nats_subject, settings.nats_replicas
+        )
         for i in range(0, len(events), 200):
             await asyncio.gather(*(
                 js.publish(settings.nats_subject, payload, headers={"Nats-Msg-Id": gid})
@@ -386,10 +546,12 @@ async def create_consumer(settings: Settings, ack_wait_s: float) -> None:
 
     from apifast.metering.stream import ensure_usage_stream
 
-    nc = await nats.connect(settings.nats_url, connect_timeout=5)
+    nc = await nats.connect(nats_servers(settings.nats_url), connect_timeout=5)
     try:
         js = nc.jetstream()
-        await ensure_usage_stream(js, settings.nats_stream, settings.nats_subject)
+        await ensure_usage_stream(
+            js, settings.nats_stream, settings.nats_subject, settings.nats_replicas
+        )
         await js.add_consumer(settings.nats_stream, ConsumerConfig(
             durable_name=settings.meter_durable, name=settings.meter_durable,
             filter_subject=settings.nats_subject, ack_policy=AckPolicy.EXPLICIT,
@@ -402,7 +564,7 @@ async def create_consumer(settings: Settings, ack_wait_s: float) -> None:
 
 async def consumer_state(settings: Settings) -> dict[str, int]:
     """How far the meter's consumer got: acked up to, pending, unacked, redelivered."""
-    nc = await nats.connect(settings.nats_url, connect_timeout=5)
+    nc = await nats.connect(nats_servers(settings.nats_url), connect_timeout=5)
     try:
         info = await nc.jetstream().consumer_info(settings.nats_stream, settings.meter_durable)
         return {

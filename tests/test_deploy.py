@@ -22,6 +22,9 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from apifast.catalog.toml import load_catalog
+from apifast.embedded.nats import nats_server_binary
+from apifast.metering.stream import nats_servers
+from apifast.settings import Settings
 from tests.fakes.openai_upstream import FakeOpenAI
 from tests.harness import free_port
 
@@ -56,6 +59,49 @@ def test_compose_pins_images_and_refuses_a_missing_catalog() -> None:
     assert not any(str(p).endswith(":8000") for p in ports)  # routers never published
     certs = [m for m in services["lb"]["volumes"] if m["source"] == "./deploy/certs"]
     assert certs and certs[0]["bind"]["create_host_path"] is False
+
+
+def test_compose_scale_profile_runs_a_three_node_nats_cluster(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    compose = _compose()
+    services = compose["services"]
+    nodes = {name: s for name, s in services.items() if s.get("profiles") == ["scale"]}
+    assert sorted(nodes) == ["nats-1", "nats-2", "nats-3"]
+    names, data = set(), set()
+    for name, node in nodes.items():
+        assert node["image"] == services["nats"]["image"]  # the same pinned image
+        assert node["command"] == ["-c", "/etc/nats/cluster.conf"]
+        assert node["environment"]["NATS_SERVER_NAME"] == name
+        names.add(node["environment"]["NATS_SERVER_NAME"])
+        conf = [m for m in node["volumes"] if isinstance(m, dict)]
+        assert conf and conf[0]["source"] == "./deploy/nats-cluster.conf"
+        assert conf[0]["bind"]["create_host_path"] is False
+        stores = [m for m in node["volumes"] if isinstance(m, str)]
+        assert len(stores) == 1 and stores[0].endswith(":/data")
+        data.add(stores[0].split(":")[0])
+    assert len(names) == 3 and len(data) == 3  # own name and own store per node
+    assert data <= set(compose["volumes"])
+    # The node config as nats-server reads it, for each node.
+    config = REPO / "deploy" / "nats-cluster.conf"
+    for name in names:
+        checked = subprocess.run(
+            [nats_server_binary(), "-t", "-c", str(config)],
+            env={"NATS_SERVER_NAME": name}, capture_output=True, text=True, timeout=30,
+        )  # fmt: skip
+        assert checked.returncode == 0, checked.stderr
+    routes = set(re.findall(r"nats-route://([\w-]+):6222", config.read_text()))
+    assert routes == names
+    # Routers and meters take the cluster from deploy/scale.env, as Settings reads it.
+    for name in ("router", "meter", "migrate"):
+        env = services[name]["environment"]
+        assert env["APIFAST_NATS_URL"] == "${APIFAST_NATS_URL:-nats://nats:4222}"
+        assert env["APIFAST_NATS_REPLICAS"] == "${APIFAST_NATS_REPLICAS:-1}"
+    for setting in ("APIFAST_NATS_URL", "APIFAST_NATS_REPLICAS"):
+        monkeypatch.delenv(setting, raising=False)  # the file, not this shell, is checked
+    scale = Settings(_env_file=REPO / "deploy" / "scale.env")  # type: ignore[call-arg]
+    assert scale.nats_replicas == 3
+    assert nats_servers(scale.nats_url) == [f"nats://{n}:4222" for n in sorted(names)]
 
 
 def test_the_example_catalog_loads() -> None:
