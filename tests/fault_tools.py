@@ -25,7 +25,9 @@ import nats
 from nats.js.errors import NotFoundError
 
 from apifast.embedded import EmbeddedNats, start_nats
+from apifast.key_admin import insert_key
 from apifast.metering.stream import nats_servers
+from apifast.server.migrations import migrate_database
 from apifast.settings import Settings
 from tests.harness import SECRET, free_port
 
@@ -575,3 +577,15 @@ async def consumer_state(settings: Settings) -> dict[str, int]:
         }
     finally:
         await nc.close()
+
+
+async def funded_key(settings: Settings, credit: Decimal) -> tuple[str, int]:
+    """Migrate the test's database and make a key holding `credit`: (the key, its id)."""
+    await migrate_database(settings.database_url)
+    conn = await asyncpg.connect(settings.database_url)
+    try:
+        async with conn.transaction():
+            key, key_id, _ = await insert_key(conn, SECRET.encode(), credit)
+        return key, key_id
+    finally:
+        await conn.close()

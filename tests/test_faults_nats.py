@@ -19,8 +19,6 @@ import asyncpg
 import httpx
 import pytest
 
-from apifast.key_admin import insert_key
-from apifast.server.migrations import migrate_database
 from apifast.settings import Settings
 from tests.fakes.openai_upstream import FakeOpenAI
 from tests.fault_tools import (
@@ -29,11 +27,12 @@ from tests.fault_tools import (
     OwnNats,
     RouterProcess,
     audit,
+    funded_key,
     ledger_usage_ids,
     stream_generation_ids,
     wait_in_ledger,
 )
-from tests.harness import SECRET, models_toml, stack_settings
+from tests.harness import models_toml, stack_settings
 
 BODY: dict[str, Any] = {
     "model": "fast-chat",
@@ -73,14 +72,7 @@ def fault_settings(
 
 
 async def _new_key(settings: Settings, credit: str = "100.00") -> str:
-    await migrate_database(settings.database_url)
-    conn = await asyncpg.connect(settings.database_url)
-    try:
-        async with conn.transaction():
-            key, _, _ = await insert_key(conn, SECRET.encode(), Decimal(credit))
-        return key
-    finally:
-        await conn.close()
+    return (await funded_key(settings, Decimal(credit)))[0]
 
 
 async def _chat(client: httpx.AsyncClient, url: str, key: str, i: int) -> tuple[int, Any]:

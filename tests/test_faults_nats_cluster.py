@@ -15,14 +15,11 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
-import asyncpg
 import httpx
 import nats
 import pytest
 
-from apifast.key_admin import insert_key
 from apifast.metering.stream import ensure_usage_stream, nats_servers
-from apifast.server.migrations import migrate_database
 from apifast.settings import Settings
 from tests.fakes.openai_upstream import FakeOpenAI
 from tests.fault_tools import (
@@ -30,11 +27,12 @@ from tests.fault_tools import (
     NatsCluster,
     RouterProcess,
     audit,
+    funded_key,
     ledger_usage_ids,
     stream_generation_ids,
     wait_in_ledger,
 )
-from tests.harness import SECRET, models_toml, stack_settings
+from tests.harness import models_toml, stack_settings
 
 SPOOL_MAX = 40  # small, so that the spool fills while there is no quorum
 
@@ -50,14 +48,7 @@ async def cluster(tmp_path: Path) -> AsyncIterator[NatsCluster]:
 
 
 async def _new_key(settings: Settings) -> str:
-    await migrate_database(settings.database_url)
-    conn = await asyncpg.connect(settings.database_url)
-    try:
-        async with conn.transaction():
-            key, _, _ = await insert_key(conn, SECRET.encode(), Decimal("100.00"))
-        return key
-    finally:
-        await conn.close()
+    return (await funded_key(settings, Decimal("100.00")))[0]
 
 
 async def _create_stream(settings: Settings) -> None:

@@ -14,12 +14,10 @@ import asyncpg
 import httpx
 import orjson
 
-from apifast.key_admin import insert_key
-from apifast.server.migrations import migrate_database
 from apifast.settings import Settings
 from tests.fakes.openai_upstream import FakeOpenAI
-from tests.fault_tools import InProcessMeter, RouterProcess, wait_in_ledger
-from tests.harness import SECRET, models_toml, stack_settings
+from tests.fault_tools import InProcessMeter, RouterProcess, funded_key, wait_in_ledger
+from tests.harness import models_toml, stack_settings
 
 CREDIT = Decimal("5.00")
 
@@ -37,14 +35,7 @@ def _settings(database_factory: Callable[[str], str], nats_url: str, clickhouse_
 
 
 async def _new_key(settings: Settings) -> tuple[str, int]:
-    await migrate_database(settings.database_url)
-    conn = await asyncpg.connect(settings.database_url)
-    try:
-        async with conn.transaction():
-            key, key_id, _ = await insert_key(conn, SECRET.encode(), CREDIT)
-        return key, key_id
-    finally:
-        await conn.close()
+    return await funded_key(settings, CREDIT)
 
 
 async def _fetch(settings: Settings, sql: str, *args: Any) -> list[asyncpg.Record]:
