@@ -172,7 +172,7 @@ def _profile(server: ApiFastServer, seconds: float, out: Path) -> subprocess.Pop
     if not Path(py_spy).exists() or server.proc is None:
         print("py-spy not found; --profile ignored")
         return None
-    fmt = "speedscope" if out.suffix == ".json" else "flamegraph"
+    fmt = {".json": "speedscope", ".txt": "raw"}.get(out.suffix, "flamegraph")
     return subprocess.Popen(
         [py_spy, "record", "-p", str(server.proc.pid), "-o", str(out), "-f", fmt,
          "-d", str(max(1, int(seconds))), "-r", "250", "--nonblocking"],
@@ -358,7 +358,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--skip-direct", action="store_true", help="measure ApiFast only")
     p.add_argument(
-        "--profile", help="py-spy the server during the non-stream 32-conn run (.svg/.json)"
+        "--profile", help="py-spy the server during the non-stream 32-conn run (.svg/.json/.txt collapsed)"
     )
     p.add_argument("--json", help="also write the figures to this file")
     return p.parse_args(argv)
