@@ -130,14 +130,24 @@ def _write_bodies(workdir: Path) -> dict[tuple[str, bool], Path]:
 
 def _measure(
     url: str, body: Path, args: argparse.Namespace, key: str = "",
-    server: ApiFastServer | HopProcess | None = None,
+    server: ApiFastServer | HopProcess | None = None, profile: Path | None = None,
 ) -> Measured:  # fmt: skip
+    """`profile`: py-spy the server during the 32-connection run, or with
+    --profile-one-conn during the one-connection run."""
     cpu = [0.0, 0.0, 0.0]
+    profiler = None
+    if profile is not None and isinstance(server, ApiFastServer) and not args.profile_one_conn:
+        profiler = _profile(server, args.seconds, profile)
     cpu[0] = server.cpu_seconds() if server else 0.0
     many = run_wrk(url, body, connections=args.connections, seconds=args.seconds, key=key)
     cpu[1] = server.cpu_seconds() if server else 0.0
+    if profile is not None and isinstance(server, ApiFastServer) and args.profile_one_conn:
+        profiler = _profile(server, args.latency_seconds, profile)
     one = run_wrk(url, body, connections=1, seconds=args.latency_seconds, key=key)
     cpu[2] = server.cpu_seconds() if server else 0.0
+    if profiler is not None:
+        profiler.wait(timeout=60)
+        print(f"profile written to {profile}")
     for run in (many, one):
         if run.errors:
             raise RuntimeError(f"{run.errors} failed requests against {url}")
@@ -210,15 +220,13 @@ async def run(args: argparse.Namespace) -> dict[str, dict[str, Measured]]:
                             rounds["hop"].setdefault(sc.name, []).append(_measure(
                                 _hop_url(hop, sc), bodies["direct", sc.stream], args, "", hop
                             ))  # fmt: skip
-                        profiler = None
-                        if args.profile and not sc.stream and n == 0:
-                            profiler = _profile(server, args.seconds, Path(args.profile))
-                        rounds["apifast"].setdefault(sc.name, []).append(
-                            _measure(url, bodies["apifast", sc.stream], args, server.key, server)
-                        )
-                        if profiler is not None:
-                            profiler.wait(timeout=60)
-                            print(f"profile written to {args.profile}")
+                        profile = (
+                            Path(args.profile) if args.profile and not sc.stream and n == 0
+                            else None
+                        )  # fmt: skip
+                        rounds["apifast"].setdefault(sc.name, []).append(_measure(
+                            url, bodies["apifast", sc.stream], args, server.key, server, profile
+                        ))  # fmt: skip
                     for protocol, path in PROTOCOLS.items():
                         rounds["apifast"].setdefault(protocol, []).append(_measure(
                             server.base_url + path, bodies[protocol, False], args, server.key,
@@ -358,8 +366,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--skip-direct", action="store_true", help="measure ApiFast only")
     p.add_argument(
-        "--profile", help="py-spy the server during the non-stream 32-conn run (.svg/.json/.txt collapsed)"
+        "--profile",
+        help="py-spy the server during the non-stream 32-conn run (.svg, .json speedscope, "
+        ".txt collapsed stacks)",
     )
+    p.add_argument(
+        "--profile-one-conn", action="store_true",
+        help="with --profile: record the one-connection (latency) run instead",
+    )  # fmt: skip
     p.add_argument("--json", help="also write the figures to this file")
     return p.parse_args(argv)
 

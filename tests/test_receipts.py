@@ -11,10 +11,11 @@ from pathlib import Path
 
 import orjson
 import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from apifast.cli.main import main as cli
 from apifast.keys import hash_key
-from apifast.receipts import ReceiptError, public_keys, verify
+from apifast.receipts import ReceiptError, ReceiptSigner, public_keys, verify
 from tests.harness import SECRET, Stack
 
 BODY = {"model": "fast-chat", "messages": [{"role": "user", "content": "canary-receipt"}]}
@@ -93,3 +94,18 @@ async def test_receipts_for_a_date_range_as_json_lines(stack: Stack) -> None:
     async with stack.client() as anonymous:
         r = await anonymous.get("/v1/receipts", params={"from": today, "to": today})
         assert r.status_code == 401
+
+
+def test_libsodium_signs_the_same_bytes_as_cryptography() -> None:
+    """Receipts are signed with libsodium for speed; Ed25519 is deterministic, so the
+    signature must be byte for byte what `cryptography` (OpenSSL) makes of the same seed."""
+    seed = bytes(range(32))
+    signer = ReceiptSigner.from_seeds([("k1", seed)])
+    reference = Ed25519PrivateKey.from_private_bytes(seed)
+    for n in (0, 1, 17, 250, 4096):
+        fields = {"v": 1, "id": "gen-" + "x" * n, "cost_usd": "0.000123"}
+        receipt = signer.sign(fields)
+        payload = base64.urlsafe_b64decode(receipt.split(".")[0] + "==")
+        signature = base64.urlsafe_b64decode(receipt.split(".")[1] + "==")
+        assert signature == reference.sign(payload)
+        assert verify(receipt, signer.published)["id"] == fields["id"]
