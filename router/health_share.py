@@ -13,7 +13,10 @@ already open, so on every connect it asks its peers on `<subject>.snapshot`, wit
 inbox of its own: each peer that has open or benched routes answers with them, their
 remaining seconds included, and the answers are applied like ordinary reports. Nobody
 waits for them (a lone router gets no answer, which is harmless): requests go on with local
-state, and answers are applied whenever they arrive.
+state, and answers are applied whenever they arrive. A router that reconnects also
+re-announces its own open and benched routes as ordinary reports: after a NATS outage the
+routers come back in any order, and whichever returns last either asks a peer already
+subscribed or announces to one (the server handles each connection's messages in order).
 """
 
 from __future__ import annotations
@@ -107,9 +110,14 @@ class HealthShare:
                 await asyncio.sleep(_RETRY_S)
 
     async def _reconnected(self) -> None:
-        # What changed while this router was cut off was not heard: ask again.
-        if self._nc is not None:
-            await self._ask_snapshot(self._nc)
+        # What changed while this router was cut off was not heard, and what it learnt was
+        # not told: ask again, and tell.
+        nc = self._nc
+        if nc is None:
+            return
+        await self._ask_snapshot(nc)
+        for model_id, entry, what, seconds in self.book.open_reports():
+            await self._send(nc, self._payload(model_id, entry, what, seconds))
 
     async def _ask_snapshot(self, nc: NATS) -> None:
         """Ask the peers for their open and benched routes (answered on `_inbox`)."""
@@ -162,13 +170,16 @@ class HealthShare:
         nc = self._nc
         if nc is None or not nc.is_connected:
             return
-        payload = orjson.dumps({
-            "r": self.router_id, "model": model_id, "i": entry.index,
-            "fp": fingerprint(entry.route), "what": what, "s": seconds,
-        })  # fmt: skip
+        payload = self._payload(model_id, entry, what, seconds)
         task = asyncio.get_running_loop().create_task(self._send(nc, payload))
         self._sends.add(task)
         task.add_done_callback(self._sends.discard)
+
+    def _payload(self, model_id: str, entry: RouteEntry, what: str, seconds: float) -> bytes:
+        return orjson.dumps({
+            "r": self.router_id, "model": model_id, "i": entry.index,
+            "fp": fingerprint(entry.route), "what": what, "s": seconds,
+        })  # fmt: skip
 
     async def _send(self, nc: NATS, payload: bytes) -> None:
         try:

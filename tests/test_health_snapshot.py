@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import os
 from collections.abc import AsyncIterator, Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -20,6 +21,7 @@ from apifast.router.health_share import HealthShare
 from apifast.router.route_book import RouteBook
 from apifast.router.route_health import CLOSED, OPEN, BreakerPolicy
 from tests.fakes.openai_upstream import FakeOpenAI
+from tests.fault_tools import OwnNats
 from tests.harness import running_stack
 from tests.test_smart_routing import assert_nothing_named, catalog, chat
 
@@ -93,6 +95,36 @@ async def test_a_late_share_applies_its_peers_snapshot(nats_url: str) -> None:
     finally:
         await late.close()
         await first.close()
+
+
+async def test_routers_that_reconnect_after_an_outage_catch_up(tmp_path: Path) -> None:
+    """A breaker opened while NATS was down reaches the peer once both are back, whichever
+    reconnects first. A private nats-server, killed and restarted; never the shared one."""
+    server = OwnNats(tmp_path / "nats")
+    await server.start()
+    models = _models({"m": ["a", "b"]})
+    clock = Clock(1000.0)
+    a_book = RouteBook(BreakerPolicy(failures=1), clock=clock)
+    b_book = RouteBook(BreakerPolicy(failures=1), clock=clock)
+    first = HealthShare(a_book, server.url, "t.route_health", models.get)
+    second = HealthShare(b_book, server.url, "t.route_health", models.get)
+    try:
+        for share in (first, second):
+            await share.start()
+            await asyncio.wait_for(share.wait_ready(), 10)
+        server.kill()
+        await _until(lambda: first._nc is not None and first._nc.is_connected, False)
+        entry = a_book.entries(models["m"])[0]
+        assert a_book.admit(entry)
+        a_book.failed("m", entry, UpstreamError(500))  # told to nobody: NATS is down
+        assert second.applied == 0
+        await server.start()
+        await _until(lambda: second.applied, 1)
+        assert b_book.entries(models["m"])[0].breaker.state == OPEN
+    finally:
+        await second.close()
+        await first.close()
+        server.stop()
 
 
 @pytest.fixture
