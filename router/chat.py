@@ -23,7 +23,11 @@ from apifast.router.openai_shape import (
     usage_chunk_bytes,
 )
 from apifast.router.prompt_bound import prompt_token_bound
-from apifast.router.route_prefs import resolve_request
+from apifast.router.route_prefs import (
+    OPENAPI_MODEL_REQUIRED,
+    OPENAPI_PROPERTIES,
+    resolve_request,
+)
 from apifast.router.state import RouterState
 from apifast.router.validation import upstream_body, validate_chat
 
@@ -36,7 +40,8 @@ _CHAT_BODY_SCHEMA = {
             "application/json": {
                 "schema": {
                     "type": "object",
-                    "required": ["model", "messages"],
+                    "required": ["messages"],
+                    "anyOf": OPENAPI_MODEL_REQUIRED,
                     "properties": {
                         "model": {"type": "string"},
                         "messages": {
@@ -56,6 +61,7 @@ _CHAT_BODY_SCHEMA = {
                         "max_completion_tokens": {"type": "integer", "minimum": 1},
                         "temperature": {"type": "number", "minimum": 0, "maximum": 2},
                         "n": {"type": "integer", "minimum": 1, "maximum": 128},
+                        **OPENAPI_PROPERTIES,
                     },
                 }
             }

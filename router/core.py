@@ -7,7 +7,7 @@ Routes are tried in the order `router/route_book.py` gives (the model's strategy
 client's `route.sort`), skipping open breakers and benched routes, within the request's
 attempt budget and only before the first byte reaches the client. With the client's
 `models`, a model whose routes all failed that way gives its hold back and the next model is
-tried with its own hold, at its own price.
+tried with its own hold, at its own price; so is a model whose hold the balance refuses.
 
 A protocol adapter (chat completions, embeddings, and the translating ones) reads its own
 request shape, turns it into a `Generation` (a chat-completions body for the providers, the
@@ -218,16 +218,22 @@ async def hold(
     model: str = "",
     limits: bool = True,
 ) -> Hold:
-    """Hold money on the key, then apply its rate limits (not again for a fallback model:
-    `limits` False). From this router's balance lease on the key when it covers the request
-    (memory only); else in Postgres, which also authenticates the key and checks a sub-key's
-    caps, expiry and allowed models (`model`, the public id) before any upstream call
-    (router/leases.py; a sub-key is never leased)."""
+    """Hold money on the key, then apply its rate limits. From this router's balance lease
+    on the key when it covers the request (memory only); else in Postgres, which also
+    authenticates the key and checks a sub-key's caps, expiry and allowed models (`model`,
+    the public id) before any upstream call (router/leases.py; a sub-key is never leased).
+
+    `limits` False: a fallback model's hold, for a client request whose first hold already
+    counted it. One client request counts once toward rpm (here and in Postgres's window)
+    and is checked once against tpm; the tokens it used count at `finish`, from the one
+    event billed. A fallback hold is neither counted nor refused for the key's limits."""
     leases = state.leases
     held = leases.take(key_hash, max_usd) if leases is not None else None
     if held is None:
         try:
-            held = await _hold_in_postgres(state, key_hash, generation_id, min_usd, max_usd, model)
+            held = await _hold_in_postgres(
+                state, key_hash, generation_id, min_usd, max_usd, model, limits
+            )
         except ApiError as refused:
             if state.metrics is not None:
                 state.metrics.hold_refusals.labels(refused.code or str(refused.status)).inc()
@@ -255,6 +261,7 @@ async def _hold_in_postgres(
     min_usd: Decimal,
     max_usd: Decimal,
     model: str,
+    count: bool = True,
 ) -> Hold:
     """The request's own hold. When only holds in flight stand in the way, wait up to
     settings.hold_wait_s for them to settle (each settled batch wakes the wait; other
@@ -263,7 +270,7 @@ async def _hold_in_postgres(
     deadline = time.monotonic() + state.settings.hold_wait_s
     while True:
         try:
-            return await _reserve(state, key_hash, generation_id, min_usd, max_usd, model)
+            return await _reserve(state, key_hash, generation_id, min_usd, max_usd, model, count)
         except ApiError as refused:
             if refused.status not in (402, 429):
                 raise
@@ -297,13 +304,14 @@ async def _reserve(
     min_usd: Decimal,
     max_usd: Decimal,
     model: str,
+    count: bool = True,
 ) -> Hold:
     if state.reserver is not None:
-        return await state.reserver.reserve(key_hash, generation_id, min_usd, max_usd, model)
+        return await state.reserver.reserve(key_hash, generation_id, min_usd, max_usd, model, count)
     s = state.settings
     return await reserve(
         state.pool, key_hash, generation_id, min_usd, max_usd, s.reservation_ttl_s,
-        s.default_rpm_limit, s.default_tpm_limit, model,
+        s.default_rpm_limit, s.default_tpm_limit, model, count,
     )  # fmt: skip
 
 
@@ -514,7 +522,21 @@ def _failed(
 
 class _NextModel(Exception):
     """Every route of this model failed retryably before any byte: its hold is given back
-    and the client's next model is tried."""
+    and the client's next model is tried. Should no later model be held (402), the client
+    gets this model's failure: `answer()` finishes its event (once) and gives its error."""
+
+    def __init__(self, answer: Callable[[], ApiError]) -> None:
+        super().__init__("next model")
+        self.answer = answer
+
+
+def _failed_after_give_back(
+    state: RouterState, event: UsageEvent, model: Model, failed: RoutesFailed, routing: _Routing
+) -> ApiError:
+    # Its hold went back when the next model was tried: the event holds nothing, and has
+    # no lease to return to (it would be returned twice).
+    event.reserved_usd, event.lease, event.settle_early = ZERO, "", False
+    return _failed(state, event, model, failed, routing.budget)
 
 
 def _answered(event: UsageEvent, entry: RouteEntry, budget: Budget) -> None:
@@ -536,7 +558,9 @@ async def generate(
 ) -> Reply:
     """Hold, call the routes and relay the answer through `renderer`; raises ApiError.
     With a `choice` (the client's `models` / `route`), its models in turn, each with its
-    own hold, until one answers or fails for good."""
+    own hold, until one answers or fails for good. A model the balance cannot hold (402:
+    pricier than what is left, or a sub-key's cap) is passed over for the next; the client
+    gets a 402 only when no model could be held, else the last held model's failure."""
     ensure_metering(state)
     generation_id = renderer.generation_id = new_generation_id()
     if choice is None:
@@ -545,6 +569,8 @@ async def generate(
         )
     budget = choice.budget(state.routes)
     bound, size = gen.input_bound, gen.input_bytes
+    refused: Refused | None = None  # of the models not held, the one that needed least
+    held_and_failed: _NextModel | None = None  # the last model held whose routes all failed
     for i, candidate in enumerate(choice.models):
         renderer.model = candidate.id
         if i:
@@ -556,11 +582,19 @@ async def generate(
         try:
             return await _generate_one(
                 state, key_hash, candidate, gen, renderer, started, generation_id, budget,
-                choice.strategy, more, first=i == 0,
+                choice.strategy, more, limits=held_and_failed is None,
             )  # fmt: skip
-        except _NextModel:
-            continue
-    raise AssertionError("the last model never asks for the next")
+        except _NextModel as next_model:
+            held_and_failed = next_model
+        except Refused as exc:
+            if exc.status != 402:
+                raise  # held up by requests in flight (429): the wait was the hold's
+            if refused is None or (exc.needed_usd or ZERO) < (refused.needed_usd or ZERO):
+                refused = exc
+    if held_and_failed is not None:
+        raise held_and_failed.answer()
+    assert refused is not None  # the last model either answers, fails for good or is refused
+    raise refused
 
 
 async def _generate_one(
@@ -574,7 +608,7 @@ async def _generate_one(
     budget: Budget,
     strategy: str | None = None,
     more: bool = False,
-    first: bool = True,
+    limits: bool = True,
 ) -> Reply:
     gen.input_bound += media_token_bound(model, gen.body.get("messages"))
     # The estimate for missing usage (body bytes / 4) stays within the hold's input bound.
@@ -585,7 +619,7 @@ async def _generate_one(
     price, n = model.price, gen.n
     max_usd = quantize_up(price.bound(gen.input_bound, cap * n))
     min_usd = quantize_up(price.bound(gen.input_bound, n))
-    holding = hold(state, key_hash, generation_id, min_usd, max_usd, model.id, limits=first)
+    holding = hold(state, key_hash, generation_id, min_usd, max_usd, model.id, limits=limits)
     held = await (holding if state.tracer is None else state.tracer.within("hold", holding))
 
     headers: dict[str, str] = {}
@@ -641,7 +675,7 @@ class _Routing:
         self, state: RouterState, event: UsageEvent, model: Model, failed: RoutesFailed
     ) -> BaseException:
         if self.more and failed.retryable and not self.budget.spent(state.routes.clock()):
-            return _NextModel()
+            return _NextModel(lambda: _failed_after_give_back(state, event, model, failed, self))
         return _failed(state, event, model, failed, self.budget)
 
 

@@ -24,7 +24,11 @@ from apifast.router.anthropic_shape import MessagesRenderer, chat_body, native_b
 from apifast.router.core import Generation, Reply, authenticate, generate, resolve
 from apifast.router.framework_reply import framework_response
 from apifast.router.media import media_token_bound
-from apifast.router.route_prefs import resolve_request
+from apifast.router.route_prefs import (
+    OPENAPI_MODEL_REQUIRED,
+    OPENAPI_PROPERTIES,
+    resolve_request,
+)
 from apifast.router.state import RouterState
 from apifast.router.validation import model_name
 
@@ -38,13 +42,15 @@ _MESSAGES_SCHEMA = {
             "application/json": {
                 "schema": {
                     "type": "object",
-                    "required": ["model", "max_tokens", "messages"],
+                    "required": ["max_tokens", "messages"],
+                    "anyOf": OPENAPI_MODEL_REQUIRED,
                     "properties": {
                         "model": {"type": "string"},
                         "max_tokens": {"type": "integer", "minimum": 1},
                         "messages": {"type": "array", "minItems": 1, "items": {"type": "object"}},
                         "system": {},
                         "stream": {"type": "boolean"},
+                        **OPENAPI_PROPERTIES,
                     },
                 }
             }

@@ -42,9 +42,12 @@ class Hold:
 
 class Refused(ApiError):
     """A hold refused for money (402, or 429 held up). `parent_id`: for a sub-key, the key
-    whose balance it draws on (whose lease on this router can be given back first)."""
+    whose balance it draws on (whose lease on this router can be given back first).
+    `needed_usd`: the least the request needed held (of the client's `models`, the one
+    refusal shown is the one that needed least)."""
 
     parent_id: int | None = None
+    needed_usd: Decimal | None = None
 
 
 class BalanceHeldUp(Refused):
@@ -141,6 +144,7 @@ def _hold_or_refuse(row: Any, min_usd: Decimal) -> Hold:
         refused = _insufficient(min_usd, available)
     # Only the parent's balance can be freed by giving back a lease on it, not a cap.
     refused.parent_id = row["parent_id"] if status == "insufficient" else None
+    refused.needed_usd = min_usd
     raise refused
 
 
@@ -164,14 +168,16 @@ async def reserve(
     default_rpm: int = 0,
     default_tpm: int = 0,
     model: str = "",
+    count: bool = True,
 ) -> Hold:
     """Hold between `min_usd` and `max_usd` of the key's available balance and count the
     request toward the key's limits (those of its row, else the defaults), or refuse.
-    `model` (the public id) is checked against a sub-key's allowed models."""
+    `model` (the public id) is checked against a sub-key's allowed models. `count` False: a
+    fallback model's hold, for a request its first hold counted already (no limits then)."""
     try:
         row = await pool.fetchrow(
             Q.reserve, key_hash, generation_id, min_usd, max_usd, ttl_s, default_rpm,
-            default_tpm, model,
+            default_tpm, model, count,
         )  # fmt: skip
     except DATABASE_DOWN:
         raise _unavailable() from None
@@ -179,7 +185,7 @@ async def reserve(
     return _hold_or_refuse(row, min_usd)
 
 
-_Ask = tuple[bytes, str, Decimal, Decimal, str, "asyncio.Future[Any]"]
+_Ask = tuple[bytes, str, Decimal, Decimal, str, bool, "asyncio.Future[Any]"]
 _KEEP_IDLE_S = 1.0  # connections unused this long go back to the pool
 
 
@@ -221,9 +227,10 @@ class Reserver:
         min_usd: Decimal,
         max_usd: Decimal,
         model: str = "",
+        count: bool = True,
     ) -> Hold:
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        self._pending.append((key_hash, generation_id, min_usd, max_usd, model, future))
+        self._pending.append((key_hash, generation_id, min_usd, max_usd, model, count, future))
         if self._inflight < self.max_inflight:
             self._inflight += 1
             task = asyncio.create_task(self._flush())
@@ -305,6 +312,7 @@ class Reserver:
             self.default_rpm,
             self.default_tpm,
             [a[4] for a in batch],
+            [a[5] for a in batch],
         )
         for attempt in range(3):
             try:

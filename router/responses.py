@@ -17,7 +17,11 @@ from apifast.router.core import Generation, Reply, authenticate, generate
 from apifast.router.framework_reply import framework_response
 from apifast.router.responses_input import chat_body
 from apifast.router.responses_shape import ResponsesRenderer, request_echo
-from apifast.router.route_prefs import resolve_request
+from apifast.router.route_prefs import (
+    OPENAPI_MODEL_REQUIRED,
+    OPENAPI_PROPERTIES,
+    resolve_request,
+)
 from apifast.router.state import RouterState
 
 api = APIRouter(tags=["responses"])
@@ -29,7 +33,8 @@ _RESPONSES_SCHEMA = {
             "application/json": {
                 "schema": {
                     "type": "object",
-                    "required": ["model", "input"],
+                    "required": ["input"],
+                    "anyOf": OPENAPI_MODEL_REQUIRED,
                     "properties": {
                         "model": {"type": "string"},
                         "input": {},
@@ -37,6 +42,7 @@ _RESPONSES_SCHEMA = {
                         "max_output_tokens": {"type": "integer", "minimum": 1},
                         "stream": {"type": "boolean"},
                         "store": {"type": "boolean"},
+                        **OPENAPI_PROPERTIES,
                     },
                 }
             }

@@ -179,6 +179,21 @@ class RouteBook:
             return False
         return True
 
+    def open_reports(self) -> list[tuple[str, RouteEntry, str, float]]:
+        """What another router starting now should learn from this one: each open breaker
+        (with the cooldown it has left) and each bench (with the time it has left), in the
+        terms of `on_change` reports. A half-open route is left out: its probe decides."""
+        now, cooldown = self.clock(), self.policy.cooldown_s
+        reports = []
+        for model_id, (_, entries) in self._models.items():
+            for entry in entries:
+                b = entry.breaker
+                if b.state == OPEN and b.opened_at + cooldown > now:
+                    reports.append((model_id, entry, "open", b.opened_at + cooldown - now))
+                if b.benched_until > now:
+                    reports.append((model_id, entry, "benched", b.benched_until - now))
+        return reports
+
     # --- the admin overview -----------------------------------------------------------------
 
     def snapshot(self, models: dict[str, Model]) -> list[dict[str, Any]]:

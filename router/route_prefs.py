@@ -32,6 +32,51 @@ MAX_MODELS = 8
 _ROUTE_KEYS = frozenset({"sort", "max_price", "allow_fallbacks"})
 _PRICE_KEYS = frozenset({"prompt", "completion"})
 
+_USD_PER_MTOK = {
+    "type": "string",
+    "pattern": r"^\d+(\.\d{1,6})?$",
+    "description": "USD per million tokens, as a decimal string (at most 6 places)",
+}
+# `model`, or `models`, or both: what the request schemas require instead of `model` alone.
+OPENAPI_MODEL_REQUIRED: list[dict[str, Any]] = [{"required": ["model"]}, {"required": ["models"]}]
+# The two fields in the request schema of each protocol's endpoint, one definition for all
+# three (router/chat.py, messages.py, responses.py add it to their own body schema).
+OPENAPI_PROPERTIES: dict[str, Any] = {
+    "models": {
+        "type": "array",
+        "minItems": 1,
+        "maxItems": MAX_MODELS,
+        "items": {"type": "string", "minLength": 1},
+        "description": "Public models (GET /v1/models) to fall back across, tried after "
+        "`model` (which may then be left out); each is billed at its own price, and the "
+        "answer's `model` says which one answered.",
+    },
+    "route": {
+        "type": "object",
+        "additionalProperties": False,
+        "description": "Routing preferences; they never name or show an upstream.",
+        "properties": {
+            "sort": {
+                "type": "string",
+                "enum": sorted(SORTS),
+                "description": "Order each model's routes by price, latency (time to first "
+                "byte) or throughput; `price` also orders the models by their public price.",
+            },
+            "max_price": {
+                "type": "object",
+                "additionalProperties": False,
+                "description": "Leave out the models whose public price is above this: 400 "
+                "no_model_within_max_price when none is left.",
+                "properties": {"prompt": _USD_PER_MTOK, "completion": _USD_PER_MTOK},
+            },
+            "allow_fallbacks": {
+                "type": "boolean",
+                "description": "false: one attempt, on the first choice only (default true).",
+            },
+        },
+    },
+}
+
 
 @dataclass(frozen=True, slots=True)
 class Choice:

@@ -1,2 +1,2 @@
 SELECT i, status, key_id, reserved_usd, available_usd, rpm_limit, tpm_limit, parent_id
-FROM apifast_reserve_batch($1, $2, $3, $4, $5, $6, $7, $8)
+FROM apifast_reserve_batch($1, $2, $3, $4, $5, $6, $7, $8, $9)

@@ -1,0 +1,56 @@
+"""/openapi.json documents the client's routing preferences, `models` and `route`, in the
+request schema of all three protocols' endpoints, as router/route_prefs.py reads them; and
+a body the schema allows (`models` instead of `model`) is served."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from apifast.router.route_choice import SORTS
+from apifast.router.route_prefs import MAX_MODELS
+from tests.harness import Stack
+
+PATHS = ("/v1/chat/completions", "/v1/messages", "/v1/responses")
+
+
+def _body_schema(openapi: dict[str, Any], path: str) -> dict[str, Any]:
+    body = openapi["paths"][path]["post"]["requestBody"]["content"]["application/json"]
+    schema: dict[str, Any] = body["schema"]
+    return schema
+
+
+async def test_openapi_lists_models_and_route_on_every_protocol(stack: Stack) -> None:
+    async with stack.client() as c:
+        r = await c.get("/openapi.json")
+    assert r.status_code == 200
+    openapi = r.json()
+    for path in PATHS:
+        schema = _body_schema(openapi, path)
+        props = schema["properties"]
+        models = props["models"]
+        assert models["type"] == "array" and models["items"]["type"] == "string", path
+        assert models["maxItems"] == MAX_MODELS
+        route = props["route"]
+        assert route["type"] == "object" and route["additionalProperties"] is False
+        assert set(route["properties"]) == {"sort", "max_price", "allow_fallbacks"}
+        assert route["properties"]["sort"]["enum"] == sorted(SORTS)
+        assert route["properties"]["allow_fallbacks"]["type"] == "boolean"
+        prices = route["properties"]["max_price"]["properties"]
+        assert set(prices) == {"prompt", "completion"}
+        assert all(p["type"] == "string" for p in prices.values())
+        # `model` or `models`: either one names what may serve the request.
+        assert "model" not in schema["required"]
+        assert schema["anyOf"] == [{"required": ["model"]}, {"required": ["models"]}]
+
+
+async def test_a_body_with_models_and_no_model_is_served(stack: Stack) -> None:
+    key = await stack.create_key("5.00")
+    body = {
+        "models": ["fast-chat"],
+        "route": {"sort": "price", "max_price": {"prompt": "100", "completion": "100"}},
+        "messages": [{"role": "user", "content": "hi"}],
+    }
+    async with stack.client(key) as c:
+        r = await c.post("/v1/chat/completions", json=body)
+    assert r.status_code == 200, r.text
+    assert r.json()["model"] == "fast-chat"
