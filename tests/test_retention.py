@@ -19,10 +19,11 @@ from apifast.key_admin import insert_key
 from apifast.keys import hash_key
 from apifast.metering.clickhouse import ClickHouseStore
 from apifast.metering.event import UsageEvent
+from apifast.metering.ledger import release_expired
 from apifast.metering.reconcile import reconcile
 from apifast.providers import Usage
 from apifast.server.migrations import migrate_database
-from apifast.server.retention import apply_order_retention
+from apifast.server.retention import apply_retention
 from apifast.settings import Settings
 from tests.harness import SECRET
 
@@ -186,7 +187,7 @@ async def test_old_orders_and_ledger_rows_go_and_balances_stay_exact(
         before = await _per_key(conn)
         assert all(total == balance for total, balance, _ in before.values())
 
-        done = await apply_order_retention(pool, settings.order_retention_days)
+        done = await apply_retention(pool, settings.order_retention_days)
         assert done is not None
         assert done.ledger_rows == 2 * (1 + 3 + 1)  # per key: credit, 3 debits, 1 payment
         assert (done.orders, done.payments, done.order_events) == (2, 2, 2)
@@ -210,7 +211,7 @@ async def test_old_orders_and_ledger_rows_go_and_balances_stay_exact(
         assert await conn.fetchval("SELECT count(*) FROM payments") == 4
         # Totals still add up: balances, spent, and each key's ledger sum, unchanged.
         assert await _per_key(conn) == before
-        again = await apply_order_retention(pool, settings.order_retention_days)
+        again = await apply_retention(pool, settings.order_retention_days)
         assert again is not None and again.ledger_rows == again.orders == 0
         assert await _per_key(conn) == before
 
@@ -229,3 +230,34 @@ async def test_old_orders_and_ledger_rows_go_and_balances_stay_exact(
         await store.close()
         await pool.close()
         await conn.close()
+
+
+# --- per-minute rate windows (the meter's sweep) ----------------------------------------------
+
+
+async def test_the_meters_sweep_drops_past_rate_windows(
+    database_factory: Callable[[str], str],
+) -> None:
+    """Only this minute's and the previous minute's counts are read (the rpm and tpm limits);
+    older windows go at each sweep of the meter, whatever the retention settings."""
+    url = database_factory("rate_windows")
+    await migrate_database(url)
+    pool = await create_pool(url, min_size=1, max_size=2)
+    try:
+        async with pool.acquire() as conn, conn.transaction():
+            _, key_id, _ = await insert_key(conn, SECRET.encode(), Decimal("1"))
+        minute = await pool.fetchval("SELECT floor(extract(epoch FROM now()) / 60)::bigint")
+        await pool.execute(
+            "INSERT INTO key_rate_windows (key_id, minute, requests, tokens) "
+            "SELECT $1, $2 - ago, 3, 40 FROM unnest($3::bigint[]) ago",
+            key_id, minute, [0, 2, 60, 100_000],
+        )  # fmt: skip
+        await release_expired(pool)
+        rows = await pool.fetch(
+            "SELECT minute, requests, tokens FROM key_rate_windows WHERE key_id = $1", key_id
+        )
+        # This minute's counts stay whole (were a minute to pass meanwhile, it is the previous
+        # one, kept too); the older ones are gone.
+        assert [tuple(r) for r in rows] == [(minute, 3, 40)]
+    finally:
+        await pool.close()

@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 
 from apifast.keys import hash_key
+from apifast.server.retention import RetentionJob, RetentionPass, apply_retention
 from tests.fakes.openai_upstream import FakeOpenAI
 from tests.harness import SECRET, Stack, models_toml, running_stack
 
@@ -185,6 +186,92 @@ async def test_daily_cap_resets_the_next_day(sstack: Stack) -> None:
         # The spend counted for today, moved to yesterday: today starts afresh.
         await sstack.pool.execute("UPDATE sub_key_daily SET day = day - 1")
         assert (await c.post("/v1/chat/completions", json=BODY)).status_code == 200
+
+
+DAYS_OF = (
+    "SELECT (now() AT TIME ZONE 'UTC')::date - day AS ago, spent_usd FROM sub_key_daily "
+    "WHERE key_id = $1 ORDER BY day"
+)
+
+
+async def _sweep(stack: Stack) -> RetentionPass:
+    """One retention pass, as every router runs it hourly."""
+    for _ in range(400):
+        done = await apply_retention(stack.pool, stack.settings.order_retention_days)
+        if done is not None:
+            return done
+        await asyncio.sleep(0.05)  # the router's own pass holds the lock: it ends soon
+    raise AssertionError("the retention lock was never free")
+
+
+async def test_past_days_of_a_childs_spend_go_and_its_caps_and_spend_stay_exact(
+    sstack: Stack, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    assert sstack.settings.order_retention_days == 0  # pruned without order retention
+    cost = await _cost(sstack)
+    parent = await sstack.create_key("5.00")
+    made = await _child(sstack, parent, daily_cap_usd=str(cost), spend_cap_usd="1.00")
+    sibling = await _child(sstack, parent)
+    async with sstack.client(made["key"]) as c:
+        r = await c.post("/v1/chat/completions", json=BODY)
+        assert r.status_code == 200
+        spent = Decimal(str(r.json()["usage"]["cost"]))  # max_tokens lowered to the cap
+        await sstack.wait_metered([r.json()["id"]])
+    child_id = (await _row(sstack, made["key"]))["id"]
+    sibling_id = (await _row(sstack, sibling["key"]))["id"]
+    # Past days, as the meter would have left them (a day's row is written by its debits).
+    for key_id, days_ago in ((child_id, [1, 3, 30, 400]), (sibling_id, [4, 5])):
+        await sstack.pool.execute(
+            "INSERT INTO sub_key_daily (key_id, day, spent_usd) "
+            "SELECT $1, (now() AT TIME ZONE 'UTC')::date - d, 0.25 FROM unnest($2::int[]) d",
+            key_id, days_ago,
+        )  # fmt: skip
+    listed = await _listed(sstack, parent)
+    paid = (await _row(sstack, parent))["balance_usd"]
+
+    monkeypatch.setattr("apifast.server.retention._BATCH", 2)  # several batches
+    done = await _sweep(sstack)
+    assert done.sub_key_days == 5
+    # Today's row and yesterday's (the margin) stay, exact; older days are gone.
+    rows = [tuple(r) for r in await sstack.pool.fetch(DAYS_OF, child_id)]
+    assert rows == [(1, Decimal("0.25")), (0, spent)]
+    assert await sstack.pool.fetch(DAYS_OF, sibling_id) == []
+    assert (await _sweep(sstack)).sub_key_days == 0
+
+    # The holder sees the same usage, the parent's balance is untouched, and the daily cap
+    # still counts today's spend: the child is refused until tomorrow.
+    assert await _listed(sstack, parent) == listed
+    assert Decimal(listed[made["id"]]["usage"]["spent_today_usd"]) == spent
+    assert Decimal(listed[made["id"]]["usage"]["spent_usd"]) == spent
+    assert (await _row(sstack, parent))["balance_usd"] == paid == Decimal("5.00") - spent
+    async with sstack.client(made["key"]) as c:
+        me = (await c.get("/v1/key")).json()
+        assert Decimal(me["usage"]["spent_today_usd"]) == spent
+        r = await c.post("/v1/chat/completions", json=BODY)
+    assert r.status_code == 402 and "daily spend cap" in r.json()["error"]["message"]
+
+
+async def test_the_retention_job_prunes_past_days_with_order_retention_off(
+    sstack: Stack,
+) -> None:
+    parent = await sstack.create_key("5.00")
+    made = await _child(sstack, parent)
+    child_id = (await _row(sstack, made["key"]))["id"]
+    await sstack.pool.execute(
+        "INSERT INTO sub_key_daily (key_id, day, spent_usd) "
+        "VALUES ($1, (now() AT TIME ZONE 'UTC')::date - 3, 1), "
+        "($1, (now() AT TIME ZONE 'UTC')::date, 2)", child_id,
+    )  # fmt: skip
+    job = RetentionJob(sstack.pool, order_days=0)
+    job.start()
+    try:
+
+        async def days_ago() -> list[int]:
+            return [r["ago"] for r in await sstack.pool.fetch(DAYS_OF, child_id)]
+
+        await sstack.wait_until(days_ago, [0])
+    finally:
+        await job.stop()
 
 
 async def test_rpm_limit_per_child(sstack: Stack) -> None:
