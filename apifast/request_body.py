@@ -50,7 +50,8 @@ async def read_asgi_body(
         raise too_large(limit)
     # A bare timer rather than asyncio.timeout(), which costs ~4 us on every request: the
     # body has almost always arrived with the headers, and the timer never fires.
-    task = asyncio.current_task()
+    loop = asyncio.get_running_loop()
+    task = asyncio.current_task(loop)
     assert task is not None
     expired = False
 
@@ -59,7 +60,7 @@ async def read_asgi_body(
         expired = True
         task.cancel()
 
-    timer = asyncio.get_running_loop().call_later(timeout_s, expire)
+    timer = loop.call_later(timeout_s, expire)
     try:
         return await _receive_body(receive, limit)
     except asyncio.CancelledError:

@@ -12,8 +12,6 @@ def run_uvicorn(app: object, settings: Settings, **options: object) -> None:
 
     import uvicorn
 
-    from apifast.server.http_protocol import CoalescingHttpToolsProtocol
-
     # uvicorn re-raises SIGTERM after its graceful shutdown; turning it into SystemExit lets
     # the callers' `finally` blocks (embedded engines, spools) run instead of dying there.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
@@ -25,7 +23,7 @@ def run_uvicorn(app: object, settings: Settings, **options: object) -> None:
         host=settings.host,
         port=settings.port,
         loop="uvloop",
-        http=CoalescingHttpToolsProtocol,  # httptools, a response's head and body in one write
+        http="httptools",
         # Access logs would write client IPs; IPs are never persisted.
         access_log=False,
         # Behind a trusted proxy the client address comes from X-Forwarded-For; it is used

@@ -20,7 +20,6 @@ import uvicorn
 
 from apifast.key_admin import insert_key
 from apifast.server.app import create_app
-from apifast.server.http_protocol import CoalescingHttpToolsProtocol
 from apifast.server.migrations import migrate_database
 from apifast.settings import Settings
 
@@ -141,7 +140,7 @@ async def running_stack(
     app = create_app(settings, run_meter=run_meter, extra_plugins=extra_plugins)
     config = uvicorn.Config(
         app, host="127.0.0.1", port=settings.port, log_level="warning", access_log=False,
-        lifespan="on", loop="none", http=CoalescingHttpToolsProtocol,
+        lifespan="on", loop="none",
     )  # fmt: skip
     server = uvicorn.Server(config)
     task = asyncio.create_task(server.serve())
