@@ -44,6 +44,11 @@ def per_mtok(tokens: int, usd_per_mtok: Decimal) -> Decimal:
     return _CTX.divide(_CTX.multiply(Decimal(tokens), usd_per_mtok), _MTOK)
 
 
+def units_to_usd(units: int) -> Decimal:
+    """`units` of 10**-12 USD (the storage precision) as an exact amount."""
+    return Decimal(units).scaleb(-USD_PLACES, _CTX) if units else ZERO
+
+
 def quantize_up(amount: Decimal) -> Decimal:
     """Round up to storage precision (only estimates need it; exact costs already fit)."""
     return amount.quantize(_QUANTUM, rounding=ROUND_CEILING, context=_CTX)
