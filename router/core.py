@@ -476,13 +476,23 @@ def finish(state: RouterState, event: UsageEvent, model: Model, route: Route | N
         log.warning("model %s: usage beyond the hold by $%s", model.id, event.overage_usd)
     # At least 1: a finished event is told apart from an unfinished one by it (see generate).
     event.latency_ms = max(1, round((time.time() - event.started_at) * 1000))
+    if state.tracer is None:
+        # The rest needs nothing of the answer: it runs just after the loop step that
+        # writes the answer out (the event is not changed after this), not before it.
+        asyncio.get_running_loop().call_soon(_account, state, event, model)
+    else:  # within the request's span
+        traced_publish(state.tracer, event, model, route, state.publisher.submit)
+        _account(state, event, model, publish=False)
+
+
+def _account(state: RouterState, event: UsageEvent, model: Model, publish: bool = True) -> None:
+    """A finished request's bookkeeping: publish its event, count its tokens toward the
+    key's tpm limit, free its share of the lease or settle its hold early."""
+    if publish:
+        state.publisher.submit(event)
     state.key_limits.record_tokens(
         event.key_id, event.usage.input_tokens + event.usage.output_tokens
     )
-    if state.tracer is None:
-        state.publisher.submit(event)
-    else:
-        traced_publish(state.tracer, event, model, route, state.publisher.submit)
     if state.metrics is not None:
         state.metrics.finished(
             model.id, event.api, event.status, event.started_at, event.ttft_ms,
