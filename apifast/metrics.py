@@ -91,7 +91,7 @@ class Metrics:
         self, model: str, api: str, status: int, started: float, ttft_ms: int,
         input_tokens: int, output_tokens: int, cost: Decimal,
     ) -> None:  # fmt: skip
-        """One request ended (router/core.finish)."""
+        """One request ended (router/finishing.finish)."""
         self.requests.labels(model, api, str(status)).inc()
         self.latency.labels(model, api).observe(max(0.0, time.time() - started))
         if ttft_ms:

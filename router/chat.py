@@ -13,7 +13,8 @@ from starlette.responses import Response
 from apifast.auth import key_hash_from_request
 from apifast.providers import Usage
 from apifast.request_body import parse_json_object, read_body
-from apifast.router.core import Generation, Reply, generate
+from apifast.router.core import generate
+from apifast.router.core_types import Generation, Reply
 from apifast.router.framework_reply import framework_response
 from apifast.router.openai_shape import (
     DONE,

@@ -10,7 +10,8 @@ from starlette.responses import Response
 
 from apifast.auth import key_hash_from_request
 from apifast.request_body import parse_json_object, read_body
-from apifast.router.core import RECEIPT_HEADER, embed, resolve
+from apifast.router.core import RECEIPT_HEADER, resolve
+from apifast.router.embedding_core import embed
 from apifast.router.openai_shape import embeddings_body
 from apifast.router.state import RouterState
 from apifast.router.validation import model_name, upstream_body, validate_embeddings

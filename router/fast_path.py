@@ -23,7 +23,7 @@ from apifast.auth import key_hash_from_header
 from apifast.errors import ApiError, internal_error
 from apifast.request_body import read_asgi_body
 from apifast.router.chat import handle_chat
-from apifast.router.core import Reply
+from apifast.router.core_types import Reply
 from apifast.router.messages import authorization_from, handle_message
 from apifast.router.relay import next_step
 from apifast.router.responses import handle_response

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from starlette.responses import Response, StreamingResponse
 
-from apifast.router.core import Reply
+from apifast.router.core_types import Reply
 
 
 def framework_response(reply: Reply) -> Response:

@@ -21,7 +21,8 @@ from apifast.errors import ApiError
 from apifast.providers import ChatRequest, UpstreamError
 from apifast.request_body import parse_json_object, read_body
 from apifast.router.anthropic_shape import MessagesRenderer, chat_body, native_body
-from apifast.router.core import Generation, Reply, authenticate, generate, resolve
+from apifast.router.core import authenticate, generate, resolve
+from apifast.router.core_types import Generation, Reply
 from apifast.router.framework_reply import framework_response
 from apifast.router.media import media_token_bound
 from apifast.router.route_prefs import (

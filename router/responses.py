@@ -13,7 +13,8 @@ from starlette.responses import Response
 
 from apifast.errors import ApiError
 from apifast.request_body import parse_json_object, read_body
-from apifast.router.core import Generation, Reply, authenticate, generate
+from apifast.router.core import authenticate, generate
+from apifast.router.core_types import Generation, Reply
 from apifast.router.framework_reply import framework_response
 from apifast.router.responses_input import chat_body
 from apifast.router.responses_shape import ResponsesRenderer, request_echo

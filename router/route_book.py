@@ -1,7 +1,7 @@
 """Every route's health and observations on this router, kept per model, and the attempt
-budget of one request. `router/core.py` asks it for a request's attempt order, admits each
-attempt (breaker, bench, `max_concurrency`) and reports how it went; `health_share.py`
-publishes breaker changes to the other routers and applies theirs.
+budget of one request. The request core (`router/route_calls.py`) asks it for a request's
+attempt order, admits each attempt (breaker, bench, `max_concurrency`) and reports how it
+went; `health_share.py` publishes breaker changes to the other routers and applies theirs.
 
 State lives in memory only, keyed by model id and route index; a catalog change that alters
 a model's routes starts that model afresh. The clock and the random source are injectable.

@@ -148,7 +148,7 @@ async def test_a_held_model_that_failed_is_answered_when_the_rest_cannot_be_held
 async def test_one_client_request_counts_once_toward_the_keys_limits(
     stack: Stack, good: FakeOpenAI, bad: FakeOpenAI
 ) -> None:
-    """Decision (router/core.py, `hold`): of a request's holds, only the first one taken
+    """Decision (router/holding.py, `hold`): of a request's holds, only the first one taken
     counts toward rpm and is checked against rpm and tpm, here and in Postgres; a fallback
     model's hold is neither counted nor refused for them. tpm counts the tokens of the one
     answer billed (a failed model used none)."""
