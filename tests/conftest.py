@@ -13,13 +13,18 @@ from tests.harness import Stack, models_toml, running_stack, stack_settings
 pytest_plugins = ["tests.services"]
 
 
-@pytest.fixture
-async def fake_openai() -> AsyncIterator[FakeOpenAI]:
+async def _upstream() -> AsyncIterator[FakeOpenAI]:
     fake = await FakeOpenAI().start()
     try:
         yield fake
     finally:
         await fake.stop()
+
+
+fake_openai = pytest.fixture(_upstream, name="fake_openai")
+# Two more, for a model routed to several upstreams (smart routing, route health).
+alpha = pytest.fixture(_upstream, name="alpha")
+beta = pytest.fixture(_upstream, name="beta")
 
 
 @pytest.fixture

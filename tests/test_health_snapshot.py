@@ -9,11 +9,9 @@ from __future__ import annotations
 
 import asyncio
 import os
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
-
-import pytest
 
 from apifast.catalog.toml import Model, parse_catalog
 from apifast.providers import UpstreamError
@@ -125,20 +123,6 @@ async def test_routers_that_reconnect_after_an_outage_catch_up(tmp_path: Path) -
         await second.close()
         await first.close()
         server.stop()
-
-
-@pytest.fixture
-async def alpha() -> AsyncIterator[FakeOpenAI]:
-    fake = await FakeOpenAI().start()
-    yield fake
-    await fake.stop()
-
-
-@pytest.fixture
-async def beta() -> AsyncIterator[FakeOpenAI]:
-    fake = await FakeOpenAI().start()
-    yield fake
-    await fake.stop()
 
 
 async def test_a_router_started_late_skips_a_route_its_peer_found_broken(

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import random
-from collections.abc import AsyncIterator
 from decimal import Decimal
 from typing import Any
 
@@ -21,7 +20,6 @@ from apifast.catalog.toml import CatalogError, parse_catalog
 from apifast.router.route_book import RouteBook
 from apifast.router.route_choice import attempt_order
 from apifast.router.route_health import CLOSED, OPEN, BreakerPolicy
-from tests.fakes.openai_upstream import FakeOpenAI
 from tests.harness import Stack, running_stack
 
 # Names no client may ever see: providers, upstream models, and what the fake upstream sends.
@@ -39,20 +37,6 @@ class FakeClock:
 
     def advance(self, seconds: float) -> None:
         self.now += seconds
-
-
-@pytest.fixture
-async def alpha() -> AsyncIterator[FakeOpenAI]:
-    fake = await FakeOpenAI().start()
-    yield fake
-    await fake.stop()
-
-
-@pytest.fixture
-async def beta() -> AsyncIterator[FakeOpenAI]:
-    fake = await FakeOpenAI().start()
-    yield fake
-    await fake.stop()
 
 
 def catalog(alpha: str, beta: str, strategy: str = "ordered", weights: tuple[int, int] = (1, 1),
