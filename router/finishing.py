@@ -39,8 +39,9 @@ def price(event: UsageEvent, model: Model, route: Route | None) -> None:
 
 
 def finish(state: RouterState, event: UsageEvent, model: Model, route: Route | None) -> None:
-    """Price the usage, count its tokens toward the key's tpm limit and hand the event to
-    the publisher (which never blocks). Every request that took a hold ends here once."""
+    """Price the usage and mark the event finished; then (`_account`) hand it to the
+    publisher, which never blocks, and count its tokens toward the key's tpm limit. Every
+    request that took a hold ends here once."""
     price(event, model, route)
     if event.overage_usd:
         log.warning("model %s: usage beyond the hold by $%s", model.id, event.overage_usd)
