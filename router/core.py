@@ -46,7 +46,7 @@ from apifast.router.core_types import Generation, NativeRenderer, Renderer, Repl
 from apifast.router.finishing import event_receipt, finish, give_back
 from apifast.router.holding import hold
 from apifast.router.media import media_token_bound
-from apifast.router.reservations import Refused
+from apifast.router.reservations import ModelNotAllowed, Refused
 from apifast.router.route_book import Budget
 from apifast.router.route_calls import RoutesFailed, call_routes, finish_failed, record_route
 from apifast.router.state import RouterState
@@ -140,8 +140,9 @@ async def generate(
     """Hold, call the routes and relay the answer through `renderer`; raises ApiError.
     With a `choice` (the client's `models` / `route`), its models in turn, each with its
     own hold, until one answers or fails for good. A model the balance cannot hold (402:
-    pricier than what is left, or a sub-key's cap) is passed over for the next; the client
-    gets a 402 only when no model could be held, else the last held model's failure."""
+    pricier than what is left, or a sub-key's cap) or a sub-key may not use (403) is passed
+    over for the next; when no model could be held, the client gets the last held model's
+    failure, else the 402, else the 403."""
     ensure_metering(state)
     generation_id = renderer.generation_id = new_generation_id()
     if choice is None:
@@ -152,6 +153,7 @@ async def generate(
     bound, size = gen.input_bound, gen.input_bytes
     refused: Refused | None = None  # of the models not held, the one that needed least
     held_and_failed: _NextModel | None = None  # the last model held whose routes all failed
+    not_allowed: ModelNotAllowed | None = None  # a model the sub-key may not use
     for i, candidate in enumerate(choice.models):
         renderer.model = candidate.id
         if i:
@@ -167,6 +169,8 @@ async def generate(
             )  # fmt: skip
         except _NextModel as next_model:
             held_and_failed = next_model
+        except ModelNotAllowed as exc:  # refused before anything was counted or held
+            not_allowed = exc
         except Refused as exc:
             if exc.status != 402:
                 raise  # held up by requests in flight (429): the wait was the hold's
@@ -174,8 +178,11 @@ async def generate(
                 refused = exc
     if held_and_failed is not None:
         raise held_and_failed.answer()
-    assert refused is not None  # the last model either answers, fails for good or is refused
-    raise refused
+    # The last model either answers, fails for good or is refused.
+    if refused is not None:
+        raise refused
+    assert not_allowed is not None
+    raise not_allowed
 
 
 async def _generate_one(

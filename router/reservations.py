@@ -50,6 +50,11 @@ class Refused(ApiError):
     needed_usd: Decimal | None = None
 
 
+class ModelNotAllowed(ApiError):
+    """A sub-key's hold refused for the model it asked for (403): of the client's `models`,
+    a later one may be allowed."""
+
+
 class BalanceHeldUp(Refused):
     """The settled balance covers the request, but requests in flight hold it: worth a wait
     for them to settle (router/settle.py), and a 429 (not 402) if they do not in time."""
@@ -113,10 +118,12 @@ def _hold_or_refuse(row: Any, min_usd: Decimal) -> Hold:
         raise ApiError(401, "This API key has been disabled.", code="key_disabled")
     if status == "rate_limited":
         raise rate_limited(60 - time.time() % 60)  # the window is the database's minute
+    if status == "model_not_allowed":
+        code_status, message, code = _SUB_KEY_REFUSALS[status]
+        raise ModelNotAllowed(code_status, message, code=code, param="model")
     if status in _SUB_KEY_REFUSALS:
         code_status, message, code = _SUB_KEY_REFUSALS[status]
-        param = "model" if status == "model_not_allowed" else None
-        raise ApiError(code_status, message, code=code, param=param)
+        raise ApiError(code_status, message, code=code)
     available = row["available_usd"]
     in_flight = row["reserved_usd"]
     refused: Refused

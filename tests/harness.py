@@ -93,14 +93,24 @@ class Stack:
             await asyncio.sleep(0.05)
 
     async def wait_metered(self, generation_ids: list[str], timeout: float = 20) -> None:
-        """Wait until every id is in the Postgres ledger (the meter's last step)."""
+        """Wait until every id is in the Postgres ledger and then in ClickHouse: the meter
+        debits first and writes the analytics after (metering/consumer.py)."""
         deadline = asyncio.get_running_loop().time() + timeout
+        wanted = len(set(generation_ids))
+        clickhouse = self.state.clickhouse
         while True:
             n = await self.pool.fetchval(
                 "SELECT count(*) FROM ledger WHERE kind = 'usage' AND ref = ANY($1::text[])",
                 generation_ids,
             )
-            if n == len(set(generation_ids)):
+            if n == wanted and clickhouse is not None:
+                rows = await clickhouse.query(
+                    "SELECT uniqExact(generation_id) AS n FROM usage_events"
+                    " WHERE generation_id IN {ids:Array(String)}",
+                    {"ids": generation_ids},
+                )
+                n = int(rows[0]["n"])
+            if n == wanted:
                 return
             if asyncio.get_running_loop().time() > deadline:
                 raise AssertionError(f"only {n} of {len(generation_ids)} events metered")

@@ -129,11 +129,15 @@ async def test_a_held_model_that_failed_is_answered_when_the_rest_cannot_be_held
     assert r.status_code == 502, r.text
     assert r.json()["error"]["code"] == "upstream_error"
     assert bad.chat_requests == 1 and good.chat_requests == 0
-    # Its failure is recorded once (the meter writes the ledger last), costs nothing, and
-    # its hold is gone.
-    await stack.wait_until(
-        lambda: stack.pool.fetchval("SELECT count(*) FROM ledger WHERE kind = 'usage'"), 1
-    )
+    # Its failure is recorded once (the meter writes ClickHouse after the ledger), costs
+    # nothing, and its hold is gone.
+
+    async def stored() -> int:
+        rows = await stack.state.clickhouse.query("SELECT count() AS n FROM usage_events", {})
+        return int(rows[0]["n"])
+
+    await stack.wait_until(stored, 1)
+    assert await stack.pool.fetchval("SELECT count(*) FROM ledger WHERE kind = 'usage'") == 1
     rows = await stack.state.clickhouse.query(
         "SELECT model, outcome, status, cost_usd FROM usage_events", {}
     )
@@ -185,4 +189,33 @@ async def test_one_client_request_counts_once_toward_the_keys_limits(
     assert used > 0
     # tpm: this router's window holds the tokens of the two answers billed, no more.
     assert stack.state.key_limits._token_sums[key_id] == used
+    assert_nothing_named()
+
+
+async def test_a_model_a_sub_key_may_not_use_is_passed_over(stack: Stack, good: FakeOpenAI) -> None:
+    parent = await stack.create_key("0.10")
+    async with stack.client(parent) as c:
+        r = await c.post("/v1/keys", json={"allowed_models": ["mid", "dear", "cheap"][1:]})
+        assert r.status_code == 201, r.text
+        child = r.json()["key"]
+    async with stack.client(child) as c:
+        # "mid" is not allowed: passed over for "cheap", which is; nothing counted for it.
+        r = await call(c, "chat", models=["mid", "cheap"])
+        assert r.status_code == 200, r.text
+        assert r.json()["model"] == "cheap"
+        assert [b["model"] for b in good.requests] == ["UPSTREAM-CHEAP"]
+        # None allowed: the 403, in each protocol's shape, and no upstream call.
+        r = await call(c, "chat", models=["mid", "broken"])
+        assert r.status_code == 403, r.text
+        assert r.json()["error"]["code"] == "model_not_allowed"
+        assert r.json()["error"]["param"] == "model"
+        m = await call(c, "messages", models=["mid"])
+        assert m.status_code == 403, m.text
+        assert m.json()["error"]["type"] == "permission_error"
+        # Allowed but unaffordable ("dear") beside not allowed ("mid"): the 402 says more.
+        r = await call(c, "chat", models=["mid", "dear"])
+        assert r.status_code == 402, r.text
+        assert r.json()["error"]["code"] == "insufficient_balance"
+        assert len(good.requests) == 1
+    assert await stack.pool.fetchval("SELECT count(*) FROM reservations") <= 1  # the answer's
     assert_nothing_named()
