@@ -23,9 +23,10 @@ class Price:
     cached_input_usd_per_mtok: Decimal | None = None  # None: same as input
     cache_write_usd_per_mtok: Decimal | None = None  # None: same as input
     request_usd: Decimal = ZERO
-    # (input, cached, cache write, output) per token in 10**-12 USD: every request is priced
-    # and bounded with integer products and one conversion, not Decimal divisions.
-    _units: tuple[int, int, int, int] | None = field(
+    # (input, cached, cache write, output, the dearest input) per token in 10**-12 USD: every
+    # request is priced and bounded with integer products and one conversion, not Decimal
+    # divisions.
+    _units: tuple[int, int, int, int, int] | None = field(
         default=None, init=False, repr=False, compare=False
     )
 
@@ -40,7 +41,8 @@ class Price:
         )
         units = [_units_per_token(p) for p in prices]
         if all(u is not None for u in units):
-            object.__setattr__(self, "_units", tuple(units))
+            whole = [u for u in units if u is not None]
+            object.__setattr__(self, "_units", (*whole, max(whole[:3])))
 
     def cost(self, usage: Usage) -> Decimal:
         cached = min(usage.cached_tokens, usage.input_tokens)
@@ -85,8 +87,7 @@ class Price:
         """An upper bound of the cost of a request with at most these token counts."""
         units = self._units
         if units is not None:
-            dearest_input = max(units[0], units[1], units[2])
-            total = input_tokens * dearest_input + output_tokens * units[3]
+            total = input_tokens * units[4] + output_tokens * units[3]
             return units_to_usd(total) + self.request_usd
         return (
             per_mtok(input_tokens, self.max_input_price())
