@@ -100,11 +100,14 @@ class ApiError(Exception):
         }
 
     def response(self, anthropic: bool = False) -> Response:
+        status = self.status
+        if anthropic and status == 503:
+            # Anthropic says "busy, retry" with 529 overloaded_error (its SDK's
+            # OverloadedError): upstreams overloaded, or metering backed up.
+            status = 529
         return Response(
-            anthropic_error_body(self.status, self.message)
-            if anthropic
-            else orjson.dumps(self.body()),
-            status_code=self.status,
+            anthropic_error_body(status, self.message) if anthropic else orjson.dumps(self.body()),
+            status_code=status,
             media_type="application/json",
             headers=self.headers,
         )

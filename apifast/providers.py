@@ -23,6 +23,7 @@ __all__ = [
     "Provider",
     "ProviderConfig",
     "StreamItem",
+    "UnsupportedParameter",
     "UpstreamError",
     "UpstreamTimeout",
     "Usage",
@@ -136,6 +137,20 @@ class UpstreamTimeout(UpstreamError):
         super().__init__(None, message, retryable=True, cause="timeout")
 
 
+class UnsupportedParameter(UpstreamError):
+    """The request uses a field (`param`, e.g. "temperature" or "n") that this provider has
+    no equivalent for. The client gets a 400 naming `param`, with `reason` (ApiFast's own
+    words, never request content); ApiFast never silently drops such a field. Raised by
+    `Provider.check_request` before the hold (the route is then passed over for the
+    model's other routes), or by `chat` / `stream_chat` as a last resort."""
+
+    def __init__(self, param: str, reason: str) -> None:
+        super().__init__(400, f"unsupported parameter {param}", retryable=False,
+                         cause="unsupported")  # fmt: skip
+        self.param = param
+        self.reason = reason
+
+
 def parse_retry_after(value: bytes | str | None, cap_s: float = 3600.0) -> float | None:
     """Seconds from a Retry-After header (delta-seconds or an HTTP date), at most `cap_s`;
     None when absent or unreadable."""
@@ -173,6 +188,11 @@ class Provider:
 
     async def close(self) -> None:
         """Close what `start` opened."""
+
+    def check_request(self, request: ChatRequest) -> None:
+        """Raise `UnsupportedParameter` for a field of this chat body the provider cannot
+        express. Called before the hold for each route of the model, so it must be cheap and
+        do no I/O; `request.model` may still be empty. The default accepts everything."""
 
     async def chat(self, request: ChatRequest) -> ChatResponse:
         raise NotImplementedError

@@ -19,6 +19,7 @@ the client's models, one model's hold and the non-streaming completion). The oth
 have a module each:
 
 - `core_types.py`: what adapters hand the core (`Generation`, `Renderer`) and get (`Reply`);
+- `route_fit.py`: before the hold, which routes can express the request (else a 400);
 - `holding.py`: the hold (this router's lease, else Postgres) and the key's rate limits;
 - `route_calls.py`: calling a model's routes in order, and the client's error when they fail;
 - `streaming.py`: relaying a stream, with its keep-alives and usage checkpoints;
@@ -49,6 +50,7 @@ from apifast.router.media import media_token_bound
 from apifast.router.reservations import ModelNotAllowed, Refused
 from apifast.router.route_book import Budget
 from apifast.router.route_calls import RoutesFailed, call_routes, finish_failed, record_route
+from apifast.router.route_fit import UnfitRequest, unfit_providers
 from apifast.router.state import RouterState
 from apifast.router.streaming import relay_stream
 
@@ -140,9 +142,10 @@ async def generate(
     """Hold, call the routes and relay the answer through `renderer`; raises ApiError.
     With a `choice` (the client's `models` / `route`), its models in turn, each with its
     own hold, until one answers or fails for good. A model the balance cannot hold (402:
-    pricier than what is left, or a sub-key's cap) or a sub-key may not use (403) is passed
-    over for the next; when no model could be held, the client gets the last held model's
-    failure, else the 402, else the 403."""
+    pricier than what is left, or a sub-key's cap), a sub-key may not use (403) or no route
+    of which can express the request (400) is passed over for the next; when no model could
+    be held, the client gets the last held model's failure, else the 402, else the 403,
+    else the 400."""
     ensure_metering(state)
     generation_id = renderer.generation_id = new_generation_id()
     if choice is None:
@@ -154,6 +157,7 @@ async def generate(
     refused: Refused | None = None  # of the models not held, the one that needed least
     held_and_failed: _NextModel | None = None  # the last model held whose routes all failed
     not_allowed: ModelNotAllowed | None = None  # a model the sub-key may not use
+    unfit: UnfitRequest | None = None  # a model none of whose routes can express it
     for i, candidate in enumerate(choice.models):
         renderer.model = candidate.id
         if i:
@@ -171,6 +175,8 @@ async def generate(
             held_and_failed = next_model
         except ModelNotAllowed as exc:  # refused before anything was counted or held
             not_allowed = exc
+        except UnfitRequest as exc:
+            unfit = unfit or exc
         except Refused as exc:
             if exc.status != 402:
                 raise  # held up by requests in flight (429): the wait was the hold's
@@ -181,8 +187,10 @@ async def generate(
     # The last model either answers, fails for good or is refused.
     if refused is not None:
         raise refused
-    assert not_allowed is not None
-    raise not_allowed
+    if not_allowed is not None:
+        raise not_allowed
+    assert unfit is not None
+    raise unfit
 
 
 async def _generate_one(
@@ -198,6 +206,8 @@ async def _generate_one(
     more: bool = False,
     limits: bool = True,
 ) -> Reply:
+    # Before the hold: a field no route of the model can express is a 400, not billed.
+    skip = unfit_providers(state, model, gen)
     gen.input_bound += media_token_bound(model, gen.body.get("messages"))
     # The estimate for missing usage (body bytes / 4) stays within the hold's input bound.
     gen.input_bytes = min(gen.input_bytes, 4 * gen.input_bound)
@@ -237,7 +247,7 @@ async def _generate_one(
         lease=held.lease,
         settle_early=held.reserved * SETTLE_EARLY_SHARE > held.available,
     )
-    routing = Routing(budget, strategy, more)
+    routing = Routing(budget, strategy, more, skip)
     try:
         if gen.stream:
             return await relay_stream(
@@ -258,6 +268,7 @@ class Routing:
     budget: Budget
     strategy: str | None  # the client's route.sort, as a strategy; None: the model's
     more: bool  # another of the client's models may follow this one
+    skip: frozenset[str]  # providers that cannot express this request (route_fit.py)
 
     def fail(
         self, state: RouterState, event: UsageEvent, model: Model, failed: RoutesFailed
@@ -293,7 +304,9 @@ async def _complete(
     called = time.perf_counter()
     clocked = state.routes.clock()  # the route book's clock (injectable), for its EWMAs
     try:
-        result, entry = await call_routes(state, model, traced, routing.budget, routing.strategy)
+        result, entry = await call_routes(
+            state, model, traced, routing.budget, routing.strategy, routing.skip
+        )
     except RoutesFailed as failed:
         raise routing.fail(state, event, model, failed) from None
     upstream_s = time.perf_counter() - called

@@ -30,11 +30,15 @@ class Generation:
     # The client's own body (cleaned), for a route whose provider speaks `api` natively:
     # it then passes through untranslated, and the renderer's native_* methods write it.
     native: dict[str, Any] | None = None
+    # (field, why) of the client's fields only a native route can honour (Anthropic's
+    # `top_k`): a translating route is passed over, and without a native one, a 400.
+    native_only: tuple[tuple[str, str], ...] = ()
 
     @classmethod
     def translated(
         cls, chat: dict[str, Any], api: str, input_bytes: int,
         native: dict[str, Any] | None = None,
+        native_only: tuple[tuple[str, str], ...] = (),
     ) -> Generation:  # fmt: skip
         """A generation read from another protocol's request (`chat` is its translation)."""
         return cls(
@@ -45,6 +49,7 @@ class Generation:
             api=api,
             input_bytes=input_bytes,
             native=native,
+            native_only=native_only,
         )
 
 

@@ -6,30 +6,43 @@ upstream failure (a status, never the upstream's text) with the failed request f
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
 from apifast.catalog.toml import Model, Route
 from apifast.errors import ApiError
 from apifast.metering.event import UsageEvent
-from apifast.providers import Provider, UpstreamError, UpstreamTimeout
+from apifast.providers import Provider, UnsupportedParameter, UpstreamError, UpstreamTimeout
 from apifast.router.finishing import finish
 from apifast.router.route_book import Budget
 from apifast.router.route_choice import RouteEntry
+from apifast.router.route_fit import NO_SKIP, unsupported_error
 from apifast.router.state import RouterState
 
 log = logging.getLogger("apifast.router")
 T = TypeVar("T")
 
 
+# Upstream statuses that mean "busy, retry later": Anthropic's 529 and the usual 503.
+OVERLOADED = frozenset({503, 529})
+
+
 class RoutesFailed(Exception):
     def __init__(
-        self, last: UpstreamError | None, entry: RouteEntry | None, unavailable_s: int = 0
+        self,
+        last: UpstreamError | None,
+        entry: RouteEntry | None,
+        unavailable_s: int = 0,
+        statuses: frozenset[int | None] = frozenset(),
+        retry_after_s: float | None = None,
     ) -> None:
         super().__init__("all routes failed")
         self.last = last
         self.entry = entry  # the last route attempted
         self.unavailable_s = unavailable_s  # >0: no route was admitted; retry after this
+        self.statuses = statuses  # of every attempt (None: no response)
+        self.retry_after_s = retry_after_s  # the soonest an attempt's upstream named
 
     @property
     def route(self) -> Route | None:
@@ -47,21 +60,26 @@ async def call_routes(
     call: Callable[[Provider, Route], Awaitable[T]],
     budget: Budget | None = None,
     strategy: str | None = None,
+    skip: frozenset[str] = NO_SKIP,
 ) -> tuple[T, RouteEntry]:
     """Call the routes in this request's order until one answers; fall back only on
-    retryable errors, within `budget`. The answering route stays counted as in flight until
-    `state.routes.release` (the caller's, once the answer is relayed)."""
+    retryable errors, within `budget`. Routes of the providers in `skip` (which cannot
+    express the request, router/route_fit.py) are passed over. The answering route stays
+    counted as in flight until `state.routes.release` (the caller's, once the answer is
+    relayed)."""
     book = state.routes
     if budget is None:
         budget = book.budget()
     last: UpstreamError | None = None
     tried: RouteEntry | None = None
     skipped: list[RouteEntry] = []
+    statuses: set[int | None] = set()
+    retry_after: float | None = None
     providers = state.providers
     for entry in book.order(model, strategy):
         route = entry.route
         provider = providers.get(route.provider)
-        if provider is None:
+        if provider is None or route.provider in skip:
             continue
         clock = book.clock
         if budget.spent(clock()):
@@ -77,6 +95,10 @@ async def call_routes(
         except UpstreamError as exc:
             book.failed(model.id, entry, exc)
             last = exc
+            statuses.add(exc.status)
+            if exc.retry_after_s is not None:
+                seconds = exc.retry_after_s
+                retry_after = seconds if retry_after is None else min(seconds, retry_after)
             # Status only: upstream error bodies may echo the prompt.
             log.warning(
                 "model %s route %d (%s) failed: status=%s cause=%s %s",
@@ -94,17 +116,45 @@ async def call_routes(
         book.succeeded(model.id, entry, clock() - begun)
         return result, entry
     wait = book.wait_s(skipped) if last is None and skipped else 0
-    raise RoutesFailed(last, tried, wait)
+    raise RoutesFailed(last, tried, wait, frozenset(statuses), retry_after)
 
 
-def upstream_failure(exc: UpstreamError | None, unavailable_s: int = 0) -> ApiError:
-    """What the client learns of an upstream failure: a status, never the upstream's text."""
+def _retry_after(seconds: float | None) -> dict[str, str]:
+    # ApiFast's own header from the upstream's number; no upstream header is passed on.
+    return {} if seconds is None else {"Retry-After": str(max(1, math.ceil(seconds)))}
+
+
+def upstream_failure(
+    exc: UpstreamError | None,
+    unavailable_s: int = 0,
+    statuses: frozenset[int | None] = frozenset(),
+    retry_after_s: float | None = None,
+) -> ApiError:
+    """What the client learns of an upstream failure: a status, never the upstream's text.
+    Every route rate-limited: 429; every route overloaded: 503 (529 in Anthropic's shape,
+    apifast/errors.py); any other mix: 502."""
     if exc is None and unavailable_s:
         return ApiError(
             503,
             "The model is temporarily unavailable; retry shortly.",
             code="upstream_unavailable",
             headers={"Retry-After": str(unavailable_s)},
+        )
+    if isinstance(exc, UnsupportedParameter):
+        return unsupported_error(exc)
+    if statuses == {429}:
+        return ApiError(
+            429,
+            "The model provider is rate limiting requests; retry shortly.",
+            code="upstream_rate_limited",
+            headers=_retry_after(retry_after_s),
+        )
+    if statuses and statuses <= OVERLOADED:
+        return ApiError(
+            503,
+            "The model provider is overloaded; retry shortly.",
+            code="upstream_overloaded",
+            headers=_retry_after(retry_after_s),
         )
     if isinstance(exc, UpstreamTimeout):
         return ApiError(504, "The model provider timed out.", code="upstream_timeout")
@@ -122,7 +172,9 @@ def upstream_failure(exc: UpstreamError | None, unavailable_s: int = 0) -> ApiEr
 def finish_failed(
     state: RouterState, event: UsageEvent, model: Model, failed: RoutesFailed, budget: Budget
 ) -> ApiError:
-    error = upstream_failure(failed.last, failed.unavailable_s)
+    error = upstream_failure(
+        failed.last, failed.unavailable_s, failed.statuses, failed.retry_after_s
+    )
     event.status, event.outcome = error.status, "upstream_error"
     event.attempts = budget.used
     if failed.entry is not None:

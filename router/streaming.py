@@ -85,7 +85,7 @@ async def relay_stream(
     )
     try:
         (iterator, first), entry = await call_routes(
-            state, model, traced, routing.budget, routing.strategy
+            state, model, traced, routing.budget, routing.strategy, routing.skip
         )
     except RoutesFailed as failed:
         raise routing.fail(state, event, model, failed) from None
