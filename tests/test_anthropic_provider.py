@@ -19,6 +19,7 @@ from apifast.plugins.providers.sse import SseDecoder
 from apifast.providers import (
     ChatRequest,
     ProviderConfig,
+    UnsupportedParameter,
     UpstreamError,
     UpstreamTimeout,
     Usage,
@@ -250,8 +251,8 @@ async def test_tool_conversation_is_translated(
         "tool_choice": {"type": "function", "function": {"name": "get_weather"}},
         "parallel_tool_calls": False,
         "max_completion_tokens": 300,
-        "temperature": 1.5,
-        "top_p": 0.9,
+        "temperature": 0.9,
+        "top_p": 1,  # a no-op next to temperature: not sent (newer models refuse both)
         "stop": "END",
         "seed": 7,
         "stream_options": {"include_usage": True},
@@ -297,7 +298,7 @@ async def test_tool_conversation_is_translated(
         ],
         "tool_choice": {"type": "tool", "name": "get_weather", "disable_parallel_tool_use": True},
         "stop_sequences": ["END"],
-        "temperature": 1.0,
+        "temperature": 0.9,
     }
 
 
@@ -360,11 +361,14 @@ async def test_reasoning_effort_enables_thinking(
     fake: FakeAnthropic, provider: AnthropicProvider
 ) -> None:
     response = await provider.chat(
-        chat(reasoning_effort="low", max_completion_tokens=4000, temperature=0.2)
+        chat(reasoning_effort="low", max_completion_tokens=4000, temperature=1)
     )
     sent = fake.last_request.body
     assert sent["thinking"] == {"type": "enabled", "budget_tokens": 1024}
-    assert "temperature" not in sent
+    assert "temperature" not in sent  # 1, the default: Anthropic takes none with thinking
+    with pytest.raises(UnsupportedParameter) as caught:
+        provider.check_request(chat(reasoning_effort="low", temperature=0.2))
+    assert caught.value.param == "temperature"
     message = response.body["choices"][0]["message"]
     assert message["content"] == fake.reply_text
     assert message["reasoning_content"] == "Let me think."
@@ -373,11 +377,57 @@ async def test_reasoning_effort_enables_thinking(
 async def test_n_greater_than_one_is_refused_without_a_request(
     fake: FakeAnthropic, provider: AnthropicProvider
 ) -> None:
-    with pytest.raises(UpstreamError) as caught:
+    with pytest.raises(UnsupportedParameter) as caught:
         await provider.chat(chat(n=2))
     assert caught.value.status == 400 and not caught.value.retryable
-    assert "n>1 unsupported" in str(caught.value)
+    assert caught.value.param == "n"
     assert fake.requests == []
+
+
+@pytest.mark.parametrize(
+    ("fields", "param"),
+    [
+        ({"n": 3}, "n"),
+        ({"temperature": 1.7}, "temperature"),
+        ({"temperature": -0.1}, "temperature"),
+        ({"temperature": 0.5, "top_p": 0.9}, "top_p"),
+        ({"logprobs": True}, "logprobs"),
+        ({"top_logprobs": 3}, "top_logprobs"),
+        ({"presence_penalty": 0.5}, "presence_penalty"),
+        ({"frequency_penalty": -1}, "frequency_penalty"),
+        ({"logit_bias": {"42": 5}}, "logit_bias"),
+        ({"modalities": ["text", "audio"]}, "modalities"),
+        ({"reasoning_effort": "extreme"}, "reasoning_effort"),
+    ],
+)
+async def test_what_anthropic_cannot_express_is_refused_not_dropped(
+    fake: FakeAnthropic, provider: AnthropicProvider, fields: dict[str, Any], param: str
+) -> None:
+    """Checked before the hold (check_request) and again before any request is sent."""
+    request = chat(**fields)
+    with pytest.raises(UnsupportedParameter) as before:
+        provider.check_request(request)
+    assert before.value.param == param
+    with pytest.raises(UnsupportedParameter):
+        await provider.chat(request)
+    assert fake.requests == []
+
+
+async def test_equivalents_are_sent_and_no_ops_accepted(
+    fake: FakeAnthropic, provider: AnthropicProvider
+) -> None:
+    for effort in ("minimal", "none"):  # their Anthropic equivalent: no thinking
+        await provider.chat(chat(reasoning_effort=effort, temperature=0.3))
+        sent = fake.last_request.body
+        assert "thinking" not in sent and sent["temperature"] == 0.3
+    await provider.chat(chat(reasoning_effort="xhigh", max_completion_tokens=40000))
+    assert fake.last_request.body["thinking"] == {"type": "enabled", "budget_tokens": 32768}
+    await provider.chat(
+        chat(temperature=1, top_p=1, presence_penalty=0, frequency_penalty=0, logprobs=False,
+             logit_bias={}, seed=3)
+    )  # fmt: skip
+    sent = fake.last_request.body
+    assert sent["temperature"] == 1 and "top_p" not in sent and "seed" not in sent
 
 
 # --- responses -----------------------------------------------------------------------------

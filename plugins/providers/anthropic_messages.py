@@ -12,16 +12,22 @@ Request (OpenAI -> `POST {base_url}/v1/messages`, `anthropic-version: 2023-06-01
 - `tools` -> {name, description, input_schema}; `tool_choice` auto/required/none/function ->
   auto/any/none/tool; `parallel_tool_calls: false` -> `disable_parallel_tool_use`.
 - `max_completion_tokens`/`max_tokens` -> `max_tokens` (Anthropic requires it; default
-  `options.default_max_tokens`, 4096); `temperature` (clamped to Anthropic's 0..1), `top_p`
-  (dropped when `temperature` is set: newer models refuse both), `top_k`; `stop` ->
+  `options.default_max_tokens`, 4096); `temperature`, `top_p`, `top_k`; `stop` ->
   `stop_sequences` (whitespace-only sequences dropped).
 - `response_format` json_object/json_schema -> an instruction appended to `system`; with
   `options.native_structured_outputs = true`, json_schema -> `output_config.format` instead.
-- `reasoning_effort` low/medium/high -> `thinking` with a 1024/4096/16384 token budget (kept
-  below `max_tokens`; skipped when a tool is forced or an earlier assistant turn called tools,
-  whose thinking blocks cannot be replayed; temperature/top_p/top_k are then dropped).
-- `n` > 1 fails with a non-retryable 400; all other OpenAI-only fields (`user`, `metadata`,
-  `seed`, penalties, `logprobs`, `stream_options`, ...) are dropped.
+- `reasoning_effort` low/medium/high/xhigh -> `thinking` with a 1024/4096/16384/32768 token
+  budget (kept below `max_tokens`; skipped when a tool is forced, an earlier assistant turn
+  called tools, whose thinking blocks cannot be replayed, or `max_tokens` leaves no room for
+  Anthropic's minimum budget of 1024). With thinking, temperature/top_p/top_k other than 1
+  are refused (Anthropic takes none beside it). `minimal` and `none` -> no thinking.
+- Refused before the hold (`check_request`, `UnsupportedParameter`: a 400 naming the field),
+  as Anthropic has no equivalent: `n` > 1, `temperature` above 1 (Anthropic's range is 0..1),
+  `top_p` < 1 together with `temperature` (newer models refuse both), `logprobs` /
+  `top_logprobs`, non-zero `presence_penalty` / `frequency_penalty`, a non-empty
+  `logit_bias`, audio output, an unknown `reasoning_effort`. Dropped as hints or
+  caller-identifying: `user`, `metadata`, `seed` (best effort even at OpenAI),
+  `stream_options`, `prediction`, `top_p` of 1 next to `temperature` (a no-op).
 
 Response (Anthropic -> OpenAI):
 - text blocks -> `message.content`; `tool_use` -> `message.tool_calls`; thinking text ->
@@ -64,6 +70,7 @@ from apifast.providers import (
     Provider,
     ProviderConfig,
     StreamItem,
+    UnsupportedParameter,
     UpstreamError,
     UpstreamTimeout,
     Usage,
@@ -95,7 +102,9 @@ ERROR_STATUS = {
     "timeout_error": 504,
     "overloaded_error": 529,
 }
-THINKING_BUDGETS = {"low": 1024, "medium": 4096, "high": 16384}
+THINKING_BUDGETS = {"low": 1024, "medium": 4096, "high": 16384, "xhigh": 32768}
+# reasoning_effort values whose equivalent is no thinking at all.
+_NO_THINKING = ("minimal", "none")
 _MIN_THINKING_BUDGET = 1024
 _ERROR_TYPE_RE = re.compile(r"[a-z_]{1,40}")
 _DATA_URL_RE = re.compile(r"data:([\w.+-]+/[\w.+-]+)(?:;[^,]*)?;base64,(.*)", re.DOTALL)
@@ -309,6 +318,68 @@ def _thinking(body: dict[str, Any], max_tokens: int, tool_choice: Any) -> dict[s
     return {"type": "enabled", "budget_tokens": budget}
 
 
+def _number(body: dict[str, Any], name: str) -> float | None:
+    value = body.get(name)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise UnsupportedParameter(name, "must be a number")
+    return float(value)
+
+
+def check_chat_body(body: dict[str, Any]) -> None:
+    """Raise `UnsupportedParameter` for a field of a chat body that Anthropic's Messages API
+    has no equivalent for, rather than drop it. Dictionary look-ups only: runs before the
+    hold on every request to an Anthropic route."""
+    if (body.get("n") or 1) != 1:
+        raise UnsupportedParameter("n", "Anthropic models give one choice per request (n: 1)")
+    temperature = _number(body, "temperature")
+    if temperature is not None and not 0 <= temperature <= 1:
+        raise UnsupportedParameter("temperature", "must be from 0 to 1 on this model's provider")
+    top_p = _number(body, "top_p")
+    if top_p is not None and temperature is not None and top_p != 1:
+        raise UnsupportedParameter(
+            "top_p", "this model's provider takes temperature or top_p, not both"
+        )
+    if body.get("logprobs") or body.get("top_logprobs"):
+        name = "logprobs" if body.get("logprobs") else "top_logprobs"
+        raise UnsupportedParameter(name, "this model's provider gives no log probabilities")
+    for name in ("presence_penalty", "frequency_penalty"):
+        if _number(body, name):
+            raise UnsupportedParameter(name, "this model's provider has no such penalty")
+    if body.get("logit_bias"):
+        raise UnsupportedParameter("logit_bias", "this model's provider has no logit bias")
+    if body.get("audio") is not None or "audio" in (body.get("modalities") or ()):
+        raise UnsupportedParameter("modalities", "this model's provider answers in text only")
+    effort = body.get("reasoning_effort")
+    if effort is not None and effort not in THINKING_BUDGETS and effort not in _NO_THINKING:
+        raise UnsupportedParameter(
+            "reasoning_effort", "must be none, minimal, low, medium, high or xhigh"
+        )
+    if effort in THINKING_BUDGETS and _may_think(body):
+        # Anthropic refuses sampling parameters beside thinking (as OpenAI's reasoning
+        # models do); 1 is their default, so it needs no sending.
+        for name in ("temperature", "top_p", "top_k"):
+            if body.get(name) not in (None, 1):
+                raise UnsupportedParameter(
+                    name, "this model's provider takes no sampling parameter with reasoning_effort"
+                )
+
+
+def _may_think(body: dict[str, Any]) -> bool:
+    """Whether thinking can be on: no forced tool, no earlier tool calls to replay."""
+    choice = body.get("tool_choice")
+    if choice == "required" or isinstance(choice, dict):
+        return False
+    messages = body.get("messages")
+    if not isinstance(messages, list):
+        return False
+    return not any(
+        isinstance(m, dict) and m.get("role") == "assistant" and m.get("tool_calls")
+        for m in messages
+    )
+
+
 # Fields of a Messages request that /v1/messages/count_tokens does not take.
 _NOT_COUNTED = ("max_tokens", "stream", "temperature", "top_p", "top_k", "stop_sequences",
                 "metadata", "service_tier")  # fmt: skip
@@ -318,8 +389,7 @@ def to_anthropic_request(
     body: dict[str, Any], *, default_max_tokens: int, native_structured_outputs: bool = False
 ) -> dict[str, Any]:
     """An Anthropic Messages request for an OpenAI chat-completions body."""
-    if (body.get("n") or 1) != 1:
-        raise _bad_request("n>1 unsupported")
+    check_chat_body(body)
     system, messages = _convert_messages(body.get("messages"))
     max_tokens = body.get("max_completion_tokens") or body.get("max_tokens") or default_max_tokens
     if not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or max_tokens < 1:
@@ -357,7 +427,7 @@ def to_anthropic_request(
     if thinking:
         out["thinking"] = thinking  # Anthropic rejects sampling parameters with thinking
     elif body.get("temperature") is not None:
-        out["temperature"] = min(float(body["temperature"]), 1.0)
+        out["temperature"] = body["temperature"]  # within 0..1 (check_chat_body)
     elif body.get("top_p") is not None:
         out["top_p"] = body["top_p"]
     if not thinking and isinstance(body.get("top_k"), int):
@@ -607,6 +677,9 @@ class AnthropicProvider(Provider):
         if self._client is not None:
             await self._client.close()
             self._client = None
+
+    def check_request(self, request: ChatRequest) -> None:
+        check_chat_body(request.body)
 
     def _payload(self, request: ChatRequest, *, stream: bool) -> bytes:
         payload = to_anthropic_request(
