@@ -52,22 +52,37 @@ def _image_part(block: dict[str, Any], where: str) -> dict[str, Any]:
     raise bad(where, "image source type must be base64 or url")
 
 
-def _tool_result_text(content: Any, where: str) -> str:
+_NATIVE_ONLY = "has no equivalent on this model's provider (an Anthropic route takes it)"
+NativeOnly = list[tuple[str, str]]  # (field, why) that only a native route can honour
+
+
+def _tool_result(
+    content: Any, where: str, native_only: NativeOnly
+) -> tuple[str, list[dict[str, Any]]]:
+    """A tool_result's content as (the tool message's text, its images). Chat tool messages
+    take text only, so images follow as a user turn's image parts."""
     if content is None:
-        return ""
+        return "", []
     if isinstance(content, str):
-        return content
-    if isinstance(content, list):
-        return "\n\n".join(
-            str(b.get("text", ""))
-            for b in content
-            if isinstance(b, dict) and b.get("type") == "text"
-        )
-    raise bad(where, "tool_result content must be a string or an array of blocks")
+        return content, []
+    if not isinstance(content, list):
+        raise bad(where, "tool_result content must be a string or an array of blocks")
+    texts: list[str] = []
+    images: list[dict[str, Any]] = []
+    for k, block in enumerate(content):
+        kind = block.get("type") if isinstance(block, dict) else None
+        if kind == "text":
+            texts.append(str(block.get("text", "")))
+        elif kind == "image":
+            images.append(_image_part(block, f"{where}[{k}]"))
+        else:
+            native_only.append((f"{where}[{k}].type", f"{kind!r} {_NATIVE_ONLY}"))
+    return "\n\n".join(texts), images
 
 
-def _message(message: Any, i: int) -> list[dict[str, Any]]:
-    """One Anthropic turn as chat messages (a user turn's tool results become tool messages)."""
+def _message(message: Any, i: int, native_only: NativeOnly) -> list[dict[str, Any]]:
+    """One Anthropic turn as chat messages (a user turn's tool results become tool messages,
+    and the images in them a user message after them)."""
     where = f"messages[{i}]"
     if not isinstance(message, dict) or message.get("role") not in _ROLES:
         raise bad(f"{where}.role", "must be 'user' or 'assistant'")
@@ -79,9 +94,12 @@ def _message(message: Any, i: int) -> list[dict[str, Any]]:
     parts: list[dict[str, Any]] = []
     calls: list[dict[str, Any]] = []
     results: list[dict[str, Any]] = []
+    result_images: list[dict[str, Any]] = []
     for j, block in enumerate(content):
         at = f"{where}.content[{j}]"
         kind = block.get("type") if isinstance(block, dict) else None
+        # cache_control on a block is a caching hint: a translating route's provider caches
+        # prompt prefixes by itself (OpenAI does), so it is not carried over.
         if kind == "text":
             parts.append({"type": "text", "text": str(block.get("text", ""))})
         elif kind == "image":
@@ -93,14 +111,17 @@ def _message(message: Any, i: int) -> list[dict[str, Any]]:
                              "arguments": orjson.dumps(block.get("input") or {}).decode()},
             })  # fmt: skip
         elif kind == "tool_result" and role == "user":
-            results.append({
-                "role": "tool", "tool_call_id": str(block.get("tool_use_id", "")),
-                "content": _tool_result_text(block.get("content"), at),
-            })  # fmt: skip
+            text, images = _tool_result(block.get("content"), f"{at}.content", native_only)
+            results.append({"role": "tool", "tool_call_id": str(block.get("tool_use_id", "")),
+                            "content": text})  # fmt: skip
+            result_images.extend(images)
         elif kind in ("thinking", "redacted_thinking") and role == "assistant":
             continue  # earlier reasoning: not something a chat upstream takes back
-        else:
+        elif kind in ("tool_use", "tool_result", "thinking", "redacted_thinking", None):
             raise bad(at, f"unsupported content block {kind!r} in a {role} turn")
+        else:
+            # document, search_result, ...: passed through on a native route only.
+            native_only.append((f"{at}.type", f"{kind!r} {_NATIVE_ONLY}"))
     out: list[dict[str, Any]] = list(results)
     if role == "assistant":
         text = "".join(p["text"] for p in parts if p["type"] == "text")
@@ -108,8 +129,8 @@ def _message(message: Any, i: int) -> list[dict[str, Any]]:
         if calls:
             turn["tool_calls"] = calls
         out.append(turn)
-    elif parts:
-        out.append({"role": "user", "content": parts})
+    elif parts or result_images:
+        out.append({"role": "user", "content": result_images + parts})
     return out
 
 
@@ -129,17 +150,48 @@ def _tools(tools: Any) -> list[dict[str, Any]]:
     return out
 
 
-def _tool_choice(choice: Any) -> Any:
+def _tool_choice(choice: Any) -> tuple[Any, bool]:
+    """(chat tool_choice, whether parallel tool calls are disabled)."""
     kind = choice.get("type") if isinstance(choice, dict) else None
+    disable = choice.get("disable_parallel_tool_use") if isinstance(choice, dict) else None
+    if disable is not None and not isinstance(disable, bool):
+        raise bad("tool_choice.disable_parallel_tool_use", "must be a boolean")
     if kind == "auto":
-        return "auto"
+        return "auto", bool(disable)
     if kind == "any":
-        return "required"
+        return "required", bool(disable)
     if kind == "none":
-        return "none"
+        return "none", False
     if kind == "tool" and isinstance(choice.get("name"), str):
-        return {"type": "function", "function": {"name": choice["name"]}}
+        return {"type": "function", "function": {"name": choice["name"]}}, bool(disable)
     raise bad("tool_choice", "must be {type: auto | any | none | tool}")
+
+
+def _effort(thinking: Any, native_only: NativeOnly) -> str | None:
+    """Extended thinking as chat's reasoning_effort: a budget below 4096 tokens is low, below
+    16384 medium, else high (the inverse of the anthropic provider's mapping)."""
+    if not isinstance(thinking, dict):
+        raise bad("thinking", "must be an object")
+    kind = thinking.get("type")
+    if kind == "disabled":
+        return None
+    if kind != "enabled":
+        native_only.append(("thinking.type", f"{kind!r} {_NATIVE_ONLY}"))
+        return None
+    budget = thinking.get("budget_tokens")
+    if isinstance(budget, bool) or not isinstance(budget, int) or budget < 1:
+        raise bad("thinking.budget_tokens", "required, a positive integer")
+    return "low" if budget < 4096 else "medium" if budget < 16384 else "high"
+
+
+# Fields Anthropic's API takes that ApiFast refuses on every route, and why.
+_REFUSED = {
+    "mcp_servers": "remote MCP servers are run by the model provider; ApiFast does not "
+    "forward them: declare their tools as client tools instead",
+    "container": "code-execution containers are kept by the model provider between requests "
+    "and shared by all of ApiFast's users of that provider; ApiFast does not forward them",
+}
+_SERVICE_TIERS = ("auto", "standard_only")
 
 
 # What a native (Anthropic) route receives of the client's body: `metadata` (its user_id
@@ -157,6 +209,20 @@ def native_body(body: dict[str, Any]) -> dict[str, Any]:
 def chat_body(body: dict[str, Any]) -> tuple[dict[str, Any], int]:
     """(chat-completions body, number of messages) for a Messages API body; 400s name the
     field. `metadata` (its user_id identifies the caller) is never carried over."""
+    chat, count, _ = translate(body)
+    return chat, count
+
+
+def translate(body: dict[str, Any]) -> tuple[dict[str, Any], int, tuple[tuple[str, str], ...]]:
+    """`chat_body`, plus the (field, why) of what only a native route can honour (`top_k`, a
+    document block, ...): a translating route is then passed over (router/route_fit.py)."""
+    native_only: NativeOnly = []
+    for name, why in _REFUSED.items():
+        if body.get(name) is not None:
+            raise bad(name, f"not supported: {why}")
+    tier = body.get("service_tier")
+    if tier is not None and tier not in _SERVICE_TIERS:
+        raise bad("service_tier", "must be auto or standard_only")
     max_tokens = body.get("max_tokens")
     if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1:
         raise bad("max_tokens", "required, a positive integer")
@@ -167,14 +233,25 @@ def chat_body(body: dict[str, Any]) -> tuple[dict[str, Any], int]:
     if body.get("system") is not None:
         chat.append({"role": "system", "content": _text_of(body["system"], "system")})
     for i, message in enumerate(messages):
-        chat.extend(_message(message, i))
+        chat.extend(_message(message, i, native_only))
     out: dict[str, Any] = {"messages": chat, "max_tokens": max_tokens}
     for name in ("temperature", "top_p"):
         value = body.get(name)
         if value is not None:
-            if isinstance(value, bool) or not isinstance(value, (int, float)):
-                raise bad(name, "must be a number")
+            # Anthropic's range for both; chat's temperature would go to 2.
+            number = isinstance(value, (int, float)) and not isinstance(value, bool)
+            if not number or not 0 <= value <= 1:
+                raise bad(name, "must be a number from 0 to 1")
             out[name] = value
+    top_k = body.get("top_k")
+    if top_k is not None:
+        if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 0:
+            raise bad("top_k", "must be a non-negative integer")
+        native_only.append(("top_k", _NATIVE_ONLY))
+    if body.get("thinking") is not None:
+        effort = _effort(body["thinking"], native_only)
+        if effort is not None:
+            out["reasoning_effort"] = effort
     if body.get("stop_sequences") is not None:
         stops = body["stop_sequences"]
         if not isinstance(stops, list) or not all(isinstance(s, str) for s in stops):
@@ -183,14 +260,16 @@ def chat_body(body: dict[str, Any]) -> tuple[dict[str, Any], int]:
     if body.get("tools"):
         out["tools"] = _tools(body["tools"])
     if body.get("tool_choice") is not None:
-        out["tool_choice"] = _tool_choice(body["tool_choice"])
+        out["tool_choice"], serial = _tool_choice(body["tool_choice"])
+        if serial and "tools" in out:
+            out["parallel_tool_calls"] = False  # disable_parallel_tool_use's equivalent
     stream = body.get("stream", False)
     if not isinstance(stream, bool):
         raise bad("stream", "must be a boolean")
     if stream:
         out["stream"] = True
         out["stream_options"] = {"include_usage": True}
-    return out, len(chat)
+    return out, len(chat), tuple(native_only)
 
 
 # --- answer: chat completions -> Anthropic -------------------------------------------------
@@ -288,12 +367,21 @@ class MessagesRenderer:
         self._block = None
         return _event("content_block_stop", {"index": self._index})
 
-    def _start(self) -> bytes:
+    def _start(self, usage: Any = None) -> bytes:
+        """message_start with the prompt's token counts where known (a native route's own
+        message_start has them); a translated route learns them only at the end, so 0 here
+        and the real counts in message_delta. output_tokens starts at 1, as Anthropic's."""
         self._started = True
+        counts = {"input_tokens": 0, "cache_creation_input_tokens": 0,
+                  "cache_read_input_tokens": 0, "output_tokens": 1}  # fmt: skip
+        if isinstance(usage, dict):
+            for name in counts:
+                value = usage.get(name)
+                if type(value) is int and value >= 0:
+                    counts[name] = value
         return _event("message_start", {"message": {
             "id": self.message_id, "type": "message", "role": "assistant", "content": [],
-            "model": self.model, "stop_reason": None, "stop_sequence": None,
-            "usage": {"input_tokens": 0, "output_tokens": 0},
+            "model": self.model, "stop_reason": None, "stop_sequence": None, "usage": counts,
         }})  # fmt: skip
 
     def chunk(self, chunk: dict[str, Any]) -> bytes:
@@ -361,7 +449,10 @@ class MessagesRenderer:
     def native_chunk(self, event: dict[str, Any]) -> bytes:
         kind = event.get("type")
         if kind == "message_start":
-            return b"" if self._started else self._start()
+            if self._started:
+                return b""
+            message = event.get("message")
+            return self._start(message.get("usage") if isinstance(message, dict) else None)
         if kind == "message_delta":
             # Told in our own message_delta at the end, with the priced usage.
             delta = event.get("delta") or {}

@@ -20,7 +20,7 @@ from apifast.catalog.toml import Route
 from apifast.errors import ApiError
 from apifast.providers import ChatRequest, UpstreamError
 from apifast.request_body import parse_json_object, read_body
-from apifast.router.anthropic_shape import MessagesRenderer, chat_body, native_body
+from apifast.router.anthropic_shape import MessagesRenderer, chat_body, native_body, translate
 from apifast.router.core import authenticate, generate, resolve
 from apifast.router.core_types import Generation, Reply
 from apifast.router.framework_reply import framework_response
@@ -94,8 +94,8 @@ async def handle_message(state: RouterState, key_hash: bytes, raw: bytes, starte
     anthropic-version and anthropic-beta are accepted and ignored."""
     body = parse_json_object(raw)
     model, choice = resolve_request(state, body, "chat")
-    chat, _ = chat_body(body)
-    gen = Generation.translated(chat, "messages", len(raw), native_body(body))
+    chat, _, native_only = translate(body)
+    gen = Generation.translated(chat, "messages", len(raw), native_body(body), native_only)
     renderer = MessagesRenderer(model.id)
     return await generate(state, key_hash, model, gen, renderer, started, choice)
 

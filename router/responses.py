@@ -16,7 +16,7 @@ from apifast.request_body import parse_json_object, read_body
 from apifast.router.core import authenticate, generate
 from apifast.router.core_types import Generation, Reply
 from apifast.router.framework_reply import framework_response
-from apifast.router.responses_input import chat_body
+from apifast.router.responses_input import chat_body, native_only_fields
 from apifast.router.responses_shape import ResponsesRenderer, request_echo
 from apifast.router.route_prefs import (
     OPENAPI_MODEL_REQUIRED,
@@ -70,7 +70,7 @@ async def handle_response(state: RouterState, key_hash: bytes, raw: bytes, start
     body = parse_json_object(raw)
     model, choice = resolve_request(state, body, "chat")
     chat, _ = chat_body(body)
-    gen = Generation.translated(chat, "responses", len(raw))
+    gen = Generation.translated(chat, "responses", len(raw), native_only=native_only_fields(body))
     renderer = ResponsesRenderer(model.id, started, request_echo(body))
     return await generate(state, key_hash, model, gen, renderer, started, choice)
 

@@ -274,3 +274,54 @@ def chat_body(body: dict[str, Any]) -> tuple[dict[str, Any], int]:
         out["stream"] = True
         out["stream_options"] = {"include_usage": True}
     return out, len(messages)
+
+
+# include values a translated route honours: a chat upstream gives no encrypted reasoning,
+# and stateless ApiFast keeps none to replay, so reasoning items carry none; the request
+# works the same (agents such as Codex always ask for it with store: false).
+_INCLUDE_HONOURED = ("reasoning.encrypted_content",)
+_NO_EQUIVALENT = "has no equivalent when this model's route translates to chat completions"
+
+
+def native_only_fields(body: dict[str, Any]) -> tuple[tuple[str, str], ...]:
+    """(field, why) of the Responses fields a translating route cannot honour: with no
+    route that speaks the Responses API natively, a 400 naming the first, before the hold
+    (router/route_fit.py). Fields with no effect on a translated route (`max_tool_calls`,
+    which bounds built-in tools, refused anyway) are accepted; malformed ones are 400s."""
+    out: list[tuple[str, str]] = []
+    include = body.get("include")
+    if include is not None:
+        if not isinstance(include, list) or not all(isinstance(v, str) for v in include):
+            raise bad("include", "must be an array of strings")
+        for i, value in enumerate(include):
+            if value not in _INCLUDE_HONOURED:
+                out.append((f"include[{i}]", f"{value!r} {_NO_EQUIVALENT}"))
+    truncation = body.get("truncation")
+    if truncation not in (None, "disabled", "auto"):
+        raise bad("truncation", "must be auto or disabled")
+    if truncation == "auto":
+        out.append(("truncation", "'auto' " + _NO_EQUIVALENT + ": ApiFast does not drop input "
+                    "items to fit the context; send truncation: disabled"))  # fmt: skip
+    top_logprobs = body.get("top_logprobs")
+    if top_logprobs is not None:
+        if (
+            isinstance(top_logprobs, bool)
+            or not isinstance(top_logprobs, int)
+            or not (0 <= top_logprobs <= 20)
+        ):
+            raise bad("top_logprobs", "must be an integer from 0 to 20")
+        if top_logprobs:
+            out.append(("top_logprobs", "log probabilities " + _NO_EQUIVALENT))
+    max_tool_calls = body.get("max_tool_calls")
+    if max_tool_calls is not None and (
+        isinstance(max_tool_calls, bool) or not isinstance(max_tool_calls, int)
+        or max_tool_calls < 1
+    ):  # fmt: skip
+        raise bad("max_tool_calls", "must be a positive integer")
+    tier = body.get("service_tier")
+    if tier not in (None, "auto", "default"):
+        raise bad(
+            "service_tier",
+            "must be auto or default: ApiFast serves every request at its catalog price",
+        )
+    return tuple(out)
