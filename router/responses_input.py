@@ -265,6 +265,7 @@ def chat_body(body: dict[str, Any]) -> tuple[dict[str, Any], int]:
             if effort not in ("minimal", "low", "medium", "high", "none", "xhigh"):
                 raise bad("reasoning.effort", "must be minimal, low, medium or high")
             out["reasoning_effort"] = effort
+    _logprobs_asked(body, out)
     stream = body.get("stream", False)
     if stream is None:
         stream = False
@@ -276,10 +277,22 @@ def chat_body(body: dict[str, Any]) -> tuple[dict[str, Any], int]:
     return out, len(messages)
 
 
-# include values a translated route honours: a chat upstream gives no encrypted reasoning,
-# and stateless ApiFast keeps none to replay, so reasoning items carry none; the request
-# works the same (agents such as Codex always ask for it with store: false).
-_INCLUDE_HONOURED = ("reasoning.encrypted_content",)
+def _logprobs_asked(body: dict[str, Any], out: dict[str, Any]) -> None:
+    """`top_logprobs` / include `message.output_text.logprobs` as chat's logprobs (checked
+    in `native_only_fields`)."""
+    top = body.get("top_logprobs")
+    include = body.get("include")
+    asked = isinstance(include, list) and "message.output_text.logprobs" in include
+    if type(top) is int and top > 0:
+        out["logprobs"], out["top_logprobs"] = True, top
+    elif asked:
+        out["logprobs"] = True
+
+
+# include values a translated route honours: logprobs (chat's own), and encrypted reasoning:
+# a chat upstream gives none and stateless ApiFast keeps none to replay, so reasoning items
+# carry none, and the request works the same (agents such as Codex always ask for it).
+_INCLUDE_HONOURED = ("reasoning.encrypted_content", "message.output_text.logprobs")
 _NO_EQUIVALENT = "has no equivalent when this model's route translates to chat completions"
 
 
@@ -310,8 +323,6 @@ def native_only_fields(body: dict[str, Any]) -> tuple[tuple[str, str], ...]:
             or not (0 <= top_logprobs <= 20)
         ):
             raise bad("top_logprobs", "must be an integer from 0 to 20")
-        if top_logprobs:
-            out.append(("top_logprobs", "log probabilities " + _NO_EQUIVALENT))
     max_tool_calls = body.get("max_tool_calls")
     if max_tool_calls is not None and (
         isinstance(max_tool_calls, bool) or not isinstance(max_tool_calls, int)

@@ -121,7 +121,7 @@ class ResponsesRenderer:
         if (isinstance(content, str) and content) or (isinstance(refusal, str) and refusal):
             item = self._message_item()
             if isinstance(content, str) and content:
-                item["content"].append(_text_part(content))
+                item["content"].append(_text_part(content, _logprobs(choice.get("logprobs"))))
             if isinstance(refusal, str) and refusal:
                 item["content"].append({"type": "refusal", "refusal": refusal})
             item["status"] = "completed"
@@ -186,7 +186,8 @@ class ResponsesRenderer:
         if item["type"] == "message":
             text = item["content"][0]["text"]
             out += self._emit("response.output_text.done", {
-                **ids, "content_index": 0, "text": text, "logprobs": []})  # fmt: skip
+                **ids, "content_index": 0, "text": text,
+                "logprobs": item["content"][0]["logprobs"]})  # fmt: skip
             out += self._emit("response.content_part.done", {
                 **ids, "content_index": 0, "part": item["content"][0]})  # fmt: skip
         elif item["type"] == "reasoning":
@@ -206,12 +207,12 @@ class ResponsesRenderer:
                 continue
             delta = choice.get("delta")
             if isinstance(delta, dict):
-                out += self._delta(delta)
+                out += self._delta(delta, choice.get("logprobs"))
             if choice.get("finish_reason"):
                 self._stop = str(choice["finish_reason"])
         return out
 
-    def _delta(self, delta: dict[str, Any]) -> bytes:
+    def _delta(self, delta: dict[str, Any], logprobs: Any = None) -> bytes:
         out = b""
         item = self._item
         thinking = delta.get("reasoning_content")
@@ -233,9 +234,11 @@ class ResponsesRenderer:
                 item = self._item
                 assert item is not None
             item["content"][0]["text"] += text
+            tokens = _logprobs(logprobs) if logprobs else []
+            item["content"][0]["logprobs"].extend(tokens)
             out += self._emit("response.output_text.delta", {
                 "item_id": item["id"], "output_index": len(self._items) - 1,
-                "content_index": 0, "delta": text, "logprobs": []})  # fmt: skip
+                "content_index": 0, "delta": text, "logprobs": tokens})  # fmt: skip
         for call in delta.get("tool_calls") or ():
             if not isinstance(call, dict):
                 continue
@@ -270,5 +273,26 @@ class ResponsesRenderer:
         return b""
 
 
-def _text_part(text: str) -> dict[str, Any]:
-    return {"type": "output_text", "text": text, "annotations": [], "logprobs": []}
+def _text_part(text: str, logprobs: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    return {"type": "output_text", "text": text, "annotations": [], "logprobs": logprobs or []}
+
+
+def _logprob(entry: dict[str, Any]) -> dict[str, Any]:
+    return {"token": str(entry.get("token") or ""), "logprob": entry.get("logprob"),
+            "bytes": entry.get("bytes")}  # fmt: skip
+
+
+def _logprobs(logprobs: Any) -> list[dict[str, Any]]:
+    """Chat's `logprobs.content` as output_text logprobs (the same shape), asked for with
+    `top_logprobs` or include `message.output_text.logprobs`; only the known keys."""
+    content = logprobs.get("content") if isinstance(logprobs, dict) else None
+    if not isinstance(content, list):
+        return []
+    out = []
+    for entry in content:
+        if isinstance(entry, dict):
+            top = entry.get("top_logprobs")
+            out.append({**_logprob(entry), "top_logprobs": [
+                _logprob(t) for t in top if isinstance(t, dict)
+            ] if isinstance(top, list) else []})  # fmt: skip
+    return out

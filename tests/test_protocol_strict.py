@@ -287,10 +287,10 @@ def test_upstream_failure_names_the_unsupported_field() -> None:
 
 @pytest.mark.parametrize(
     ("fields", "field"),
-    [({"include": ["message.output_text.logprobs"]}, "include[0]"),
+    [({"include": ["file_search_call.results"]}, "include[0]"),
      ({"include": ["reasoning.encrypted_content", "message.input_image.image_url"]},
       "include[1]"),
-     ({"truncation": "auto"}, "truncation"), ({"top_logprobs": 3}, "top_logprobs"),
+     ({"truncation": "auto"}, "truncation"), ({"top_logprobs": 30}, "top_logprobs"),
      ({"service_tier": "flex"}, "service_tier"), ({"max_tool_calls": 0}, "max_tool_calls")],
 )  # fmt: skip
 async def test_responses_without_equivalent_are_refused_before_the_hold(
@@ -320,6 +320,44 @@ async def test_responses_hints_are_accepted(pstack: Stack, fake_openai: FakeOpen
     sent = fake_openai.requests[-1]
     for name in ("include", "truncation", "top_logprobs", "max_tool_calls", "service_tier"):
         assert name not in sent
+
+
+@pytest.mark.parametrize("stream", [False, True])
+async def test_responses_logprobs_are_chats_logprobs(
+    pstack: Stack, fake_openai: FakeOpenAI, stream: bool
+) -> None:
+    key = await pstack.create_key("1.00")
+    client = openai.AsyncOpenAI(api_key=key, base_url=pstack.base_url + "/v1", max_retries=0)
+    asked: dict[str, Any] = {"model": "fast-chat", "input": "hi", "top_logprobs": 2,
+                             "include": ["message.output_text.logprobs"]}  # fmt: skip
+    if stream:
+        deltas = []
+        async with client.responses.stream(**asked) as events:
+            async for event in events:
+                if event.type == "response.output_text.delta":
+                    deltas.extend(event.logprobs)
+            response = await events.get_final_response()
+        assert [d.token for d in deltas] == [
+            t.token
+            for t in response.output[0].content[0].logprobs  # type: ignore[union-attr]
+        ]
+    else:
+        response = await client.responses.create(**asked)
+    sent = fake_openai.requests[-1]
+    assert sent["logprobs"] is True and sent["top_logprobs"] == 2
+    logprobs = response.output[0].content[0].logprobs  # type: ignore[union-attr]
+    assert logprobs and "".join(t.token for t in logprobs) == response.output_text
+    assert all(len(t.top_logprobs) == 2 and t.logprob == -0.25 for t in logprobs)
+
+
+async def test_responses_logprobs_on_anthropic_are_refused(
+    pstack: Stack, fake_openai: FakeOpenAI, fake_claude: FakeAnthropic
+) -> None:
+    key = await pstack.create_key("1.00")
+    r = await _post(pstack, "/v1/responses", key,
+                    {"model": "claude-chat", "input": "hi", "top_logprobs": 2})  # fmt: skip
+    assert r.status_code == 400 and r.json()["error"]["param"] == "top_logprobs"
+    await _nothing_held_or_sent(pstack, key, fake_openai, fake_claude)
 
 
 # --- overload and rate limits ----------------------------------------------------------------

@@ -342,7 +342,7 @@ def check_chat_body(body: dict[str, Any]) -> None:
             "top_p", "this model's provider takes temperature or top_p, not both"
         )
     if body.get("logprobs") or body.get("top_logprobs"):
-        name = "logprobs" if body.get("logprobs") else "top_logprobs"
+        name = "top_logprobs" if body.get("top_logprobs") else "logprobs"
         raise UnsupportedParameter(name, "this model's provider gives no log probabilities")
     for name in ("presence_penalty", "frequency_penalty"):
         if _number(body, name):

@@ -193,7 +193,12 @@ class FakeOpenAI:
             "model": body.get("model"),
             "system_fingerprint": "fp_upstream_secret",
             "choices": [
-                {"index": 0, "message": message, "logprobs": None, "finish_reason": finish}
+                {
+                    "index": 0,
+                    "message": message,
+                    "finish_reason": finish,
+                    "logprobs": _logprobs(body, [" ".join(words)] if message["content"] else []),
+                }
             ],
             "usage": self._usage(body, len(words)),
             "service_tier": "default",
@@ -215,7 +220,9 @@ class FakeOpenAI:
         await resp.prepare(request)
         created = int(time.time())
 
-        def chunk(delta: dict[str, Any], finish_reason: str | None = None) -> bytes:
+        def chunk(
+            delta: dict[str, Any], finish_reason: str | None = None, logprobs: Any = None
+        ) -> bytes:
             c = {
                 "id": "chatcmpl-UPSTREAMID",
                 "object": "chat.completion.chunk",
@@ -223,7 +230,12 @@ class FakeOpenAI:
                 "model": body.get("model"),
                 "system_fingerprint": "fp_upstream_secret",
                 "choices": [
-                    {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
+                    {
+                        "index": 0,
+                        "delta": delta,
+                        "logprobs": logprobs,
+                        "finish_reason": finish_reason,
+                    }
                 ],
             }
             return b"data: " + orjson.dumps(c) + b"\n\n"
@@ -246,7 +258,8 @@ class FakeOpenAI:
                 return resp
             if behaviour == "gated" and i == self.gate_after:
                 await self.gate.wait()
-            await resp.write(chunk({"content": word if i == 0 else " " + word}))
+            piece = word if i == 0 else " " + word
+            await resp.write(chunk({"content": piece}, None, _logprobs(body, [piece])))
             if behaviour.startswith("slow:"):
                 await asyncio.sleep(float(behaviour.split(":")[1]))
         await resp.write(chunk({}, finish))
@@ -286,3 +299,20 @@ class FakeOpenAI:
     async def _models(self, request: web.Request) -> web.Response:
         return web.Response(body=orjson.dumps({"object": "list", "data": []}),
                             content_type="application/json")  # fmt: skip
+
+
+def _logprobs(body: dict[str, Any], tokens: list[str]) -> dict[str, Any] | None:
+    """Chat's `logprobs` when asked for (`logprobs: true`): one entry per token, with
+    `top_logprobs` alternatives."""
+    if not body.get("logprobs"):
+        return None
+    top = int(body.get("top_logprobs") or 0)
+
+    def entry(token: str, logprob: float) -> dict[str, Any]:
+        return {"token": token, "logprob": logprob, "bytes": list(token.encode())}
+
+    content = [
+        {**entry(t, -0.25), "top_logprobs": [entry(t, -0.25 * (k + 1)) for k in range(top)]}
+        for t in tokens
+    ]
+    return {"content": content, "refusal": None}
