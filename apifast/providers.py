@@ -128,7 +128,8 @@ class UpstreamError(Exception):
             retryable if retryable is not None else status is None or status == 429 or status >= 500
         )
         # For operators' logs, a class never a text: refused | dns | tls | timeout | reset |
-        # protocol | closed | http (an HTTP error status) | unknown.
+        # protocol | closed | http (an HTTP error status) | unsupported (a field the
+        # provider cannot express, `UnsupportedParameter`) | unknown.
         self.cause = cause or ("http" if status is not None else "unknown")
 
 
