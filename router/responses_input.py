@@ -256,6 +256,11 @@ def chat_body(body: dict[str, Any]) -> tuple[dict[str, Any], int]:
         response_format = _text_format(body["text"])
         if response_format is not None:
             out["response_format"] = response_format
+        verbosity = body["text"].get("verbosity")
+        if verbosity is not None:
+            if verbosity not in ("low", "medium", "high"):
+                raise bad("text.verbosity", "must be low, medium or high")
+            out["verbosity"] = verbosity  # chat's own equivalent
     reasoning = body.get("reasoning")
     if reasoning is not None:
         if not isinstance(reasoning, dict):

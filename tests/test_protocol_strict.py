@@ -350,6 +350,19 @@ async def test_responses_logprobs_are_chats_logprobs(
     assert all(len(t.top_logprobs) == 2 and t.logprob == -0.25 for t in logprobs)
 
 
+async def test_responses_verbosity_is_chats_verbosity(
+    pstack: Stack, fake_openai: FakeOpenAI, fake_claude: FakeAnthropic
+) -> None:
+    key = await pstack.create_key("1.00")
+    body = {"model": "fast-chat", "input": "hi", "text": {"verbosity": "low"}}
+    r = await _post(pstack, "/v1/responses", key, body)
+    assert r.status_code == 200, r.text
+    assert fake_openai.requests[-1]["verbosity"] == "low"
+    r = await _post(pstack, "/v1/responses", key, {**body, "model": "claude-chat"})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "verbosity"
+    assert fake_claude.requests == []
+
+
 async def test_responses_logprobs_on_anthropic_are_refused(
     pstack: Stack, fake_openai: FakeOpenAI, fake_claude: FakeAnthropic
 ) -> None:

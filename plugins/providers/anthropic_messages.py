@@ -25,9 +25,9 @@ Request (OpenAI -> `POST {base_url}/v1/messages`, `anthropic-version: 2023-06-01
   as Anthropic has no equivalent: `n` > 1, `temperature` above 1 (Anthropic's range is 0..1),
   `top_p` < 1 together with `temperature` (newer models refuse both), `logprobs` /
   `top_logprobs`, non-zero `presence_penalty` / `frequency_penalty`, a non-empty
-  `logit_bias`, audio output, an unknown `reasoning_effort`. Dropped as hints or
-  caller-identifying: `user`, `metadata`, `seed` (best effort even at OpenAI),
-  `stream_options`, `prediction`, `top_p` of 1 next to `temperature` (a no-op).
+  `logit_bias`, `verbosity` other than medium, audio output, an unknown `reasoning_effort`.
+  Dropped as hints or caller-identifying: `user`, `metadata`, `seed` (best effort even at
+  OpenAI), `stream_options`, `prediction`, `top_p` of 1 next to `temperature` (a no-op).
 
 Response (Anthropic -> OpenAI):
 - text blocks -> `message.content`; `tool_use` -> `message.tool_calls`; thinking text ->
@@ -349,6 +349,8 @@ def check_chat_body(body: dict[str, Any]) -> None:
             raise UnsupportedParameter(name, "this model's provider has no such penalty")
     if body.get("logit_bias"):
         raise UnsupportedParameter("logit_bias", "this model's provider has no logit bias")
+    if body.get("verbosity") not in (None, "medium"):
+        raise UnsupportedParameter("verbosity", "this model's provider has no verbosity setting")
     if body.get("audio") is not None or "audio" in (body.get("modalities") or ()):
         raise UnsupportedParameter("modalities", "this model's provider answers in text only")
     effort = body.get("reasoning_effort")
