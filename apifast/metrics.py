@@ -28,7 +28,9 @@ class Metrics:
     def __post_init__(self) -> None:
         r = self.registry
         self.requests = Counter(
-            "apifast_requests", "Paid requests that ended, by public model, protocol and status",
+            "apifast_requests",
+            'Inference requests that ended, refused ones too, by public model ("" when the '
+            "catalog has none by the name asked), protocol and status",
             ["model", "api", "status"], registry=r,
         )  # fmt: skip
         self.latency = Histogram(

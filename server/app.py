@@ -36,6 +36,7 @@ from apifast.router import fast_path
 from apifast.router.health_share import HealthShare
 from apifast.router.leases import LeaseBook
 from apifast.router.publisher import EventPublisher
+from apifast.router.refusals import API_OF_PATH, count_refused
 from apifast.router.reservations import Reserver
 from apifast.router.route_book import RouteBook
 from apifast.router.route_health import BreakerPolicy
@@ -85,6 +86,10 @@ class ApiFastApp(FastAPI):
                     scope, settings.max_header_bytes, settings.max_body_bytes
                 )
                 if refused is not None:
+                    api = API_OF_PATH.get(scope["path"])
+                    state = getattr(self.state, "apifast", None)
+                    if api is not None and state is not None:
+                        count_refused(state, api, refused)
                     await refused.response(speaks_anthropic(scope))(scope, receive, send)
                     return
             if fast_path.handles(scope):

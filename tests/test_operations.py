@@ -143,3 +143,72 @@ async def test_metrics_on_their_own_listener_without_identifying_labels(
     for secret_text in (key, poor, hash_key(secret.encode(), key).hex(), "canary-7f3",
                         "127.0.0.1:"):  # fmt: skip
         assert secret_text not in text
+
+
+def _requests_total(text: str) -> dict[tuple[str, str, str], float]:
+    """apifast_requests_total by (model, api, status), from a /metrics page."""
+    found = {}
+    for line in text.splitlines():
+        if line.startswith("apifast_requests_total{"):
+            labels, value = line.removeprefix("apifast_requests_total").rsplit(" ", 1)
+            pairs = dict(kv.split("=", 1) for kv in labels.strip("{}").split(","))
+            key = (pairs["model"].strip('"'), pairs["api"].strip('"'), pairs["status"].strip('"'))
+            found[key] = float(value)
+    return found
+
+
+async def test_refused_requests_are_counted_with_their_status(
+    stack_settings_factory: Callable[..., Any], fake_openai: FakeOpenAI
+) -> None:
+    """apifast_requests_total counts every inference request that ended, refused or not,
+    once, by model, protocol and status; a model the catalog lacks is labelled "", never
+    with the client's string."""
+    port = free_port()
+    settings = stack_settings_factory(
+        models_toml(fake_openai.url), metrics_listen=f"127.0.0.1:{port}", max_body_bytes=4096
+    )
+    chat = {"model": "fast-chat", "messages": [{"role": "user", "content": "hi"}]}
+    failing = {**chat, "messages": [{"role": "user", "content": "[[error:500]]"}]}
+    embed = {"model": "embed-small", "input": "hi"}
+    async with running_stack(settings) as stack:
+        key = await stack.create_key("1.00")
+        poor = {"Authorization": f"Bearer {await stack.create_key('0.00')}"}
+        json_type = {"Content-Type": "application/json"}
+        sent: list[tuple[str, Any, dict[str, str]]] = [
+            ("/v1/chat/completions", chat, {}),  # 200
+            ("/v1/chat/completions", chat, {"Authorization": ""}),
+            ("/v1/chat/completions", chat, poor),
+            ("/v1/chat/completions", {**chat, "model": "made-up-x9"}, {}),
+            ("/v1/chat/completions", {**chat, "n": "many"}, {}),
+            ("/v1/chat/completions", b"{" + b" " * 5000 + b"}", json_type),
+            ("/v1/chat/completions", failing, {}),
+            ("/v1/messages", {**chat, "max_tokens": 10}, poor),
+            ("/v1/responses", {"model": "made-up-x9", "input": "hi"}, {}),
+            ("/v1/embeddings", embed, poor),
+            ("/v1/embeddings", embed, {}),
+        ]
+        async with stack.client(key) as c:
+            answers = [
+                await c.post(path, content=body, headers=headers)
+                if isinstance(body, bytes)
+                else await c.post(path, json=body, headers=headers)
+                for path, body, headers in sent
+            ]
+        statuses = [r.status_code for r in answers]
+        assert statuses == [200, 401, 402, 404, 400, 413, 502, 402, 404, 402, 200], statuses
+        async with httpx.AsyncClient(timeout=10) as m:
+            text = (await m.get(f"http://127.0.0.1:{port}/metrics")).text
+    assert _requests_total(text) == {
+        ("fast-chat", "chat", "200"): 1,
+        ("", "chat", "401"): 1,  # refused before its body was read
+        ("fast-chat", "chat", "402"): 1,
+        ("", "chat", "404"): 1,
+        ("fast-chat", "chat", "400"): 1,
+        ("", "chat", "413"): 1,
+        ("fast-chat", "chat", "502"): 1,  # finished (it took a hold), and counted once
+        ("fast-chat", "messages", "402"): 1,
+        ("", "responses", "404"): 1,
+        ("embed-small", "embeddings", "402"): 1,
+        ("embed-small", "embeddings", "200"): 1,
+    }
+    assert "made-up-x9" not in text
