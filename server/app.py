@@ -181,8 +181,13 @@ def create_app(
 
             # Off (None, nothing counted on the request path) unless a listener is set.
             metrics = Metrics() if settings.metrics_listen else None
-            if metrics is not None:
-                metrics_server = MetricsServer(metrics, settings.metrics_listen)
+            if metrics is not None and metrics.shared:
+                # One of several workers: the parent serves them all (apifast/metrics.py).
+                stack.callback(metrics.leave)
+                refresh = asyncio.create_task(metrics.refresh_while_running())
+                stack.push_async_callback(_cancel, refresh)
+            elif metrics is not None:
+                metrics_server = MetricsServer(metrics.registry, settings.metrics_listen)
                 metrics_server.start()
                 stack.callback(metrics_server.stop)
             reserver = Reserver(
@@ -360,6 +365,12 @@ async def readyz(request: Request) -> Response:
         body["status"] = "not_ready"
     status = 200 if body["status"] == "ready" else 503
     return Response(orjson.dumps(body), status_code=status, media_type="application/json")
+
+
+async def _cancel(task: asyncio.Task[None]) -> None:
+    task.cancel()
+    with suppress(asyncio.CancelledError):
+        await task
 
 
 async def _quietly(stop: object) -> None:

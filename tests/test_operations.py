@@ -3,6 +3,8 @@ logged with the class of their cause (never a text that could carry content)."""
 
 from __future__ import annotations
 
+import asyncio
+import os
 from collections.abc import Callable
 from decimal import Decimal
 from pathlib import Path
@@ -212,3 +214,76 @@ async def test_refused_requests_are_counted_with_their_status(
         ("embed-small", "embeddings", "200"): 1,
     }
     assert "made-up-x9" not in text
+
+
+def _requests_by_worker(directory: Path) -> dict[int, float]:
+    """apifast_requests_total in each worker's own file of the multiprocess directory."""
+    from prometheus_client.multiprocess import MultiProcessCollector
+
+    counts = {}
+    for path in directory.glob("counter_*.db"):
+        merged = MultiProcessCollector.merge([str(path)], accumulate=True)  # type: ignore[no-untyped-call]
+        counts[int(path.stem.rpartition("_")[2])] = sum(
+            s.value for m in merged if m.name == "apifast_requests" for s in m.samples
+            if s.name == "apifast_requests_total"
+        )  # fmt: skip
+    return counts
+
+
+async def test_metrics_with_two_workers_serve_them_both(
+    database_factory: Callable[[str], str], nats_url: str, fake_openai: FakeOpenAI,
+    tmp_path: Path,
+) -> None:  # fmt: skip
+    """`apifast serve` with two workers and metrics on: no worker binds the metrics port (the
+    second would die of it), both serve, and the one /metrics counts the requests of both."""
+    models = tmp_path / "models.toml"
+    models.write_text(models_toml(fake_openai.url))
+    settings = stack_settings(
+        database_url=database_factory("workers"), nats_url=nats_url, clickhouse_url="",
+        data_dir=tmp_path / "data", models_file=models,
+    )  # fmt: skip
+    await migrate_database(settings.database_url)
+    conn = await asyncpg.connect(settings.database_url)
+    try:
+        async with conn.transaction():
+            key, _, _ = await insert_key(conn, SECRET.encode(), Decimal("5.00"))
+    finally:
+        await conn.close()
+    port = free_port()
+    router = RouterProcess(
+        settings, tmp_path / "r", WORKERS="2", METRICS_LISTEN=f"127.0.0.1:{port}"
+    )
+    router.env["TMPDIR"] = str(tmp_path / "tmp")  # where the multiprocess directory goes
+    (tmp_path / "tmp").mkdir()
+    router.start()
+    body = {"model": "fast-chat", "messages": [{"role": "user", "content": "hi"}]}
+    sent, by_worker = 0, {}
+    try:
+        await router.wait_ready()
+        [directory] = (tmp_path / "tmp").glob("apifast-metrics-*")
+
+        async def one() -> int:
+            # A connection of its own each, so the kernel hands them to either worker.
+            async with httpx.AsyncClient(base_url=router.base_url, timeout=30) as c:
+                r = await c.post("/v1/chat/completions", json=body,
+                                 headers={"Authorization": f"Bearer {key}"})  # fmt: skip
+                return r.status_code
+
+        for _ in range(30):  # until both workers have answered some
+            statuses = await asyncio.gather(*(one() for _ in range(8)))
+            assert statuses == [200] * 8
+            sent += 8
+            by_worker = _requests_by_worker(directory)
+            if len(by_worker) == 2 and all(by_worker.values()):
+                break
+        async with httpx.AsyncClient(timeout=10) as m:
+            text = (await m.get(f"http://127.0.0.1:{port}/metrics")).text
+        assert all(os.kill(pid, 0) is None for pid in by_worker)  # both still up
+    finally:
+        assert await router.stop() == 0
+    assert len(by_worker) == 2 and all(by_worker.values()), by_worker
+    assert sum(by_worker.values()) == sent
+    assert _requests_total(text) == {("fast-chat", "chat", "200"): sent}  # both, merged
+    assert "apifast_spool_events" in text and "apifast_leases" in text  # the gauges too
+    assert "address already in use" not in router.log().lower()
+    assert not directory.exists()  # removed when serve stops
