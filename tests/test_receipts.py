@@ -72,6 +72,25 @@ async def test_a_receipt_verifies_says_what_was_billed_and_a_forged_one_fails(
     assert cli(["receipts", "verify", _tampered(receipt, cost_usd="0"), "--keys", str(saved)]) == 1
 
 
+def test_verify_without_keys_fails_and_makes_none(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Verifying only reads keys: with neither --keys, APIFAST_RECEIPT_KEYS nor a key file
+    under the data dir, it says so and creates no signing key."""
+    signer = ReceiptSigner.from_settings("", tmp_path / "signer")  # a server elsewhere
+    receipt = signer.sign({"v": 1, "id": "gen-x"})
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("APIFAST_RECEIPT_KEYS", raising=False)
+    monkeypatch.setenv("APIFAST_DATA_DIR", str(tmp_path / "data"))
+    assert cli(["receipts", "verify", receipt]) == 2
+    assert "--keys" in capsys.readouterr().err
+    assert not (tmp_path / "data").exists() and not (tmp_path / ".apifast").exists()
+    # The server's own key file, when there is one, is read.
+    monkeypatch.setenv("APIFAST_DATA_DIR", str(tmp_path / "signer"))
+    assert cli(["receipts", "verify", receipt]) == 0
+    assert orjson.loads(capsys.readouterr().out)["id"] == "gen-x"
+
+
 async def test_receipts_for_a_date_range_as_json_lines(stack: Stack) -> None:
     key = await stack.create_key("1.00")
     other = await stack.create_key("1.00")
