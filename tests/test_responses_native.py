@@ -317,3 +317,36 @@ async def test_route_without_the_option_translates(nstack: Stack, fake_openai: F
     response = await sdk(nstack, key).responses.create(model="fast-chat", input="hello")
     assert response.output_text == REPLY
     assert fake_openai.chat_requests == 1 and fake_openai.responses_requests == []
+
+
+@pytest.mark.parametrize("stream", [False, True])
+async def test_native_usage_not_believed_is_estimated(
+    nstack: Stack, fake_openai: FakeOpenAI, stream: bool
+) -> None:
+    """Counts that are not sane integers are not billed: the documented estimate is, within
+    the hold, and the event says so."""
+    key = await nstack.create_key("1.00")
+    fake_openai.usage_override = {"input_tokens": "many", "output_tokens": -3}
+    try:
+        if stream:
+            async with sdk(nstack, key).responses.stream(
+                model="native-chat", input="hello", max_output_tokens=50
+            ) as events:
+                response = await events.get_final_response()
+        else:
+            response = await sdk(nstack, key).responses.create(
+                model="native-chat", input="hello", max_output_tokens=50
+            )
+    finally:
+        fake_openai.usage_override = None
+    usage = response.usage
+    assert usage is not None and usage.input_tokens > 0 and 0 < usage.output_tokens <= 50
+    cost = Decimal(str(usage.model_extra["cost"]))  # type: ignore[index]
+    assert cost == _priced(usage)
+    generation = _generation(response.id)
+    assert await _debit(nstack, key, generation) == cost
+    rows = await nstack.state.clickhouse.query(
+        "SELECT usage_estimated FROM usage_events WHERE generation_id = {g:String}",
+        {"g": generation},
+    )
+    assert [bool(r["usage_estimated"]) for r in rows] == [True]
