@@ -69,8 +69,10 @@ class ChatRequest:
 class NativeRequest:
     """A request in a client protocol the provider speaks natively (one it lists in
     `Provider.native_protocols`), passed through without translation: for "messages", an
-    Anthropic Messages API body. `body["model"]` is already the upstream model, `max_tokens`
-    is already bounded, and caller-identifying fields (`metadata`) have been removed."""
+    Anthropic Messages API body, `max_tokens` already bounded and `metadata` removed; for
+    "responses", an OpenAI Responses API body, `max_output_tokens` already bounded, `store`
+    false and caller-identifying fields (`user`, `metadata`, `safety_identifier`,
+    `prompt_cache_key`) removed. `body["model"]` is already the upstream model."""
 
     protocol: str
     body: dict[str, Any]
@@ -160,10 +162,12 @@ class Provider:
 
     type: ClassVar[str] = ""
     supports_embeddings: ClassVar[bool] = False
-    # Client protocols this provider speaks natively ("messages": Anthropic's Messages API).
-    # ApiFast passes such a request through with `native` / `stream_native` instead of
-    # translating it to chat completions, so protocol-only features survive.
-    native_protocols: ClassVar[frozenset[str]] = frozenset()
+    # Client protocols this provider speaks natively ("messages": Anthropic's Messages API;
+    # "responses": OpenAI's Responses API). ApiFast passes such a request through with
+    # `native` / `stream_native` instead of translating it to chat completions, so
+    # protocol-only features survive. A class attribute, or set per instance from the
+    # provider's config (the `openai` type: `native_responses = true`).
+    native_protocols: frozenset[str] = frozenset()
 
     def __init__(self, config: ProviderConfig) -> None:
         self.config = config
@@ -181,13 +185,15 @@ class Provider:
         raise NotImplementedError
 
     async def native(self, request: NativeRequest) -> ChatResponse:
-        """The protocol's own response object (for "messages", an Anthropic message) as
-        `body`, and its usage."""
+        """The protocol's own response object (for "messages", an Anthropic message; for
+        "responses", a Response object) as `body`, and its usage."""
         raise UpstreamError(400, f"{self.type} speaks no native protocol", retryable=False)
 
     def stream_native(self, request: NativeRequest) -> AsyncIterator[StreamItem]:
         """The protocol's own stream events as dicts (for "messages", Anthropic's events
-        without `ping`), and one `Usage` once known, as `stream_chat` does."""
+        without `ping`; for "responses", the typed events through the terminal
+        `response.completed` or `.incomplete`), and one `Usage` once known, as `stream_chat`
+        does. A failed stream (`response.failed`, `error`) raises `UpstreamError`."""
         raise UpstreamError(400, f"{self.type} speaks no native protocol", retryable=False)
 
     async def count_tokens(self, request: ChatRequest) -> int | None:

@@ -223,7 +223,7 @@ async def _generate_one(
         out_tokens
     )
     if gen.native is not None:
-        gen.native["max_tokens"] = out_tokens
+        gen.native[gen.native_bound] = out_tokens
     event = UsageEvent(
         generation_id=generation_id,
         key_hash=key_hash,

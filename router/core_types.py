@@ -30,11 +30,12 @@ class Generation:
     # The client's own body (cleaned), for a route whose provider speaks `api` natively:
     # it then passes through untranslated, and the renderer's native_* methods write it.
     native: dict[str, Any] | None = None
+    native_bound: str = "max_tokens"  # the native body's output bound, set to the hold's
 
     @classmethod
     def translated(
         cls, chat: dict[str, Any], api: str, input_bytes: int,
-        native: dict[str, Any] | None = None,
+        native: dict[str, Any] | None = None, native_bound: str = "max_tokens",
     ) -> Generation:  # fmt: skip
         """A generation read from another protocol's request (`chat` is its translation)."""
         return cls(
@@ -45,6 +46,7 @@ class Generation:
             api=api,
             input_bytes=input_bytes,
             native=native,
+            native_bound=native_bound,
         )
 
 

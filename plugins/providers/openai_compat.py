@@ -1,7 +1,9 @@
 """`openai`: any OpenAI-compatible upstream (OpenAI, Groq, Together, DeepSeek, vLLM, Ollama).
 
 Chat completions and embeddings pass through nearly unchanged; streams ask the upstream for
-usage with `stream_options.include_usage`, so usage is reported, never guessed.
+usage with `stream_options.include_usage`, so usage is reported, never guessed. With
+`native_responses = true` in its catalog table, the provider also speaks OpenAI's Responses
+API natively (plugins/providers/openai_responses.py): only for upstreams that have it.
 """
 
 from __future__ import annotations
@@ -19,13 +21,21 @@ from apifast.plugins.providers.http1 import (
     connection_limit,
     encode_headers,
 )
+from apifast.plugins.providers.openai_responses import (
+    checked_response,
+    native_responses,
+    responses_usage,
+    stream_events,
+)
 from apifast.plugins.providers.sse import sse_data
 from apifast.providers import (
     ChatRequest,
     ChatResponse,
     EmbeddingsRequest,
     EmbeddingsResponse,
+    NativeRequest,
     Provider,
+    ProviderConfig,
     StreamItem,
     UpstreamError,
     UpstreamTimeout,
@@ -55,6 +65,11 @@ class OpenAIProvider(Provider):
     supports_embeddings = True
 
     _client: Http1Client | None = None
+
+    def __init__(self, config: ProviderConfig) -> None:
+        super().__init__(config)
+        if native_responses(config.options):
+            self.native_protocols = frozenset({"responses"})
 
     async def start(self) -> None:
         if self._client is not None:
@@ -169,6 +184,26 @@ class OpenAIProvider(Provider):
                 response.close()
         if failure is not None:
             raise failure
+
+    def _native_body(self, request: NativeRequest, stream: bool) -> dict[str, Any]:
+        if request.protocol not in self.native_protocols:
+            raise UpstreamError(400, f"{self.config.name}: no native {request.protocol}",
+                                retryable=False)  # fmt: skip
+        body = {**request.body, "model": request.model}
+        body.pop("stream", None)
+        if stream:
+            body["stream"] = True
+        return body
+
+    async def native(self, request: NativeRequest) -> ChatResponse:
+        # The Responses API itself (only with native_responses): a pass-through.
+        body = self._native_body(request, stream=False)
+        data = checked_response(await self._post_json("/responses", body), self.config.name)
+        return ChatResponse(body=data, usage=responses_usage(data.get("usage")))
+
+    def stream_native(self, request: NativeRequest) -> AsyncIterator[StreamItem]:
+        body = self._native_body(request, stream=True)
+        return stream_events(self._client_ready, self._stream_headers, body, self.config.name)
 
     async def embeddings(self, request: EmbeddingsRequest) -> EmbeddingsResponse:
         data = await self._post_json("/embeddings", request.body)
