@@ -114,6 +114,8 @@ async def test_alerts_need_the_email_on_file(env: PayEnv) -> None:
             ({"low_balance_usd": "0.50", "email": "wrong@example.com"}, "email"),
             ({"low_balance_usd": "0.50"}, "email"),  # the address is needed once
             ({"low_balance_usd": 0.5, "email": "right@example.com"}, "low_balance_usd"),
+            ({"low_balance_usd": 0.0, "email": "right@example.com"}, "low_balance_usd"),
+            ({"low_balance_usd": [1], "email": "right@example.com"}, "low_balance_usd"),
             ({"low_balance_usd": "0", "email": "right@example.com"}, "low_balance_usd"),
         ):
             r = await c.post("/v1/key/alerts", json=body)
@@ -123,6 +125,12 @@ async def test_alerts_need_the_email_on_file(env: PayEnv) -> None:
             "/v1/key/alerts", json={"low_balance_usd": "0.50", "email": "right@example.com"}
         )
         assert ok.status_code == 200, ok.text
+        fraction = await c.post("/v1/key/alerts", json={"low_balance_usd": 0.5})
+        assert fraction.status_code == 400
+        assert 'send a decimal string like "5.00"' in fraction.json()["error"]["message"]
+        # A JSON integer is exact, so it is taken as it is.
+        whole = await c.post("/v1/key/alerts", json={"low_balance_usd": 1})
+        assert whole.status_code == 200 and whole.json()["low_balance_usd"] == "1.00"
         # Later, the threshold alone.
         again = await c.post("/v1/key/alerts", json={"low_balance_usd": "0.25"})
         assert again.status_code == 200 and again.json()["low_balance_usd"] == "0.25"
