@@ -12,20 +12,21 @@ from fastapi import APIRouter
 from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 
-from apifast.auth import key_hash_from_request
+from apifast.auth import history_hashes
 from apifast.errors import ApiError, bad
 from apifast.receipts import ReceiptSigner
 from apifast.router.state import RouterState
-from apifast.router.usage_api import row_receipt
+from apifast.router.usage_api import hex_list, row_receipt
 
 api = APIRouter(tags=["receipts"])
 
 _MAX_DAYS = 366
 _DEFAULT_DAYS = 30  # GET /v1/usage's default window
 _RECEIPTS_SQL = """
-SELECT generation_id, model, api, input_tokens, output_tokens, cached_tokens, cost_usd, ts
+SELECT generation_id, key_hash, model, api, input_tokens, output_tokens, cached_tokens,
+       cost_usd, ts
 FROM usage_events
-WHERE key_hash = {key_hash:String} AND ts >= {start:DateTime64(3, 'UTC')}
+WHERE key_hash IN {key_hashes:Array(String)} AND ts >= {start:DateTime64(3, 'UTC')}
   AND ts < {end:DateTime64(3, 'UTC')} AND cost_usd > 0
 ORDER BY ts, generation_id
 LIMIT 1 BY generation_id
@@ -66,7 +67,7 @@ async def receipts(request: Request) -> Response:
     days; also spelled `from` and `to`), one signed receipt per line, oldest first. Without
     them, the last 30 days up to today, as GET /v1/usage."""
     state: RouterState = request.app.state.apifast
-    key_hash = key_hash_from_request(request, state.secret)
+    hashes = hex_list(await history_hashes(request, state.pool, state.secret))
     signer = _signer(state)
     last, end_name = _day(request, "end", "to")
     last = last or datetime.now(UTC).date()
@@ -87,10 +88,10 @@ async def receipts(request: Request) -> Response:
             start = datetime.combine(day, datetime.min.time(), UTC)
             rows = await store.query(
                 _RECEIPTS_SQL,
-                {"key_hash": key_hash.hex(), "start": start, "end": start + timedelta(days=1)},
+                {"key_hashes": hashes, "start": start, "end": start + timedelta(days=1)},
             )
             for row in rows:
-                receipt = signer.sign(row_receipt(row, key_hash))
+                receipt = signer.sign(row_receipt(row))
                 yield orjson.dumps({"id": row["generation_id"], "receipt": receipt}) + b"\n"
             day += timedelta(days=1)
 
