@@ -60,15 +60,16 @@ def _in_flight() -> ApiError:
 async def _move_alert(
     rt: PaymentsRuntime, conn: asyncpg.Connection, old_id: int, new_id: int
 ) -> None:
-    """The low-balance alert follows the key: its address re-encrypted for the new row."""
+    """The low-balance alert follows the key: its address re-encrypted for the new row, its
+    state (armed, last sent) kept, so a rotation never sends a crossing's alert twice."""
     row = await conn.fetchrow(Q.balance_alert_get, old_id)
     if row is None:
         return
     sealed = EncryptedKey(row["enc_key_id"], bytes(row["nonce"]), bytes(row["email_ciphertext"]))
     address = rt.keyring.decrypt(sealed, alert_aad(old_id))
     moved = rt.keyring.encrypt(address, alert_aad(new_id))
-    await conn.execute(Q.balance_alert_upsert, new_id, row["threshold_usd"], moved.ciphertext,
-                       moved.nonce, moved.kid)  # fmt: skip
+    await conn.execute(Q.balance_alert_move, new_id, old_id, moved.ciphertext, moved.nonce,
+                       moved.kid)  # fmt: skip
     await conn.execute(Q.balance_alert_delete, old_id)
 
 

@@ -159,3 +159,29 @@ async def test_the_alert_follows_a_rotation(env: PayEnv) -> None:
     assert await _sweep(env) == 1
     [mail] = _alerts(env, address)
     assert new[:11] in mail.body and old[:11] not in mail.body
+
+
+async def test_a_rotation_does_not_send_a_crossings_alert_again(env: PayEnv) -> None:
+    address = "sent.before.rotating@example.com"
+    order = await env.new_order("10.00", email=address)
+    old = order["api_key"]
+    await _credit(env, await _key_id(env, old), Decimal("1.00"), "alerts-rot-sent")
+    async with env.client(old) as c:
+        r = await c.post("/v1/key/alerts", json={"low_balance_usd": "0.99999", "email": address})
+        assert r.status_code == 200, r.text
+    await _spend(env, old)
+    assert await _sweep(env) == 1  # sent for this crossing, on the old key
+    async with env.client(old) as c:
+        sent_at = (await c.get("/v1/key/alerts")).json()["last_sent_at"]
+        rotated = await c.post("/v1/key/rotate")
+    assert rotated.status_code == 201, rotated.text
+    new = rotated.json()["key"]
+    assert await _sweep(env) == 0 and len(_alerts(env, address)) == 1  # not again
+    async with env.client(new) as c:
+        assert (await c.get("/v1/key/alerts")).json()["last_sent_at"] == sent_at
+    # A credit lifts the new key above the threshold: armed again for the next crossing.
+    new_id = await _key_id(env, new)
+    armed = "SELECT armed FROM balance_alerts WHERE key_id = $1"
+    assert await env.pool.fetchval(armed, new_id) is False
+    await _credit(env, new_id, Decimal("1.00"), "alerts-rot-rearm")
+    assert await env.pool.fetchval(armed, new_id) is True
