@@ -9,7 +9,7 @@ common case (an OpenAI-compatible upstream) is a near pass-through.
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from email.utils import parsedate_to_datetime
 from typing import Any, ClassVar
@@ -22,6 +22,7 @@ __all__ = [
     "NativeRequest",
     "Provider",
     "ProviderConfig",
+    "RegisterProviderType",
     "StreamItem",
     "UpstreamError",
     "UpstreamTimeout",
@@ -206,3 +207,7 @@ class Provider:
 
     async def check(self) -> None:
         """Raise `UpstreamError` if the upstream cannot be reached (the admin's test button)."""
+
+
+# What the `register_provider_types` hook is given: `register(type_name, ProviderSubclass)`.
+RegisterProviderType = Callable[[str, type[Provider]], None]
