@@ -49,6 +49,8 @@ async def embeddings(request: Request) -> Response:
     result, cost, receipt = await embed(
         state, key_hash, model, upstream_body(body, ""), len(raw), started
     )
-    content = embeddings_body(result.body, model.id, result.usage, cost)
+    usage = result.usage
+    assert usage is not None  # embed() puts the billed usage there
+    content = embeddings_body(result.body, model.id, usage, cost)
     headers = {RECEIPT_HEADER: receipt} if receipt else None
     return Response(content, media_type="application/json", headers=headers)
