@@ -1,5 +1,6 @@
 """An upstream that omits usage, or sends counts that are not counts (strings, bools, null,
-negatives, objects), on every provider and protocol path, streaming and not (issue 13,
+negatives, objects), on every provider and protocol path (chat, messages translated and
+native, responses, embeddings), streaming and not (issue 13,
 "Usage sanity"): the request is served, billed the documented estimate (docs/billing.md),
 marked `usage_estimated`, and the ledger debits exactly the `usage.cost` the client saw."""
 
@@ -109,6 +110,9 @@ async def _post(stack: Stack, key: str, api: str, model: str, stream: bool) -> t
     if api == "embeddings":
         body: dict[str, Any] = {"model": model, "input": "how long is a piece of string"}
         path = "/v1/embeddings"
+    elif api == "responses":
+        body = {"model": model, "input": "hello"}
+        path = "/v1/responses"
     elif api == "messages":
         body = {"model": model, "max_tokens": 100,
                 "messages": [{"role": "user", "content": "hello"}]}  # fmt: skip
@@ -129,7 +133,8 @@ async def _post(stack: Stack, key: str, api: str, model: str, stream: bool) -> t
         return r.json()["id"] if "id" in r.json() else "", r.json()["usage"], len(raw), 0
     if not stream:
         out = r.json()
-        generation_id = out["id"][len("msg_") :] if api == "messages" else out["id"]
+        prefix = {"messages": "msg_", "responses": "resp_"}.get(api, "")
+        generation_id = out["id"][len(prefix) :]
         return generation_id, out["usage"], len(raw), len(reply)
     events = _sse_json(r.text)
     if api == "messages":
@@ -150,6 +155,7 @@ PATHS = [
     ("chat", "claude-chat", False), ("chat", "claude-chat", True),
     ("messages", "claude-chat", False), ("messages", "claude-chat", True),
     ("messages", "fast-chat", False),
+    ("responses", "fast-chat", False), ("responses", "claude-chat", False),
     ("embeddings", "embed-small", False),
 ]  # fmt: skip
 
