@@ -29,7 +29,9 @@ Response (Anthropic -> OpenAI):
 - stop_reason end_turn/stop_sequence/pause_turn -> "stop", max_tokens -> "length",
   tool_use -> "tool_calls", refusal -> "content_filter".
 - Anthropic's `input_tokens` excludes cache reads and writes; `Usage.input_tokens` is the sum
-  of all three, `cached_tokens` = cache reads, `cache_write_tokens` = cache writes.
+  of all three, `cached_tokens` = cache reads, `cache_write_tokens` = cache writes. Usage
+  that is missing, or has a count that is not a non-negative number, is reported as none
+  (`usage=None`, no `Usage` in a stream): the router bills its documented estimate.
 - Errors: HTTP status and Anthropic error type only, never bodies. A stream's `error` event
   maps its type to the status Anthropic would have answered with (overloaded_error -> 529).
 
