@@ -1,19 +1,27 @@
 """Upstream overages are visible to the operator (issue 13): the Prometheus counters the
 meter exports (`apifast_upstream_overages_total`, `apifast_upstream_overage_usd_total`, by
 public model) and the "Upstream overages" count on the admin overview, both equal to what
-`usage_overages` recorded."""
+`usage_overages` recorded, and counted once even when the meter sees an event again."""
 
 from __future__ import annotations
 
 import re
+import time
 from collections.abc import AsyncIterator, Callable
 from decimal import Decimal
 from typing import Any
 
 import httpx
+import orjson
 import pytest
+from prometheus_client import generate_latest
 
+from apifast.keys import key_prefix
+from apifast.metering.consumer import Meter
+from apifast.metering.event import UsageEvent
+from apifast.metrics import Metrics
 from apifast.money import format_usd
+from apifast.providers import Usage
 from tests.admin_support import AdminClient, set_admin_password
 from tests.fakes.openai_upstream import FakeOpenAI
 from tests.harness import Stack, free_port, models_toml, running_stack
@@ -80,3 +88,28 @@ async def test_overages_are_counted_in_metrics_and_on_the_admin_overview(
     shown = re.search(r'id="stat-overages">([^<]*)<', page.text)
     assert shown is not None
     assert shown.group(1).strip() == f"2 (${format_usd(total)})"
+
+
+async def test_an_overage_seen_again_is_not_counted_again(ostack: Stack) -> None:
+    stack = ostack
+    key = await stack.create_key("1.00")
+    key_id, key_hash = await stack.pool.fetchrow(
+        "SELECT id, key_hash FROM api_keys WHERE prefix = $1", key_prefix(key)
+    )
+    event = UsageEvent(
+        generation_id="gen-overage-once", key_hash=bytes(key_hash), key_id=key_id,
+        model="fast-chat", endpoint="chat", stream=False, reserved_usd=Decimal("0.01"),
+        usage=Usage(input_tokens=1_000_000, output_tokens=0), cost_usd=Decimal("0.50"),
+        started_at=time.time(),
+    )  # fmt: skip
+    metrics = Metrics()
+    meter = Meter.from_settings(stack.settings, stack.pool, stack.state.clickhouse)
+    meter.metrics = metrics
+    for _ in range(2):  # delivered, then redelivered (its ack was lost)
+        await meter.process([orjson.loads(event.to_bytes())])
+    text = generate_latest(metrics.registry).decode()
+    assert _sample(text, "apifast_upstream_overages_total", "fast-chat") == 1.0
+    assert _sample(text, "apifast_upstream_overage_usd_total", "fast-chat") == 0.49
+    assert meter.overages == 1
+    balance = await stack.pool.fetchval("SELECT balance_usd FROM api_keys WHERE id = $1", key_id)
+    assert balance == Decimal("0.99")  # the hold, once; the rest is the operator's
