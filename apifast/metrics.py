@@ -118,6 +118,18 @@ class Metrics:
             "apifast_meter_store_errors", "Meter batches that failed, by store", ["store"],
             registry=r,
         )  # fmt: skip
+        # Counted by the meter, once per event it debits (never by a router: a router's
+        # count and the meter's would add up twice across processes).
+        self.upstream_overages = Counter(
+            "apifast_upstream_overages",
+            "Requests whose upstream-reported usage cost more than their hold (not charged)",
+            ["model"], registry=r,
+        )  # fmt: skip
+        self.upstream_overage_usd = Counter(
+            "apifast_upstream_overage_usd",
+            "Cost reported by upstreams beyond the requests' holds, absorbed by the operator",
+            ["model"], registry=r,
+        )  # fmt: skip
         # Known label values exported at 0 from the start, so a rate() alert sees the first.
         for store in ("postgres", "clickhouse"):
             self.store_errors.labels(store)
@@ -139,6 +151,11 @@ class Metrics:
             self.tokens.labels(model, "output").inc(output_tokens)
         if cost:
             self.cost.labels(model).inc(float(cost))  # a dashboard series, not the account
+
+    def overage(self, model: str, usd: Decimal) -> None:
+        """One debited event's upstream overage (metering/consumer.py)."""
+        self.upstream_overages.labels(model).inc()
+        self.upstream_overage_usd.labels(model).inc(float(usd))  # a series, not the account
 
     def watch(self, gauge: Gauge, read: Callable[[], float]) -> None:
         """Read `gauge` from `read` at each scrape; for a worker of several, at each

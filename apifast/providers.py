@@ -28,6 +28,7 @@ __all__ = [
     "UpstreamTimeout",
     "Usage",
     "parse_retry_after",
+    "token_count",
 ]
 
 
@@ -41,6 +42,19 @@ class Usage:
     cached_tokens: int = 0
     cache_write_tokens: int = 0
     reasoning_tokens: int = 0
+
+
+def token_count(value: Any) -> int | None:
+    """A token count from an upstream's JSON: a non-negative integer, or a non-negative
+    number truncated; None for anything else (a bool, a string, null, a negative, an object),
+    which a provider reports as no usage at all, so the router bills its documented estimate
+    (docs/billing.md). Never raises: a faulty upstream must not turn a served answer into an
+    unbilled error."""
+    if type(value) is int:
+        return value if value >= 0 else None
+    if type(value) is float and 0 <= value < 2**63:  # rules out NaN and infinities too
+        return int(value)
+    return None
 
 
 @dataclass(slots=True)
@@ -83,10 +97,12 @@ class NativeRequest:
 
 @dataclass(slots=True)
 class ChatResponse:
-    """An OpenAI `chat.completion` object (its `usage` may be absent) and the parsed usage."""
+    """An OpenAI `chat.completion` object (its `usage` may be absent) and the parsed usage:
+    None when the upstream reported none, or none that could be believed (the router then
+    bills the documented estimate, as for a stream without usage)."""
 
     body: dict[str, Any]
-    usage: Usage
+    usage: Usage | None
 
 
 @dataclass(slots=True)
@@ -98,7 +114,7 @@ class EmbeddingsRequest:
 @dataclass(slots=True)
 class EmbeddingsResponse:
     body: dict[str, Any]
-    usage: Usage
+    usage: Usage | None  # None: not reported (or not believable); the router estimates
 
 
 # A stream yields OpenAI `chat.completion.chunk` dicts, and a `Usage` once it is known.

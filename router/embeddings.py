@@ -61,6 +61,8 @@ async def embeddings(request: Request) -> Response:
     except Exception:  # answered with a bare 500 (apifast/errors.py)
         count_refused(state, "embeddings", 500, raw)
         raise
-    content = embeddings_body(result.body, model.id, result.usage, cost)
+    usage = result.usage
+    assert usage is not None  # embed() puts the billed usage there
+    content = embeddings_body(result.body, model.id, usage, cost)
     headers = {RECEIPT_HEADER: receipt} if receipt else None
     return Response(content, media_type="application/json", headers=headers)

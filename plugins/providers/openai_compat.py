@@ -41,22 +41,55 @@ from apifast.providers import (
     UpstreamTimeout,
     Usage,
     parse_retry_after,
+    token_count,
 )
 
 
-def parse_usage(usage: dict[str, Any] | None) -> Usage | None:
-    if not usage:
+def _details(usage: dict[str, Any], name: str) -> dict[str, Any] | None:
+    """A `*_tokens_details` object: {} when absent or null, None when it is not an object."""
+    details = usage.get(name)
+    if details is None:
+        return {}
+    return details if isinstance(details, dict) else None
+
+
+def _part(details: dict[str, Any], name: str) -> int | None:
+    """A part of a count (cached, reasoning...): 0 when absent or null."""
+    value = details.get(name)
+    return 0 if value is None else token_count(value)
+
+
+def parse_usage(usage: Any, *, completion: bool = True) -> Usage | None:
+    """The upstream's usage, or None when it sent none or any count in it is not a
+    non-negative number (a string, a bool, a negative, an object; null for a whole count):
+    the router then bills the documented estimate. Floats are truncated. `completion`: a
+    chat answer, whose usage must count its completion tokens (an embeddings answer has
+    none). Never raises."""
+    if not isinstance(usage, dict) or not usage:
         return None
-    prompt_details = usage.get("prompt_tokens_details") or {}
-    completion_details = usage.get("completion_tokens_details") or {}
-    # DeepSeek reports cache hits as prompt_cache_hit_tokens.
-    cached = prompt_details.get("cached_tokens") or usage.get("prompt_cache_hit_tokens") or 0
+    prompt_details = _details(usage, "prompt_tokens_details")
+    completion_details = _details(usage, "completion_tokens_details")
+    if prompt_details is None or completion_details is None:
+        return None
+    prompt = token_count(usage.get("prompt_tokens"))
+    raw_output = usage.get("completion_tokens")
+    output = 0 if raw_output is None and not completion else token_count(raw_output)
+    cached = _part(prompt_details, "cached_tokens")
+    if cached == 0:  # DeepSeek reports cache hits as prompt_cache_hit_tokens
+        cached = _part(usage, "prompt_cache_hit_tokens")
+    cache_write = _part(prompt_details, "cache_write_tokens")
+    reasoning = _part(completion_details, "reasoning_tokens")
+    if (
+        prompt is None or output is None or cached is None or cache_write is None
+        or reasoning is None
+    ):  # fmt: skip
+        return None
     return Usage(
-        input_tokens=int(usage.get("prompt_tokens") or 0),
-        output_tokens=int(usage.get("completion_tokens") or 0),
-        cached_tokens=int(cached),
-        cache_write_tokens=int(prompt_details.get("cache_write_tokens") or 0),
-        reasoning_tokens=int(completion_details.get("reasoning_tokens") or 0),
+        input_tokens=prompt,
+        output_tokens=output,
+        cached_tokens=cached,
+        cache_write_tokens=cache_write,
+        reasoning_tokens=reasoning,
     )
 
 
@@ -131,7 +164,8 @@ class OpenAIProvider(Provider):
         data = await self._post_json("/chat/completions", request.body)
         if not isinstance(data.get("choices"), list):
             raise UpstreamError(502, f"{self.config.name}: response has no choices")
-        return ChatResponse(body=data, usage=parse_usage(data.get("usage")) or Usage())
+        # No usage (or none to believe): None, and the router bills the documented estimate.
+        return ChatResponse(body=data, usage=parse_usage(data.get("usage")))
 
     async def stream_chat(self, request: ChatRequest) -> AsyncIterator[StreamItem]:
         body = dict(request.body)
@@ -207,7 +241,8 @@ class OpenAIProvider(Provider):
 
     async def embeddings(self, request: EmbeddingsRequest) -> EmbeddingsResponse:
         data = await self._post_json("/embeddings", request.body)
-        return EmbeddingsResponse(body=data, usage=parse_usage(data.get("usage")) or Usage())
+        usage = parse_usage(data.get("usage"), completion=False)
+        return EmbeddingsResponse(body=data, usage=usage)
 
     async def check(self) -> None:
         client = await self._client_ready()

@@ -18,6 +18,7 @@ header to error answers; `on_request` is called with each chat body before it is
 from __future__ import annotations
 
 import asyncio
+import copy
 import re
 import time
 from collections.abc import Callable
@@ -52,7 +53,8 @@ class FakeOpenAI:
     behaviour: str = "ok"
     cached_tokens: int = 0
     reasoning_tokens: int = 0
-    usage_override: dict[str, Any] | None = None  # reported as is, however wrong
+    usage_override: Any = None  # reported as is, however wrong (chat and embeddings)
+    omit_usage: bool = False  # answers carry no `usage` at all (streams: no usage chunk)
     requests: list[dict[str, Any]] = field(default_factory=list)
     responses_requests: list[dict[str, Any]] = field(default_factory=list)
     headers: list[dict[str, str]] = field(default_factory=list)
@@ -145,7 +147,7 @@ class FakeOpenAI:
 
     def _usage(self, body: dict[str, Any], completion: int) -> dict[str, Any]:
         if self.usage_override is not None:
-            return dict(self.usage_override)  # a faulty upstream's own numbers
+            return copy.deepcopy(self.usage_override)  # a faulty upstream's own numbers
         prompt = prompt_tokens(body)
         return {
             "prompt_tokens": prompt,
@@ -207,6 +209,8 @@ class FakeOpenAI:
             "usage": self._usage(body, len(words)),
             "service_tier": "default",
         }
+        if self.omit_usage:
+            del out["usage"]
         return web.Response(body=orjson.dumps(out), content_type="application/json",
                             headers=self._upstream_headers())  # fmt: skip
 
@@ -260,7 +264,7 @@ class FakeOpenAI:
                 await asyncio.sleep(float(behaviour.split(":")[1]))
         await resp.write(chunk({}, finish))
         include = (body.get("stream_options") or {}).get("include_usage")
-        if include and behaviour != "nousage":
+        if include and behaviour != "nousage" and not self.omit_usage:
             u = {
                 "id": "chatcmpl-UPSTREAMID",
                 "object": "chat.completion.chunk",
@@ -361,6 +365,10 @@ class FakeOpenAI:
                      for i in range(len(inputs))],
             "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
         }  # fmt: skip
+        if self.usage_override is not None:
+            out["usage"] = copy.deepcopy(self.usage_override)
+        if self.omit_usage:
+            del out["usage"]
         return web.Response(body=orjson.dumps(out), content_type="application/json")
 
     async def _models(self, request: web.Request) -> web.Response:
