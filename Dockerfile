@@ -1,5 +1,6 @@
 # One image for the router (`apifast serve`), the meter (`apifast meter`) and migrations.
-FROM python:3.11-slim
+# An exact patch release on an exact Debian release: a rebuild gets the same interpreter.
+FROM python:3.11.10-slim-bookworm
 
 ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1
 WORKDIR /app

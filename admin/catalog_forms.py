@@ -245,6 +245,10 @@ def parse_provider_form(
     options["connect_timeout_s"] = _seconds(form, "connect_timeout_s", 10.0)
     if api_key_env:
         options["api_key_env"] = api_key_env
+    # A checkbox: the upstream has OpenAI's Responses API (the openai type reads it).
+    options.pop("native_responses", None)
+    if form.get("native_responses") == "on":
+        options["native_responses"] = True
     api_key = field(form, "api_key", limit=4096)
     table = {**options, "type": ptype, "base_url": base_url}
     try:

@@ -19,6 +19,7 @@ from apifast.admin.web import (
     codec,
     field,
     form_with_csrf,
+    read_form,
     redirect,
     render,
     state_of,
@@ -63,7 +64,7 @@ async def login(request: Request) -> Response:
         response = _login_page(request, 429, f"Too many attempts. Try again in {int(wait) + 1} s.")
         response.headers["Retry-After"] = str(int(wait) + 1)
         return response
-    form = await request.form()
+    form = await read_form(request)
     if not codec(request).login_form_token_ok(field(form, "login_token")):
         raise Forbidden("Missing or expired login form token. Reload the page and try again.")
     next_path = _safe_next(field(form, "next", "/admin/"))

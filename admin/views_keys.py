@@ -11,10 +11,11 @@ from urllib.parse import quote
 from fastapi import APIRouter, Depends
 from starlette.responses import Response
 
+from apifast.admin.balance_adjust import adjust_balance, refusal
 from apifast.admin.web import Ctx, admin_ctx, audit, field, form_with_csrf, redirect, render
 from apifast.db import Queries
 from apifast.keys import PREFIX, hash_key, is_well_formed
-from apifast.money import MoneyError, format_usd, parse_usd
+from apifast.money import MoneyError, parse_usd
 
 router = APIRouter()
 Q = Queries("apifast.admin")
@@ -87,15 +88,12 @@ async def adjust(key_id: int, ctx: Ctx = Depends(admin_ctx)) -> Response:
     signed = amount if direction == "credit" else -amount
     kind = f"admin_{direction}"
     ref = f"admin:{secrets.token_hex(8)}"
-    balance = await ctx.pool.fetchval(Q.admin_key_adjust, key_id, kind, ref, signed, reason)
-    if balance is None:
-        return await _key_page(
-            ctx, key_id, status=409,
-            error=f"Not done: a debit of {format_usd(amount)} would take the balance below 0, "
-            "or this is a sub-key (it spends its parent's balance: adjust the parent).",
-        )  # fmt: skip
+    result = await adjust_balance(ctx.pool, key_id, kind, ref, signed, reason)
+    if result is None or not result.done:
+        status = 404 if result is None else 409
+        return await _key_page(ctx, key_id, status=status, error=refusal(amount, result))
     await audit(ctx.pool, ctx.session.id, kind, f"key {key_id}", amount_usd=str(signed),
-                reason=reason, ledger_ref=ref, balance_usd=str(balance))  # fmt: skip
+                reason=reason, ledger_ref=ref, balance_usd=str(result.balance))  # fmt: skip
     return redirect(f"/admin/keys/{key_id}?done={direction}")
 
 

@@ -30,7 +30,8 @@ from apifast.providers import UpstreamError
 router = APIRouter()
 Q = Queries("apifast.admin")
 TEST_TIMEOUT_S = 20.0
-_EDITOR_FIELDS = ("name", "type", "base_url", "api_key_env", "timeout_s", "connect_timeout_s")
+_EDITOR_FIELDS = ("name", "type", "base_url", "api_key_env", "timeout_s", "connect_timeout_s",
+                  "native_responses")  # fmt: skip
 
 
 async def stored_providers(ctx: Ctx) -> dict[str, StoredProvider]:
@@ -113,12 +114,14 @@ async def edit_provider(name: str, ctx: Ctx = Depends(admin_ctx)) -> Response:
         values = {"name": name, "type": row.type, "base_url": row.base_url,
                   "api_key_env": opts.get("api_key_env", ""),
                   "timeout_s": str(opts.get("timeout_s", 300)),
-                  "connect_timeout_s": str(opts.get("connect_timeout_s", 10))}  # fmt: skip
+                  "connect_timeout_s": str(opts.get("connect_timeout_s", 10)),
+                  "native_responses": opts.get("native_responses") is True}  # fmt: skip
     else:
         assert cfg is not None
         values = {"name": name, "type": cfg.type, "base_url": cfg.base_url, "api_key_env": "",
                   "timeout_s": str(cfg.read_timeout_s),
-                  "connect_timeout_s": str(cfg.connect_timeout_s)}  # fmt: skip
+                  "connect_timeout_s": str(cfg.connect_timeout_s),
+                  "native_responses": cfg.options.get("native_responses") is True}  # fmt: skip
     return _editor(ctx, values, is_new=False, key=_key_display(ctx, name, row))
 
 

@@ -3,6 +3,7 @@ check and the audit trail."""
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 from dataclasses import dataclass
 from decimal import Decimal
@@ -63,6 +64,14 @@ class Unavailable(Exception):
     def __init__(self, message: str) -> None:
         super().__init__(message)
         self.message = message
+
+
+class FormTimeout(Exception):
+    """The posted form did not arrive within APIFAST_BODY_READ_TIMEOUT_S (answered 408)."""
+
+    def __init__(self, timeout_s: float) -> None:
+        super().__init__(f"form body timed out after {timeout_s:g} s")
+        self.timeout_s = timeout_s
 
 
 @dataclass(frozen=True, slots=True)
@@ -152,11 +161,22 @@ def check_origin(request: Request) -> None:
 async def form_with_csrf(ctx: Ctx) -> FormData:
     """The posted form, once its CSRF token has been checked (403 without a good one)."""
     check_origin(ctx.request)
-    form = await ctx.request.form()
+    form = await read_form(ctx.request)
     sent = form.get("csrf")
     if not isinstance(sent, str) or not hmac.compare_digest(sent, ctx.session.csrf):
         raise Forbidden("Missing or invalid CSRF token. Reload the page and try again.")
     return form
+
+
+async def read_form(request: Request) -> FormData:
+    """The posted form, read within APIFAST_BODY_READ_TIMEOUT_S like every request body
+    (apifast.request_body): a client trickling its form must not hold a connection for ever."""
+    timeout_s = state_of(request).settings.body_read_timeout_s
+    try:
+        async with asyncio.timeout(timeout_s):
+            return await request.form()
+    except TimeoutError:
+        raise FormTimeout(timeout_s) from None
 
 
 def field(form: FormData, name: str, default: str = "", limit: int = 10_000) -> str:
@@ -185,6 +205,15 @@ def install_handlers(app: FastAPI) -> None:
         assert isinstance(exc, Unavailable)
         return render(request, "error.html", status=503, title="Unavailable", message=exc.message)
 
+    async def form_timeout(request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, FormTimeout)
+        message = f"The form did not arrive within {exc.timeout_s:g} s. Go back and send it again."
+        response = render(request, "error.html", status=408, title="Request timeout",
+                          message=message)  # fmt: skip
+        response.headers["Connection"] = "close"  # the rest of the body may still be coming
+        return response
+
     app.add_exception_handler(LoginRequired, login_required)
+    app.add_exception_handler(FormTimeout, form_timeout)
     app.add_exception_handler(Forbidden, forbidden)
     app.add_exception_handler(Unavailable, unavailable)

@@ -73,6 +73,19 @@ def refuse_sub_key(row: dict[str, Any]) -> None:
         )
 
 
+async def history_hashes(request: Request, pool: asyncpg.Pool, secret: bytes) -> list[bytes]:
+    """The hashes whose history the calling key reads: its own first, then those of the keys
+    it was rotated from (a rotation moves the history with the balance). 401 for an unknown
+    key, and for a key rotated away: its history went to the new key."""
+    key_hash = key_hash_from_request(request, secret)
+    row = await pool.fetchrow(_Q.key_history, key_hash)
+    if row is None:
+        raise ApiError(401, "Invalid API key.", code="invalid_api_key")
+    if row["rotated"]:
+        raise ApiError(401, "This API key has been rotated; use the new key.", code="key_disabled")
+    return [key_hash, *(bytes(h) for h in row["predecessors"])]
+
+
 async def holder_summary(
     request: Request, pool: asyncpg.Pool, secret: bytes
 ) -> tuple[bytes, dict[str, Any]]:

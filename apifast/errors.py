@@ -69,6 +69,10 @@ def speaks_anthropic(scope: Any) -> bool:
 class ApiError(Exception):
     """Raise anywhere in a request to answer with this status and OpenAI-shaped body."""
 
+    # True once the request it answers is in the request metrics already (a request that was
+    # finished, then failed upstream), so the error path does not count it twice.
+    counted = False
+
     def __init__(
         self,
         status: int,

@@ -2,19 +2,19 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Any
-
 import pluggy
+
+from apifast.payments import RegisterPaymentProcessor
+from apifast.providers import RegisterProviderType
 
 hookspec = pluggy.HookspecMarker("apifast")
 
 
 @hookspec
-def register_provider_types(register: Callable[[str, type[Any]], None]) -> None:
+def register_provider_types(register: RegisterProviderType) -> None:
     """Register provider classes: call ``register(type_name, ProviderSubclass)``."""
 
 
 @hookspec
-def register_payment_processors(register: Callable[[str, type[Any]], None]) -> None:
+def register_payment_processors(register: RegisterPaymentProcessor) -> None:
     """Register payment processor classes: call ``register(name, ProcessorSubclass)``."""

@@ -15,20 +15,30 @@ _MTOK = Decimal(1_000_000)
 ZERO = Decimal(0)
 
 
+# Why a JSON number with a fraction is refused as money, and what to send instead.
+NO_FRACTION = (
+    "must not be a number with a fraction (it would pass through a float): "
+    'send a decimal string like "5.00"'
+)
+
+
 class MoneyError(ValueError):
     """A value that is not an exact, finite, non-negative USD amount."""
 
 
 def parse_usd(value: object, *, field: str, max_places: int = USD_PLACES) -> Decimal:
-    """Parse a price or amount given as a string or int; floats are refused outright."""
-    if isinstance(value, bool) or isinstance(value, float):
-        raise MoneyError(f'{field} must be a decimal string such as "0.50", not a float')
+    """Parse a price or amount given as a string, an int (a JSON integer is exact) or a
+    Decimal. Floats are refused outright: a JSON number with a fraction has already been
+    rounded to binary by the parser (orjson), so its digits cannot be trusted as money."""
+    if isinstance(value, float):
+        raise MoneyError(f"{field} {NO_FRACTION}")
     try:
-        amount = Decimal(str(value).strip()) if isinstance(value, (str, int, Decimal)) else None
+        exact = isinstance(value, (str, int, Decimal)) and not isinstance(value, bool)
+        amount = Decimal(str(value).strip()) if exact else None
     except InvalidOperation:
         amount = None
     if amount is None or not amount.is_finite():
-        raise MoneyError(f'{field} must be a decimal string such as "0.50"')
+        raise MoneyError(f'{field} must be an amount in USD: send a decimal string like "5.00"')
     if amount < 0:
         raise MoneyError(f"{field} must not be negative")
     exponent = amount.as_tuple().exponent

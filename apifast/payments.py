@@ -16,7 +16,7 @@ float.
 from __future__ import annotations
 
 import enum
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from decimal import ROUND_DOWN, Decimal
@@ -32,6 +32,7 @@ __all__ = [
     "PaymentProcessor",
     "PaymentStatus",
     "PaymentUpdate",
+    "RegisterPaymentProcessor",
     "WebhookError",
     "WebhookPayloadError",
     "WebhookSignatureError",
@@ -244,3 +245,7 @@ class PaymentProcessor:
     async def fetch_payment(self, payment_id: str) -> PaymentUpdate:
         """The payment's current state, straight from the processor."""
         raise NotImplementedError
+
+
+# What the `register_payment_processors` hook is given: `register(name, ProcessorSubclass)`.
+RegisterPaymentProcessor = Callable[[str, type[PaymentProcessor]], None]

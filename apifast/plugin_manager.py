@@ -4,11 +4,13 @@ third-party ones (see pyproject.toml), so a third-party plugin can replace any o
 from __future__ import annotations
 
 import os
-from typing import Any
+from typing import TypeVar
 
 import pluggy
 
 from apifast import hookspecs
+from apifast.payments import PaymentProcessor
+from apifast.providers import Provider
 
 PROVIDER_GROUP = "apifast.providers"
 PAYMENT_GROUP = "apifast.payments"
@@ -42,10 +44,15 @@ def make_plugin_manager(*, extra_plugins: tuple[object, ...] = ()) -> pluggy.Plu
     return pm
 
 
-def _collect(hook: Any, what: str) -> dict[str, type[Any]]:
-    found: dict[str, type[Any]] = {}
+_T = TypeVar("_T", Provider, PaymentProcessor)
 
-    def register(name: str, cls: type[Any]) -> None:
+
+def _collect(hook: pluggy.HookCaller, base: type[_T]) -> dict[str, type[_T]]:
+    """What the plugins registered through `hook`. The classes are typed as `base` and not
+    checked at run time: the contract is the hook, and a duck-typed class keeps working."""
+    found: dict[str, type[_T]] = {}
+
+    def register(name: str, cls: type[_T]) -> None:
         # setdefault: pluggy calls later-registered plugins first, so a third-party plugin
         # registered after the built-ins wins for a shared name.
         found.setdefault(name, cls)
@@ -54,9 +61,9 @@ def _collect(hook: Any, what: str) -> dict[str, type[Any]]:
     return found
 
 
-def provider_types(pm: pluggy.PluginManager) -> dict[str, type[Any]]:
-    return _collect(pm.hook.register_provider_types, "provider")
+def provider_types(pm: pluggy.PluginManager) -> dict[str, type[Provider]]:
+    return _collect(pm.hook.register_provider_types, Provider)
 
 
-def payment_processor_types(pm: pluggy.PluginManager) -> dict[str, type[Any]]:
-    return _collect(pm.hook.register_payment_processors, "payment processor")
+def payment_processor_types(pm: pluggy.PluginManager) -> dict[str, type[PaymentProcessor]]:
+    return _collect(pm.hook.register_payment_processors, PaymentProcessor)

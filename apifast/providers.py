@@ -9,7 +9,7 @@ common case (an OpenAI-compatible upstream) is a near pass-through.
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from email.utils import parsedate_to_datetime
 from typing import Any, ClassVar
@@ -22,12 +22,14 @@ __all__ = [
     "NativeRequest",
     "Provider",
     "ProviderConfig",
+    "RegisterProviderType",
     "StreamItem",
     "UnsupportedParameter",
     "UpstreamError",
     "UpstreamTimeout",
     "Usage",
     "parse_retry_after",
+    "token_count",
 ]
 
 
@@ -41,6 +43,19 @@ class Usage:
     cached_tokens: int = 0
     cache_write_tokens: int = 0
     reasoning_tokens: int = 0
+
+
+def token_count(value: Any) -> int | None:
+    """A token count from an upstream's JSON: a non-negative integer, or a non-negative
+    number truncated; None for anything else (a bool, a string, null, a negative, an object),
+    which a provider reports as no usage at all, so the router bills its documented estimate
+    (docs/billing.md). Never raises: a faulty upstream must not turn a served answer into an
+    unbilled error."""
+    if type(value) is int:
+        return value if value >= 0 else None
+    if type(value) is float and 0 <= value < 2**63:  # rules out NaN and infinities too
+        return int(value)
+    return None
 
 
 @dataclass(slots=True)
@@ -70,8 +85,10 @@ class ChatRequest:
 class NativeRequest:
     """A request in a client protocol the provider speaks natively (one it lists in
     `Provider.native_protocols`), passed through without translation: for "messages", an
-    Anthropic Messages API body. `body["model"]` is already the upstream model, `max_tokens`
-    is already bounded, and caller-identifying fields (`metadata`) have been removed."""
+    Anthropic Messages API body, `max_tokens` already bounded and `metadata` removed; for
+    "responses", an OpenAI Responses API body, `max_output_tokens` already bounded, `store`
+    false and caller-identifying fields (`user`, `metadata`, `safety_identifier`,
+    `prompt_cache_key`) removed. `body["model"]` is already the upstream model."""
 
     protocol: str
     body: dict[str, Any]
@@ -81,10 +98,12 @@ class NativeRequest:
 
 @dataclass(slots=True)
 class ChatResponse:
-    """An OpenAI `chat.completion` object (its `usage` may be absent) and the parsed usage."""
+    """An OpenAI `chat.completion` object (its `usage` may be absent) and the parsed usage:
+    None when the upstream reported none, or none that could be believed (the router then
+    bills the documented estimate, as for a stream without usage)."""
 
     body: dict[str, Any]
-    usage: Usage
+    usage: Usage | None
 
 
 @dataclass(slots=True)
@@ -96,7 +115,7 @@ class EmbeddingsRequest:
 @dataclass(slots=True)
 class EmbeddingsResponse:
     body: dict[str, Any]
-    usage: Usage
+    usage: Usage | None  # None: not reported (or not believable); the router estimates
 
 
 # A stream yields OpenAI `chat.completion.chunk` dicts, and a `Usage` once it is known.
@@ -176,10 +195,12 @@ class Provider:
 
     type: ClassVar[str] = ""
     supports_embeddings: ClassVar[bool] = False
-    # Client protocols this provider speaks natively ("messages": Anthropic's Messages API).
-    # ApiFast passes such a request through with `native` / `stream_native` instead of
-    # translating it to chat completions, so protocol-only features survive.
-    native_protocols: ClassVar[frozenset[str]] = frozenset()
+    # Client protocols this provider speaks natively ("messages": Anthropic's Messages API;
+    # "responses": OpenAI's Responses API). ApiFast passes such a request through with
+    # `native` / `stream_native` instead of translating it to chat completions, so
+    # protocol-only features survive. A class attribute, or set per instance from the
+    # provider's config (the `openai` type: `native_responses = true`).
+    native_protocols: frozenset[str] = frozenset()
 
     def __init__(self, config: ProviderConfig) -> None:
         self.config = config
@@ -202,13 +223,15 @@ class Provider:
         raise NotImplementedError
 
     async def native(self, request: NativeRequest) -> ChatResponse:
-        """The protocol's own response object (for "messages", an Anthropic message) as
-        `body`, and its usage."""
+        """The protocol's own response object (for "messages", an Anthropic message; for
+        "responses", a Response object) as `body`, and its usage."""
         raise UpstreamError(400, f"{self.type} speaks no native protocol", retryable=False)
 
     def stream_native(self, request: NativeRequest) -> AsyncIterator[StreamItem]:
         """The protocol's own stream events as dicts (for "messages", Anthropic's events
-        without `ping`), and one `Usage` once known, as `stream_chat` does."""
+        without `ping`; for "responses", the typed events through the terminal
+        `response.completed` or `.incomplete`), and one `Usage` once known, as `stream_chat`
+        does. A failed stream (`response.failed`, `error`) raises `UpstreamError`."""
         raise UpstreamError(400, f"{self.type} speaks no native protocol", retryable=False)
 
     async def count_tokens(self, request: ChatRequest) -> int | None:
@@ -221,3 +244,7 @@ class Provider:
 
     async def check(self) -> None:
         """Raise `UpstreamError` if the upstream cannot be reached (the admin's test button)."""
+
+
+# What the `register_provider_types` hook is given: `register(type_name, ProviderSubclass)`.
+RegisterProviderType = Callable[[str, type[Provider]], None]

@@ -105,7 +105,7 @@ class ReceiptSigner:
                     raise ValueError("APIFAST_RECEIPT_KEYS: each entry is kid:base64url(32 bytes)")
                 seeds.append((kid, raw))
             return cls.from_seeds(seeds)
-        return cls.from_seeds(_data_dir_seeds(data_dir / "receipts" / "keys.json"))
+        return cls.from_seeds(_data_dir_seeds(_key_file(data_dir)))
 
     def sign(self, fields: dict[str, Any]) -> str:
         payload = orjson.dumps({**fields, "kid": self.kid}, option=orjson.OPT_SORT_KEYS)
@@ -121,6 +121,17 @@ class ReceiptSigner:
             ],
             "format": "base64url(payload).base64url(Ed25519 signature of payload)",
         }
+
+
+def own_public_keys(receipt_keys: str, data_dir: Path) -> dict[str, Ed25519PublicKey] | None:
+    """This server's verifying keys, only read: from `APIFAST_RECEIPT_KEYS`, else the data
+    dir's key file; None when there is neither (verifying never makes a signing key)."""
+    if receipt_keys.strip():
+        return ReceiptSigner.from_settings(receipt_keys, data_dir).published
+    path = _key_file(data_dir)
+    if not path.exists():
+        return None
+    return ReceiptSigner.from_seeds(_read_seeds(path)).published
 
 
 def public_keys(document: dict[str, Any]) -> dict[str, Ed25519PublicKey]:
@@ -156,6 +167,10 @@ def verify(receipt: str, keys: dict[str, Ed25519PublicKey]) -> dict[str, Any]:
     return fields
 
 
+def _key_file(data_dir: Path) -> Path:
+    return data_dir / "receipts" / "keys.json"
+
+
 def _data_dir_seeds(path: Path) -> list[tuple[str, bytes]]:
     if not path.exists():
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -171,5 +186,9 @@ def _data_dir_seeds(path: Path) -> list[tuple[str, bytes]]:
             pass
         finally:
             tmp.unlink(missing_ok=True)
+    return _read_seeds(path)
+
+
+def _read_seeds(path: Path) -> list[tuple[str, bytes]]:
     entries = orjson.loads(path.read_bytes())
     return [(e["kid"], _unb64(e["seed"])) for e in entries]

@@ -139,12 +139,12 @@ async def run(args: argparse.Namespace) -> int:
             ("busiest key", busiest["key_hash"]),
             ("median key", typical["key_hash"]),
         ):
-            month = {"key_hash": key, "start": today - timedelta(days=29), "end": today}
+            month = {"key_hashes": [key], "start": today - timedelta(days=29), "end": today}
             cases += [
                 (f"key: usage per day x model, 30 d, rollup ({label})", RQ.ch_key_usage_daily,
                  month),
                 (f"key: recent 20 generations ({label})", RQ.ch_key_generations,
-                 {"key_hash": key, "limit": 20}),
+                 {"key_hashes": [key], "limit": 20}),
                 (f"key: usage per day x model, 30 d, raw FINAL ({label})", _RAW_USAGE,
                  {"key_hash": key, "start": _midnight(month["start"]),
                   "end": _midnight(today + timedelta(days=1))}),

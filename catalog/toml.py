@@ -159,6 +159,9 @@ def parse_providers(
                 raise _fail(source, entry, f"{tname} must be a number of seconds")
             if tvalue <= 0:
                 raise _fail(source, entry, f"{tname} must be positive")
+        native = table.get("native_responses", False)
+        if not isinstance(native, bool):
+            raise _fail(source, entry, "native_responses must be true or false")
         providers[name] = ProviderConfig(
             name=name,
             type=ptype,

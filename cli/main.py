@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import sys
 from collections.abc import Sequence
@@ -21,12 +22,17 @@ def cmd_serve(settings: Settings, args: argparse.Namespace) -> int:
 
     require(settings, "database_url", "nats_url")
     if settings.workers > 1:
+        from apifast.metrics import workers_metrics
+
         if settings.clickhouse_url.startswith("chdb"):
             raise SystemExit("apifast: a chdb path opens in one process only; use workers = 1")
-        # Each worker process builds its own app (and pools) from the environment.
-        run_uvicorn(
-            "apifast.server.app:create_app", settings, factory=True, workers=settings.workers
-        )
+        # This process serves the metrics of every worker, which must not bind the port too.
+        served = workers_metrics(settings.metrics_listen) if settings.metrics_listen else None
+        with served or contextlib.nullcontext():
+            # Each worker process builds its own app (and pools) from the environment.
+            run_uvicorn(
+                "apifast.server.app:create_app", settings, factory=True, workers=settings.workers
+            )
     else:
         run_uvicorn(create_app(settings), settings)
     return 0

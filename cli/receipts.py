@@ -8,7 +8,7 @@ from pathlib import Path
 
 import orjson
 
-from apifast.receipts import ReceiptError, ReceiptSigner, public_keys, verify
+from apifast.receipts import ReceiptError, own_public_keys, public_keys, verify
 from apifast.settings import Settings
 
 
@@ -23,7 +23,8 @@ def add_receipts_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]
     check.add_argument(
         "--keys",
         type=Path,
-        help="a saved /.well-known/apifast-receipts.json (default: this server's own keys)",
+        help="a saved /.well-known/apifast-receipts.json (default: this server's own keys, "
+        "from APIFAST_RECEIPT_KEYS or the data dir)",
     )
 
 
@@ -33,10 +34,15 @@ def cmd_receipts_verify(settings: Settings, args: argparse.Namespace) -> int:
         if args.keys is not None:
             keys = public_keys(orjson.loads(args.keys.read_bytes()))
         else:
-            signer = ReceiptSigner.from_settings(
-                settings.receipt_keys, settings.resolved_data_dir()
-            )
-            keys = signer.published
+            own = own_public_keys(settings.receipt_keys, settings.resolved_data_dir())
+            if own is None:
+                print(
+                    "apifast: no receipt keys to verify with: pass --keys with a saved "
+                    "/.well-known/apifast-receipts.json, or set APIFAST_RECEIPT_KEYS",
+                    file=sys.stderr,
+                )
+                return 2
+            keys = own
         fields = verify(receipt, keys)
     except (ReceiptError, OSError, orjson.JSONDecodeError) as exc:
         print(f"invalid: {exc}", file=sys.stderr)

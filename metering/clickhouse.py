@@ -22,8 +22,14 @@ log = logging.getLogger("apifast.meter")
 _NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
 
-# What retention applies to: the tables that hold a key hash per row, with their time column.
-_RETAINED = (("usage_events", "toDateTime(ts)"), ("usage_key_daily", "day"))
+# What retention applies to, with their time column: the tables that hold a key hash per row,
+# and the distinct-key states (uniqCombined keeps the hashes of small sets exactly).
+_RETAINED = (
+    ("usage_events", "toDateTime(ts)"),
+    ("usage_key_daily", "day"),
+    ("active_keys_hourly", "period"),
+    ("active_keys_daily", "period"),
+)
 
 
 class ClickHouseStore:
@@ -68,8 +74,9 @@ class ClickHouseStore:
         return await self._run(self._migrate)
 
     async def apply_retention(self, days: int) -> None:
-        """Keep raw usage events and the per-key daily rollup `days` days (0: for ever). Past
-        it, what remains is model-level only: usage_hourly and usage_daily carry no key."""
+        """Keep raw usage events, the per-key daily rollup and the distinct-key states `days`
+        days (0: for ever). Past it, what remains is model-level only: usage_hourly and
+        usage_daily carry no key."""
         await self._run(self._apply_retention, days)
 
     def _apply_retention(self, days: int) -> None:

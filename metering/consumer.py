@@ -22,6 +22,7 @@ import logging
 import math
 import time
 from collections.abc import Awaitable
+from decimal import Decimal
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import asyncpg
@@ -89,7 +90,7 @@ class Meter:
         self.replicas = replicas  # of the usage stream, when this meter creates it
         self.processed = 0  # events newly counted, for tests and logs
         self.failures = 0  # batches that failed and were nak'ed
-        self.overages = 0  # events whose upstream usage went beyond the hold
+        self.overages = 0  # events debited whose upstream usage went beyond the hold
         self._stop = asyncio.Event()
         self.idle = asyncio.Event()  # set whenever a fetch came back empty
         self.metrics: Metrics | None = None  # set by the composition root
@@ -253,17 +254,24 @@ class Meter:
         unique = list({e["generation_id"]: e for e in events}.values())
         if not unique:
             return
+        overages: dict[str, tuple[str, Decimal]] = {}  # generation id -> (model, overage)
         for event in unique:
             # ClickHouse shows what the ledger debits: the cost capped at the hold.
             debit, overage = capped_debit(event)
             if overage:
-                self.overages += 1
                 event["cost_usd"], event["overage_usd"] = str(debit), str(overage)
+                overages[event["generation_id"]] = (str(event.get("model", "")), overage)
         try:
             counted = await self._traced("meter.postgres", debit_batch(self.pool, unique))
         except Exception:
             self._store_failed("postgres")
             raise
+        # Counted once: only for the events this batch debited (a redelivery debits nothing).
+        for generation_id in counted & overages.keys():
+            model, overage = overages[generation_id]
+            self.overages += 1
+            if self.metrics is not None:
+                self.metrics.overage(model, overage)
         try:
             async with self.pool.acquire() as conn:
                 # Released by hand, and by the pool's reset if this is cancelled.

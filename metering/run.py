@@ -22,7 +22,7 @@ async def run_meter(settings: Settings) -> None:
     server = None
     if settings.metrics_listen:
         meter.metrics = Metrics()
-        server = MetricsServer(meter.metrics, settings.metrics_listen)
+        server = MetricsServer(meter.metrics.registry, settings.metrics_listen)
         server.start()
     if settings.otel_endpoint:
         meter.tracer = Tracer(settings.otel_endpoint, "apifast-meter")

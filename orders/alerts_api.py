@@ -5,6 +5,7 @@ encrypted for the alerts. A sub-key cannot set alerts (403)."""
 
 from __future__ import annotations
 
+from decimal import Decimal
 from typing import Any
 
 import orjson
@@ -15,7 +16,7 @@ from starlette.responses import Response
 from apifast.auth import holder_summary
 from apifast.db import Queries
 from apifast.errors import ApiError, bad
-from apifast.money import MoneyError, format_usd, parse_usd
+from apifast.money import NO_FRACTION, MoneyError, format_usd, parse_usd
 from apifast.orders.balance_alerts import alert_aad
 from apifast.orders.email_keys import email_hash, normalize_email
 from apifast.orders.orders_api import parse_body
@@ -54,8 +55,12 @@ async def set_alert(request: Request) -> Response:
     rt, key = await _holder(request)
     body = parse_body(await read_body(request, 4096, rt.settings.body_read_timeout_s))
     value = body.get("low_balance_usd")
-    if not isinstance(value, str):
-        raise bad("low_balance_usd", 'required, a decimal string such as "5.00"')
+    if value is None:
+        raise bad("low_balance_usd", 'required: send a decimal string like "5.00"')
+    if isinstance(value, Decimal):
+        # parse_body read a number with a fraction, exactly; refused all the same, so that one
+        # rule holds for the key holder's money fields (sub-key caps too): a string or an int.
+        raise bad("low_balance_usd", NO_FRACTION)
     try:
         threshold = parse_usd(value, field="low_balance_usd")
     except MoneyError as exc:

@@ -1,8 +1,14 @@
 """POST /v1/key/rotate: the key holder's remedy for a leaked key. A new key takes over the
 whole balance, the limits, the orders (so a payment still on its way credits the new key), the
-sub-keys (they keep their keys and now draw on the new one), the low-balance alert and
-the opted-in recovery email (its stored copy re-encrypted for the new key), in one
-transaction; the old key is disabled. The new key is shown once, in the answer.
+sub-keys (they keep their keys and now draw on the new one), the spend so far (spent_usd),
+this minute's rate-limit counts, the low-balance alert and the opted-in recovery email (its
+stored copy re-encrypted for the new key), in one transaction; the old key is disabled. The
+new key is shown once, in the answer.
+
+The history stays where it is (ClickHouse rows and receipts name the hash of the key that
+made each request); the new key reads it through its lineage (key_predecessors, migration
+0023), so /v1/usage, /v1/receipts and /v1/generation(s) show the old key's requests too, over
+any number of rotations up to MAX_ROTATIONS.
 
 Money in flight is never lost: the old key is disabled first (every router stops serving it
 within a second: NOTIFY, and their leases on it are given back), then the rotation waits for
@@ -35,6 +41,9 @@ from apifast.orders.runtime import PaymentsRuntime, runtime
 api = APIRouter(tags=["keys"])
 Q = Queries("apifast.orders")
 _POLL_S = 0.1
+# A key's history is read as its hash plus its predecessors' in one ClickHouse query; this
+# keeps that list (and the query's parameters) small.
+MAX_ROTATIONS = 100
 
 
 # Not in the OpenAPI schema: a client generated from it, or a fuzzer that calls every
@@ -51,15 +60,16 @@ def _in_flight() -> ApiError:
 async def _move_alert(
     rt: PaymentsRuntime, conn: asyncpg.Connection, old_id: int, new_id: int
 ) -> None:
-    """The low-balance alert follows the key: its address re-encrypted for the new row."""
+    """The low-balance alert follows the key: its address re-encrypted for the new row, its
+    state (armed, last sent) kept, so a rotation never sends a crossing's alert twice."""
     row = await conn.fetchrow(Q.balance_alert_get, old_id)
     if row is None:
         return
     sealed = EncryptedKey(row["enc_key_id"], bytes(row["nonce"]), bytes(row["email_ciphertext"]))
     address = rt.keyring.decrypt(sealed, alert_aad(old_id))
     moved = rt.keyring.encrypt(address, alert_aad(new_id))
-    await conn.execute(Q.balance_alert_upsert, new_id, row["threshold_usd"], moved.ciphertext,
-                       moved.nonce, moved.kid)  # fmt: skip
+    await conn.execute(Q.balance_alert_move, new_id, old_id, moved.ciphertext, moved.nonce,
+                       moved.kid)  # fmt: skip
     await conn.execute(Q.balance_alert_delete, old_id)
 
 
@@ -77,6 +87,9 @@ async def _move(rt: PaymentsRuntime, old_id: int) -> tuple[str, Decimal, bool]:
         assert row is not None
         if row["holds"]:  # a hold slipped in before the disable took effect
             raise _in_flight()
+        if row["predecessors"] >= MAX_ROTATIONS:
+            raise ApiError(409, f"This key has been rotated {MAX_ROTATIONS} times, the most "
+                           "one history may span.", code="rotation_limit")  # fmt: skip
         key, new_id, _ = await insert_key(conn, rt.core.secret)
         balance: Decimal = row["balance_usd"]
         await conn.execute(Q.rotate_key_move, old_id, new_id, f"rotate:{old_id}", balance)

@@ -233,7 +233,7 @@ async def _generate_one(
         out_tokens
     )
     if gen.native is not None:
-        gen.native["max_tokens"] = out_tokens
+        gen.native[gen.native_bound] = out_tokens
     event = UsageEvent(
         generation_id=generation_id,
         key_hash=key_hash,
@@ -315,8 +315,9 @@ async def _complete(
     relay: NativeRenderer | None = renderer if native[0] else None  # type: ignore[assignment]
     usage = sane_usage(result.usage)
     if usage is None:
-        # Negative or non-integer counts are not believed: the documented estimate instead.
-        max_output = ubody.get("max_completion_tokens") or ubody.get("max_tokens") or 1
+        # No usage, or counts not to believe: the documented estimate instead, as for a
+        # stream, capped at the output sent upstream (x n) so that it stays within the hold.
+        max_output = (ubody.get("max_completion_tokens") or ubody.get("max_tokens") or 1) * gen.n
         chars = relay.native_chars(result.body) if relay else completion_chars(result.body)
         usage = estimate_delivered(gen.input_bytes, chars, 1, max_output)
         event.usage_estimated = True

@@ -33,11 +33,12 @@ class Generation:
     # (field, why) of the client's fields only a native route can honour (Anthropic's
     # `top_k`): a translating route is passed over, and without a native one, a 400.
     native_only: tuple[tuple[str, str], ...] = ()
+    native_bound: str = "max_tokens"  # the native body's output bound, set to the hold's
 
     @classmethod
     def translated(
         cls, chat: dict[str, Any], api: str, input_bytes: int,
-        native: dict[str, Any] | None = None,
+        native: dict[str, Any] | None = None, native_bound: str = "max_tokens",
         native_only: tuple[tuple[str, str], ...] = (),
     ) -> Generation:  # fmt: skip
         """A generation read from another protocol's request (`chat` is its translation)."""
@@ -50,6 +51,7 @@ class Generation:
             input_bytes=input_bytes,
             native=native,
             native_only=native_only,
+            native_bound=native_bound,
         )
 
 

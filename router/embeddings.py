@@ -5,14 +5,16 @@ from __future__ import annotations
 import time
 
 from fastapi import APIRouter
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 
 from apifast.auth import key_hash_from_request
+from apifast.errors import ApiError
 from apifast.request_body import parse_json_object, read_body
 from apifast.router.core import RECEIPT_HEADER, resolve
 from apifast.router.embedding_core import embed
 from apifast.router.openai_shape import embeddings_body
+from apifast.router.refusals import count_refused
 from apifast.router.state import RouterState
 from apifast.router.validation import model_name, upstream_body, validate_embeddings
 
@@ -38,17 +40,29 @@ _EMBEDDINGS_SCHEMA = {
 async def embeddings(request: Request) -> Response:
     state: RouterState = request.app.state.apifast
     started = time.time()
-    key_hash = key_hash_from_request(request, state.secret)
-    raw = await read_body(
-        request, state.settings.max_body_bytes, state.settings.body_read_timeout_s
-    )
-    body = parse_json_object(raw)
-    model = resolve(state, model_name(body), "embeddings")
-    validate_embeddings(body)
-    # Input tokens are bounded by the body's bytes (a token covers at least one byte).
-    result, cost, receipt = await embed(
-        state, key_hash, model, upstream_body(body, ""), len(raw), started
-    )
-    content = embeddings_body(result.body, model.id, result.usage, cost)
+    raw = b""
+    try:
+        key_hash = key_hash_from_request(request, state.secret)
+        raw = await read_body(
+            request, state.settings.max_body_bytes, state.settings.body_read_timeout_s
+        )
+        body = parse_json_object(raw)
+        model = resolve(state, model_name(body), "embeddings")
+        validate_embeddings(body)
+        # Input tokens are bounded by the body's bytes (a token covers at least one byte).
+        result, cost, receipt = await embed(
+            state, key_hash, model, upstream_body(body, ""), len(raw), started
+        )
+    except ApiError as exc:
+        count_refused(state, "embeddings", exc, raw)
+        raise
+    except ClientDisconnect:
+        raise
+    except Exception:  # answered with a bare 500 (apifast/errors.py)
+        count_refused(state, "embeddings", 500, raw)
+        raise
+    usage = result.usage
+    assert usage is not None  # embed() puts the billed usage there
+    content = embeddings_body(result.body, model.id, usage, cost)
     headers = {RECEIPT_HEADER: receipt} if receipt else None
     return Response(content, media_type="application/json", headers=headers)

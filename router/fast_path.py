@@ -25,6 +25,7 @@ from apifast.request_body import read_asgi_body
 from apifast.router.chat import handle_chat
 from apifast.router.core_types import Reply
 from apifast.router.messages import authorization_from, handle_message
+from apifast.router.refusals import API_OF_PATH, count_refused
 from apifast.router.relay import next_step
 from apifast.router.responses import handle_response
 from apifast.router.state import RouterState
@@ -68,6 +69,7 @@ async def serve(state: RouterState, scope: Scope, receive: Receive, send: Send) 
                 content_length = value.decode("latin-1")
         elif name == b"x-api-key" and x_api_key is None and endpoint.anthropic:
             x_api_key = value.decode("latin-1")
+    raw = b""
     try:
         if endpoint.anthropic:
             authorization = authorization_from(x_api_key, authorization)
@@ -78,12 +80,14 @@ async def serve(state: RouterState, scope: Scope, receive: Receive, send: Send) 
         )
         reply = await endpoint.handle(state, key_hash, raw, started)
     except ApiError as exc:
+        count_refused(state, API_OF_PATH[path], exc, raw)
         await exc.response(endpoint.anthropic)(scope, receive, send)
         return
     except ClientDisconnect:
         return
     except Exception as exc:
         error = internal_error(exc, "POST", path)
+        count_refused(state, API_OF_PATH[path], error, raw)
         await error.response(endpoint.anthropic)(scope, receive, send)
         return
     headers = [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in reply.headers.items()]

@@ -65,8 +65,11 @@ def _account(state: RouterState, event: UsageEvent, model: Model, publish: bool 
         event.key_id, event.usage.input_tokens + event.usage.output_tokens
     )
     if state.metrics is not None:
+        # An embeddings event carries api "chat" (its stored rows and receipts say so); the
+        # metrics name the protocol the client spoke.
+        api = "embeddings" if event.endpoint == "embeddings" else event.api
         state.metrics.finished(
-            model.id, event.api, event.status, event.started_at, event.ttft_ms,
+            model.id, api, event.status, event.started_at, event.ttft_ms,
             event.usage.input_tokens, event.usage.output_tokens, event.cost_usd,
         )  # fmt: skip
     if event.lease:

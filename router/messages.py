@@ -95,7 +95,9 @@ async def handle_message(state: RouterState, key_hash: bytes, raw: bytes, starte
     body = parse_json_object(raw)
     model, choice = resolve_request(state, body, "chat")
     chat, _, native_only = translate(body)
-    gen = Generation.translated(chat, "messages", len(raw), native_body(body), native_only)
+    gen = Generation.translated(
+        chat, "messages", len(raw), native_body(body), native_only=native_only
+    )
     renderer = MessagesRenderer(model.id)
     return await generate(state, key_hash, model, gen, renderer, started, choice)
 

@@ -1,5 +1,6 @@
 """Receipts for the key holder: the public keys that verify them, and all of a key's
-receipts for a date range as JSON lines (GET /v1/receipts?from=YYYY-MM-DD&to=YYYY-MM-DD)."""
+receipts for a date range as JSON lines (GET /v1/receipts?start=YYYY-MM-DD&end=YYYY-MM-DD,
+or `from`/`to`; the window defaults to /v1/usage's: the last 30 UTC days)."""
 
 from __future__ import annotations
 
@@ -11,19 +12,21 @@ from fastapi import APIRouter
 from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 
-from apifast.auth import key_hash_from_request
+from apifast.auth import history_hashes
 from apifast.errors import ApiError, bad
 from apifast.receipts import ReceiptSigner
 from apifast.router.state import RouterState
-from apifast.router.usage_api import row_receipt
+from apifast.router.usage_api import hex_list, row_receipt
 
 api = APIRouter(tags=["receipts"])
 
 _MAX_DAYS = 366
+_DEFAULT_DAYS = 30  # GET /v1/usage's default window
 _RECEIPTS_SQL = """
-SELECT generation_id, model, api, input_tokens, output_tokens, cached_tokens, cost_usd, ts
+SELECT generation_id, key_hash, model, api, input_tokens, output_tokens, cached_tokens,
+       cost_usd, ts
 FROM usage_events
-WHERE key_hash = {key_hash:String} AND ts >= {start:DateTime64(3, 'UTC')}
+WHERE key_hash IN {key_hashes:Array(String)} AND ts >= {start:DateTime64(3, 'UTC')}
   AND ts < {end:DateTime64(3, 'UTC')} AND cost_usd > 0
 ORDER BY ts, generation_id
 LIMIT 1 BY generation_id
@@ -43,28 +46,37 @@ async def receipt_keys(request: Request) -> Response:
     return Response(orjson.dumps(signer.public_document()), media_type="application/json")
 
 
-def _day(value: str | None, name: str) -> date:
-    if not value:
-        raise bad(name, "required: a date, YYYY-MM-DD")
+def _day(request: Request, name: str, alias: str) -> tuple[date | None, str]:
+    """The day given as `name` or its `alias` (the same parameter under two names, as
+    /v1/usage calls it and as this endpoint first did), and the name the client used."""
+    given = {n: v for n in (name, alias) if (v := request.query_params.get(n))}
+    if len(set(given.values())) > 1:
+        raise bad(alias, f"{name} and {alias} are the same parameter; give one")
+    if not given:
+        return None, name
+    used, value = next(iter(given.items()))
     try:
-        return date.fromisoformat(value)
+        return date.fromisoformat(value[:10]), used
     except ValueError:
-        raise bad(name, "must be a date, YYYY-MM-DD") from None
+        raise bad(used, "must be a date, YYYY-MM-DD") from None
 
 
 @api.get("/v1/receipts")
 async def receipts(request: Request) -> Response:
-    """Every priced request of the calling key from `from` to `to` (both included, UTC days),
-    one signed receipt per line, oldest first."""
+    """Every priced request of the calling key from `start` to `end` (both included, UTC
+    days; also spelled `from` and `to`), one signed receipt per line, oldest first. Without
+    them, the last 30 days up to today, as GET /v1/usage."""
     state: RouterState = request.app.state.apifast
-    key_hash = key_hash_from_request(request, state.secret)
+    hashes = hex_list(await history_hashes(request, state.pool, state.secret))
     signer = _signer(state)
-    first = _day(request.query_params.get("from"), "from")
-    last = _day(request.query_params.get("to"), "to")
+    last, end_name = _day(request, "end", "to")
+    last = last or datetime.now(UTC).date()
+    first, start_name = _day(request, "start", "from")
+    first = first or last - timedelta(days=_DEFAULT_DAYS - 1)
     if last < first:
-        raise bad("to", "must not be before from")
+        raise bad(end_name, f"must not be before {start_name}")
     if (last - first).days >= _MAX_DAYS:
-        raise bad("to", f"a range is at most {_MAX_DAYS} days")
+        raise bad(end_name, f"a range is at most {_MAX_DAYS} days")
     store = state.clickhouse
     if store is None:
         raise ApiError(503, "Usage analytics are not configured on this server.",
@@ -76,10 +88,10 @@ async def receipts(request: Request) -> Response:
             start = datetime.combine(day, datetime.min.time(), UTC)
             rows = await store.query(
                 _RECEIPTS_SQL,
-                {"key_hash": key_hash.hex(), "start": start, "end": start + timedelta(days=1)},
+                {"key_hashes": hashes, "start": start, "end": start + timedelta(days=1)},
             )
             for row in rows:
-                receipt = signer.sign(row_receipt(row, key_hash))
+                receipt = signer.sign(row_receipt(row))
                 yield orjson.dumps({"id": row["generation_id"], "receipt": receipt}) + b"\n"
             day += timedelta(days=1)
 

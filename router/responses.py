@@ -1,7 +1,9 @@
 """POST /v1/responses: OpenAI's Responses API, stateless, an adapter over the request core.
 Any route serves it: the request is read into the chat-completions body the providers speak
 (router/responses_input.py) and the answer written back as a Response
-(router/responses_shape.py). Errors are in OpenAI's shape, as for chat."""
+(router/responses_shape.py). On a route whose provider speaks the Responses API natively
+(the `openai` type with `native_responses = true`) the client's body passes through instead
+(router/responses_native.py). Errors are in OpenAI's shape, as for chat."""
 
 from __future__ import annotations
 
@@ -17,6 +19,7 @@ from apifast.router.core import authenticate, generate
 from apifast.router.core_types import Generation, Reply
 from apifast.router.framework_reply import framework_response
 from apifast.router.responses_input import chat_body, native_only_fields
+from apifast.router.responses_native import native_body
 from apifast.router.responses_shape import ResponsesRenderer, request_echo
 from apifast.router.route_prefs import (
     OPENAPI_MODEL_REQUIRED,
@@ -69,8 +72,15 @@ async def handle_response(state: RouterState, key_hash: bytes, raw: bytes, start
     """Parse, translate and hand over to the core; raises ApiError on refusal."""
     body = parse_json_object(raw)
     model, choice = resolve_request(state, body, "chat")
-    chat, _ = chat_body(body)
-    gen = Generation.translated(chat, "responses", len(raw), native_only=native_only_fields(body))
+    chat, _ = chat_body(body)  # also refuses what no route can serve (state, built-in tools)
+    gen = Generation.translated(
+        chat,
+        "responses",
+        len(raw),
+        native_body(body),
+        native_bound="max_output_tokens",
+        native_only=native_only_fields(body),
+    )
     renderer = ResponsesRenderer(model.id, started, request_echo(body))
     return await generate(state, key_hash, model, gen, renderer, started, choice)
 

@@ -312,8 +312,10 @@ def native_only_fields(body: dict[str, Any]) -> tuple[tuple[str, str], ...]:
         if not isinstance(include, list) or not all(isinstance(v, str) for v in include):
             raise bad("include", "must be an array of strings")
         for i, value in enumerate(include):
+            # No route honours the others: they ask for built-in tools' results (refused)
+            # or for echoes of the input, which a native route's reply leaves out too.
             if value not in _INCLUDE_HONOURED:
-                out.append((f"include[{i}]", f"{value!r} {_NO_EQUIVALENT}"))
+                raise bad(f"include[{i}]", f"{value!r} is not supported by ApiFast")
     truncation = body.get("truncation")
     if truncation not in (None, "disabled", "auto"):
         raise bad("truncation", "must be auto or disabled")

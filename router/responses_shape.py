@@ -12,6 +12,14 @@ import orjson
 
 from apifast.money import json_number
 from apifast.providers import Usage
+from apifast.router.responses_native import (
+    EVENT_FIELDS,
+    INCOMPLETE_STOPS,
+    ITEM_PREFIXES,
+    clean_item,
+    clean_part,
+    item_chars,
+)
 
 # chat finish_reason -> why a response is incomplete
 _INCOMPLETE = {"length": "max_output_tokens", "content_filter": "content_filter"}
@@ -20,7 +28,10 @@ _INCOMPLETE = {"length": "max_output_tokens", "content_filter": "content_filter"
 def usage_json(usage: Usage, cost: Decimal) -> dict[str, Any]:
     return {
         "input_tokens": usage.input_tokens,
-        "input_tokens_details": {"cached_tokens": usage.cached_tokens},
+        "input_tokens_details": {
+            "cached_tokens": usage.cached_tokens,
+            "cache_write_tokens": usage.cache_write_tokens,
+        },
         "output_tokens": usage.output_tokens,
         "output_tokens_details": {"reasoning_tokens": usage.reasoning_tokens},
         "total_tokens": usage.input_tokens + usage.output_tokens,
@@ -66,7 +77,7 @@ class ResponsesRenderer:
     .incomplete, or .failed) carrying usage."""
 
     __slots__ = ("_failed", "_item", "_items", "_seq", "_started", "_stop", "_tools",
-                 "created_at", "echo", "generation_id", "model")  # fmt: skip
+                 "_upstream", "created_at", "echo", "generation_id", "model")  # fmt: skip
 
     def __init__(self, model: str, started: float, echo: dict[str, Any]) -> None:
         self.generation_id = ""
@@ -80,6 +91,8 @@ class ResponsesRenderer:
         self._tools: dict[int, dict[str, Any]] = {}  # chat tool-call index -> its item
         self._stop: str | None = None
         self._failed: int | None = None
+        # From a native route: the upstream's item ids and output indexes -> our indexes.
+        self._upstream: dict[str | int, int] | None = None
 
     @property
     def response_id(self) -> str:
@@ -271,6 +284,135 @@ class ResponsesRenderer:
         # The failure is told in stream_end, which then knows what was delivered and billed.
         self._failed = status
         return b""
+
+    # --- from a native route (native_responses): the upstream's Response, rebuilt ----------
+
+    def native_completion(self, upstream: dict[str, Any], usage: Usage, cost: Decimal) -> bytes:
+        output = upstream.get("output")
+        for raw in output if isinstance(output, list) else ():
+            self._native_item(raw)
+        self._native_status(upstream)
+        return orjson.dumps(self._response(self._status(), self._items, usage_json(usage, cost)))
+
+    def _native_item(self, raw: Any) -> dict[str, Any] | None:
+        prefix = ITEM_PREFIXES.get(str(raw.get("type"))) if isinstance(raw, dict) else None
+        item = clean_item(raw, self._item_id(prefix)) if prefix else None
+        if item is not None:
+            self._items.append(item)
+        return item
+
+    def _native_status(self, upstream: dict[str, Any]) -> None:
+        self._stop = "stop"
+        if upstream.get("status") == "incomplete":
+            details = upstream.get("incomplete_details")
+            reason = details.get("reason") if isinstance(details, dict) else None
+            self._stop = INCOMPLETE_STOPS.get(str(reason), "length")
+
+    def native_chunk(self, event: dict[str, Any]) -> bytes:
+        """One upstream event under our ids and sequence numbers. The terminal event is
+        ours to write (stream_end, with the priced usage); events of items not relayed, and
+        event types not known, are left out."""
+        out = b"" if self._started else self._start()
+        kind = event.get("type")
+        upstream = self._upstream
+        if upstream is None:
+            upstream = self._upstream = {}
+        if kind in ("response.completed", "response.incomplete"):
+            response = event.get("response")
+            if isinstance(response, dict):
+                self._native_status(response)
+                self._native_final(response.get("output"), upstream)
+            return out
+        if kind == "response.output_item.added":
+            raw = event.get("item")
+            item = self._native_item(raw)
+            if item is None:
+                return out
+            assert isinstance(raw, dict)
+            index = len(self._items) - 1
+            for key in (raw.get("id"), event.get("output_index")):
+                if isinstance(key, (str, int)):
+                    upstream[key] = index
+            return out + self._emit(kind, {"output_index": index, "item": item})
+        if kind not in _NATIVE_EVENTS:
+            return out
+        found: int | None = None
+        for key in (event.get("item_id"), event.get("output_index")):
+            if found is None and isinstance(key, (str, int)):
+                found = upstream.get(key)
+        if found is None:
+            return out
+        index = found
+        item = self._items[index]
+        if kind == "response.output_item.done":
+            done = clean_item(event.get("item"), item["id"])
+            if done is not None:
+                item.clear()
+                item.update(done)
+            return out + self._emit(kind, {"output_index": index, "item": item})
+        payload: dict[str, Any] = {"item_id": item["id"], "output_index": index}
+        for name in EVENT_FIELDS:
+            if name in event:
+                payload[name] = event[name]
+        if "part" in event:
+            part = clean_part(event["part"])
+            if part is None:
+                return out
+            payload["part"] = part
+            if kind == "response.content_part.added" and isinstance(item.get("content"), list):
+                item["content"].append(dict(part))
+        delta = event.get("delta")
+        if isinstance(delta, str):
+            _accumulate(kind, item, event.get("content_index"), delta)
+        return out + self._emit(kind, payload)
+
+    def _native_final(self, output: Any, upstream: dict[str | int, int]) -> None:
+        """The upstream's final output, over what the events built (they may skip parts)."""
+        for raw in output if isinstance(output, list) else ():
+            key = raw.get("id") if isinstance(raw, dict) else None
+            index = upstream.get(key) if isinstance(key, str) else None
+            if index is None:
+                self._native_item(raw)
+                continue
+            known = self._items[index]
+            done = clean_item(raw, known["id"])
+            if done is not None:
+                known.clear()
+                known.update(done)
+
+    def native_chars(self, item: dict[str, Any]) -> int:
+        """Characters delivered in one upstream event, or in a whole Response's output."""
+        delta = item.get("delta")
+        if isinstance(delta, str):
+            return len(delta)
+        output = item.get("output") if item.get("object") == "response" else None
+        return sum(item_chars(i) for i in output) if isinstance(output, list) else 0
+
+
+# The upstream events relayed, under our ids (the terminal ones and output_item.added are
+# handled on their own).
+_NATIVE_EVENTS = frozenset({
+    "response.output_item.done", "response.content_part.added", "response.content_part.done",
+    "response.output_text.delta", "response.output_text.done", "response.refusal.delta",
+    "response.refusal.done", "response.function_call_arguments.delta",
+    "response.function_call_arguments.done", "response.reasoning_summary_part.added",
+    "response.reasoning_summary_part.done", "response.reasoning_summary_text.delta",
+    "response.reasoning_summary_text.done", "response.reasoning_text.delta",
+    "response.reasoning_text.done",
+})  # fmt: skip
+
+
+def _accumulate(kind: str, item: dict[str, Any], content_index: Any, delta: str) -> None:
+    """A delta added to our copy of its item, so a stream that fails mid-item still lists
+    what it delivered."""
+    if kind == "response.function_call_arguments.delta":
+        item["arguments"] = str(item.get("arguments") or "") + delta
+        return
+    field = {"response.output_text.delta": "text", "response.refusal.delta": "refusal"}.get(kind)
+    parts = item.get("content")
+    if field and isinstance(parts, list) and isinstance(content_index, int):
+        if 0 <= content_index < len(parts) and isinstance(parts[content_index].get(field), str):
+            parts[content_index][field] += delta
 
 
 def _text_part(text: str, logprobs: list[dict[str, Any]] | None = None) -> dict[str, Any]:

@@ -180,6 +180,7 @@ def finish_failed(
     if failed.entry is not None:
         event.route_index = failed.entry.index
     finish(state, event, model, failed.route)
+    error.counted = True  # finish counted it
     return error
 
 

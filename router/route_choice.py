@@ -4,8 +4,10 @@ client's `route.sort`), from what this router has observed of each route.
 - ordered: as listed in the catalog.
 - weighted: drawn by `weight` without replacement (weight 0: only as a fallback).
 - lowest_cost / sort "price": by the route's upstream `cost_*` (routes without one last).
-- lowest_latency / sort "latency": by an EWMA of time to first byte; a share `explore` of
-  requests puts another route first, so a route that recovered is measured, and used, again.
+- lowest_latency / sort "latency": by the expected time to a typical answer: the EWMA of time
+  to first byte plus `LATENCY_ANSWER_TOKENS` at the EWMA of output tokens per second (time to
+  first byte alone until the rate is measured); a share `explore` of requests puts another
+  route first, so a route that recovered is measured, and used, again.
 - sort "throughput": by an EWMA of output tokens per second, highest first, exploring too.
 - least_busy: fewest requests in flight on this router.
 
@@ -24,6 +26,8 @@ from apifast.router.route_health import Breaker
 
 EWMA_ALPHA = 0.3  # weight of the newest observation
 EXPLORE = 0.1
+# A typical answer's length, to weigh a route's output rate against its time to first byte.
+LATENCY_ANSWER_TOKENS = 100
 # What a client's route.sort asks for, as a strategy.
 SORTS = {"price": "lowest_cost", "latency": "lowest_latency", "throughput": "throughput"}
 
@@ -63,6 +67,14 @@ def _cost(entry: RouteEntry) -> tuple[bool, Decimal]:
     return (not total, total)
 
 
+def _latency(entry: RouteEntry) -> float:
+    stats = entry.stats
+    if stats.ttfb_s is None:
+        return 0.0  # unmeasured: first, so that it gets measured
+    rate = stats.tokens_per_s
+    return stats.ttfb_s + (LATENCY_ANSWER_TOKENS / rate if rate else 0.0)
+
+
 def _explored(ordered: list[RouteEntry], rng: random.Random, explore: float) -> list[RouteEntry]:
     if len(ordered) > 1 and rng.random() < explore:
         pick = 1 + rng.randrange(len(ordered) - 1)
@@ -97,7 +109,7 @@ def attempt_order(
     if strategy == "least_busy":
         return sorted(entries, key=lambda e: e.stats.in_flight)
     if strategy == "lowest_latency":
-        by = sorted(entries, key=lambda e: e.stats.ttfb_s or 0.0)
+        by = sorted(entries, key=_latency)
         return _explored(by, rng, explore)
     if strategy == "throughput":
         by = sorted(entries, key=lambda e: -(e.stats.tokens_per_s or float("inf")))

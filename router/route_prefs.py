@@ -35,7 +35,8 @@ _PRICE_KEYS = frozenset({"prompt", "completion"})
 _USD_PER_MTOK = {
     "type": "string",
     "pattern": r"^\d+(\.\d{1,6})?$",
-    "description": "USD per million tokens, as a decimal string (at most 6 places)",
+    "description": "USD per million tokens, as a decimal string (at most 6 places); a JSON "
+    "integer is taken too, a number with a fraction is refused (it would pass through a float)",
 }
 # `model`, or `models`, or both: what the request schemas require instead of `model` alone.
 OPENAPI_MODEL_REQUIRED: list[dict[str, Any]] = [{"required": ["model"]}, {"required": ["models"]}]
@@ -99,7 +100,8 @@ def _price_cap(raw: Any, name: str) -> Decimal | None:
     try:
         return parse_usd(raw, field=f"route.max_price.{name}")
     except MoneyError as exc:
-        raise bad(f"route.max_price.{name}", str(exc)) from None
+        field = f"route.max_price.{name}"
+        raise bad(field, str(exc).removeprefix(f"{field} ")) from None
 
 
 def _public_price(model: Model) -> tuple[Decimal, Decimal]:

@@ -53,9 +53,7 @@ def parse_settings(
         value = body.get(name)
         if value is None:
             continue
-        if not isinstance(value, str):
-            raise bad(name, 'a decimal string such as "5.00"')
-        try:
+        try:  # a string or a JSON integer; a float is refused (money never passes through one)
             amount = parse_usd(value, field=name)
         except MoneyError as exc:
             raise bad(name, str(exc).removeprefix(f"{name} ")) from None

@@ -1,4 +1,5 @@
-"""GET /v1/usage and GET /v1/generation/{id}: read from ClickHouse, only the caller's rows."""
+"""GET /v1/usage and GET /v1/generation/{id}: read from ClickHouse, only the caller's rows:
+those of its key and of the keys it was rotated from (`history_hashes`)."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from fastapi import APIRouter
 from starlette.requests import Request
 from starlette.responses import Response
 
-from apifast.auth import key_hash_from_request
+from apifast.auth import history_hashes
 from apifast.db import Queries
 from apifast.errors import ApiError
 from apifast.money import format_usd, json_number
@@ -24,11 +25,11 @@ Q = Queries("apifast.router")
 _MAX_RANGE_DAYS = 366
 
 _GENERATION_SQL = """
-SELECT generation_id, model, endpoint, stream, input_tokens, output_tokens, cached_tokens,
+SELECT generation_id, key_hash, model, endpoint, stream, input_tokens, output_tokens, cached_tokens,
        cache_write_tokens, reasoning_tokens, usage_estimated, cost_usd, latency_ms, ttft_ms,
        status, outcome, ts, api
 FROM usage_events FINAL
-WHERE key_hash = {key_hash:String} AND generation_id = {generation_id:String}
+WHERE key_hash IN {key_hashes:Array(String)} AND generation_id = {generation_id:String}
 LIMIT 1
 """
 
@@ -54,7 +55,7 @@ def _parse_day(value: str | None, name: str, default: date) -> date:
 async def usage(request: Request, start: str | None = None, end: str | None = None) -> Response:
     """Usage per day and model between `start` and `end` (inclusive dates, UTC)."""
     state: RouterState = request.app.state.apifast
-    key_hash = key_hash_from_request(request, state.secret)
+    hashes = await history_hashes(request, state.pool, state.secret)
     today = datetime.now(UTC).date()
     end_day = _parse_day(end, "end", today)
     start_day = _parse_day(start, "start", end_day - timedelta(days=29))
@@ -66,7 +67,7 @@ async def usage(request: Request, start: str | None = None, end: str | None = No
     # The per-key daily rollup (a materialized view) keeps this fast as events grow.
     rows = await _store(state).query(
         Q.ch_key_usage_daily,
-        {"key_hash": key_hash.hex(), "start": start_day, "end": end_day},
+        {"key_hashes": hex_list(hashes), "start": start_day, "end": end_day},
     )
     data = [
         {
@@ -96,28 +97,36 @@ async def usage(request: Request, start: str | None = None, end: str | None = No
 @api.get("/v1/generation/{generation_id}")
 async def generation(generation_id: str, request: Request) -> Response:
     state: RouterState = request.app.state.apifast
-    key_hash = key_hash_from_request(request, state.secret)
+    hashes = await history_hashes(request, state.pool, state.secret)
     rows = await _store(state).query(
-        _GENERATION_SQL, {"key_hash": key_hash.hex(), "generation_id": generation_id}
+        _GENERATION_SQL, {"key_hashes": hex_list(hashes), "generation_id": generation_id}
     )
     if not rows:
         raise ApiError(404, f"No generation '{generation_id}' for this key (metering may take "
                        "a moment).", param="id", code="generation_not_found")  # fmt: skip
     body = generation_json(rows[0])
     if state.receipts is not None:
-        body["receipt"] = state.receipts.sign(row_receipt(rows[0], key_hash))
+        body["receipt"] = state.receipts.sign(row_receipt(rows[0]))
     return Response(orjson.dumps(body), media_type="application/json")
 
 
-def row_receipt(r: dict[str, Any], key_hash: bytes) -> dict[str, Any]:
-    """A receipt's fields from a usage_events row (the same as the router signed)."""
+def hex_list(hashes: list[bytes]) -> list[str]:
+    """Key hashes as usage_events stores them (hex), for `key_hash IN {key_hashes:...}`."""
+    return [h.hex() for h in hashes]
+
+
+def row_receipt(r: dict[str, Any]) -> dict[str, Any]:
+    """A receipt's fields from a usage_events row, the same as the router signed: with the
+    hash of the key that made the request (a rotated-from key's, for older requests)."""
+    stored = r["key_hash"]  # FixedString: bytes of the hex digits
+    key_hash_hex = stored.decode("ascii") if isinstance(stored, bytes) else str(stored)
     ts = r["ts"] if r["ts"].tzinfo else r["ts"].replace(tzinfo=UTC)
     ts_ms = (ts - _EPOCH) // timedelta(milliseconds=1)
     return receipt_fields(
         generation_id=r["generation_id"], model=r["model"], api=r["api"],
         input_tokens=int(r["input_tokens"]), output_tokens=int(r["output_tokens"]),
         cached_tokens=int(r["cached_tokens"]), cost_usd=Decimal(r["cost_usd"]),
-        ts_ms=ts_ms, key_hash_hex=key_hash.hex(),
+        ts_ms=ts_ms, key_hash_hex=key_hash_hex,
     )  # fmt: skip
 
 

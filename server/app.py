@@ -36,6 +36,7 @@ from apifast.router import fast_path
 from apifast.router.health_share import HealthShare
 from apifast.router.leases import LeaseBook
 from apifast.router.publisher import EventPublisher
+from apifast.router.refusals import API_OF_PATH, count_refused
 from apifast.router.reservations import Reserver
 from apifast.router.route_book import RouteBook
 from apifast.router.route_health import BreakerPolicy
@@ -85,6 +86,10 @@ class ApiFastApp(FastAPI):
                     scope, settings.max_header_bytes, settings.max_body_bytes
                 )
                 if refused is not None:
+                    api = API_OF_PATH.get(scope["path"])
+                    state = getattr(self.state, "apifast", None)
+                    if api is not None and state is not None:
+                        count_refused(state, api, refused)
                     await refused.response(speaks_anthropic(scope))(scope, receive, send)
                     return
             if fast_path.handles(scope):
@@ -176,8 +181,13 @@ def create_app(
 
             # Off (None, nothing counted on the request path) unless a listener is set.
             metrics = Metrics() if settings.metrics_listen else None
-            if metrics is not None:
-                metrics_server = MetricsServer(metrics, settings.metrics_listen)
+            if metrics is not None and metrics.shared:
+                # One of several workers: the parent serves them all (apifast/metrics.py).
+                stack.callback(metrics.leave)
+                refresh = asyncio.create_task(metrics.refresh_while_running())
+                stack.push_async_callback(_cancel, refresh)
+            elif metrics is not None:
+                metrics_server = MetricsServer(metrics.registry, settings.metrics_listen)
                 metrics_server.start()
                 stack.callback(metrics_server.stop)
             reserver = Reserver(
@@ -355,6 +365,12 @@ async def readyz(request: Request) -> Response:
         body["status"] = "not_ready"
     status = 200 if body["status"] == "ready" else 503
     return Response(orjson.dumps(body), status_code=status, media_type="application/json")
+
+
+async def _cancel(task: asyncio.Task[None]) -> None:
+    task.cancel()
+    with suppress(asyncio.CancelledError):
+        await task
 
 
 async def _quietly(stop: object) -> None:

@@ -3,6 +3,7 @@ revocation, and the audit trail."""
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable
 from typing import Any
 
@@ -189,3 +190,41 @@ async def test_every_action_is_audited(admin: AdminClient):
     )
     assert [r["action"] for r in rows] == ["login", "model_updated", "model_disabled", "logout"]
     assert rows[1]["target"] == "fast-chat" and rows[1]["session_id"] == rows[0]["session_id"]
+
+
+async def _stalled_post(stack: Stack, path: str, cookie: str | None) -> tuple[bytes, bytes]:
+    """POST a form whose body stops after a few bytes; (status line and headers, body)."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", stack.settings.port)
+    try:
+        head = (
+            f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+            "Content-Type: application/x-www-form-urlencoded\r\nContent-Length: 200\r\n"
+            + (f"Cookie: {cookie}\r\n" if cookie else "")
+            + "\r\npassword="
+        )
+        writer.write(head.encode())
+        await writer.drain()  # then nothing more: the body stalls
+        answer = await asyncio.wait_for(reader.read(), timeout=20)  # the server closes
+    finally:
+        writer.close()
+    status, _, body = answer.partition(b"\r\n\r\n")
+    return status, body
+
+
+async def test_a_form_that_stalls_gets_408_in_the_panels_style(
+    stack_settings_factory: Callable[..., Any], fake_openai: Any
+):
+    settings = stack_settings_factory(models_toml(fake_openai.url), body_read_timeout_s=0.5)
+    async with running_stack(settings) as stack:
+        await set_admin_password(stack)
+        async with AdminClient(stack) as c:
+            await c.login()
+            assert c.cookie is not None
+            for path, cookie in (("/admin/login", None), ("/admin/keys/find", c.cookie),
+                                 ("/admin/logout", c.cookie)):  # fmt: skip
+                head, body = await _stalled_post(stack, path, cookie)
+                assert head.startswith(b"HTTP/1.1 408"), (path, head)
+                assert b"text/html" in head.lower() and b"connection: close" in head.lower()
+                assert b"The form did not arrive within 0.5 s" in body, path
+            # The session is still there: the stalled logout did nothing.
+            assert (await c.get("/admin/keys")).status_code == 200

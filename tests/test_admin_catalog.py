@@ -9,6 +9,7 @@ from decimal import Decimal
 from typing import Any
 
 import openai
+import orjson
 
 from tests.admin_support import AdminClient, GuardedFakeOpenAI, admin, admin_stack, model_form
 from tests.fakes.openai_upstream import FakeOpenAI
@@ -235,3 +236,30 @@ async def test_a_broken_stored_model_is_not_served(admin: AdminClient):
     page = await admin.get("/admin/models")
     assert "unknown provider &#39;gone&#39;" in page.text
     assert "embed-small" in stack.state.catalog.models
+
+
+async def test_native_responses_is_a_provider_form_checkbox(
+    admin: AdminClient, fake_openai: FakeOpenAI
+):
+    """Ticking native_responses on a provider makes /v1/responses on its routes pass through
+    to the upstream's /v1/responses; unticking it translates again."""
+    stack = admin.stack
+    form = {"name": "local", "type": "openai", "base_url": fake_openai.url, "api_key": "",
+            "api_key_env": "", "timeout_s": "30", "connect_timeout_s": "5", "is_new": "0",
+            "native_responses": "on"}  # fmt: skip
+    assert (await admin.post("/admin/providers/save", form)).status_code == 303
+    row = await stack.pool.fetchrow("SELECT options FROM db_providers WHERE name = 'local'")
+    assert orjson.loads(row["options"])["native_responses"] is True
+    edit = await admin.get("/admin/providers/edit?name=local")
+    assert 'name="native_responses" checked' in edit.text
+    key = await stack.create_key("1.00")
+    await sdk(stack, key).responses.create(model="fast-chat", input="hi")
+    assert len(fake_openai.responses_requests) == 1 and fake_openai.chat_requests == 0
+    del form["native_responses"]
+    assert (await admin.post("/admin/providers/save", form)).status_code == 303
+    assert (
+        'name="native_responses" checked'
+        not in (await admin.get("/admin/providers/edit?name=local")).text
+    )
+    await sdk(stack, key).responses.create(model="fast-chat", input="hi")
+    assert len(fake_openai.responses_requests) == 1 and fake_openai.chat_requests == 1

@@ -6,8 +6,12 @@ from __future__ import annotations
 import re
 from decimal import Decimal
 
+import orjson
+
 from apifast.keys import generate_key, key_prefix
+from apifast.money import format_usd
 from tests.admin_support import AdminClient, admin, admin_stack
+from tests.fakes.openai_upstream import FakeOpenAI
 
 __all__ = ["admin", "admin_stack"]
 
@@ -114,3 +118,51 @@ async def test_orders_filtered_with_history(admin: AdminClient):
     assert "ord_done" in finished.text and "ord_wait" not in finished.text
     old = await admin.get("/admin/orders", params={"start": "2000-01-01", "status": "expired"})
     assert "ord_old" in old.text and "ord_done" not in old.text
+
+
+async def test_a_debit_by_hand_cannot_take_what_requests_in_flight_hold(
+    admin: AdminClient, fake_openai: FakeOpenAI
+) -> None:
+    """A debit larger than the available balance (balance less holds) is refused while a
+    request holds part of it, saying what is available and held; the balance never goes
+    below zero once the request is debited."""
+    stack = admin.stack
+    key = await stack.create_key("1.00")
+    key_id = await key_id_of(admin, key)
+    fake_openai.gate.clear()
+    body = {"model": "fast-chat", "stream": True, "stream_options": {"include_usage": True},
+            "messages": [{"role": "user", "content": "[[gated]] hello"}]}  # fmt: skip
+    async with stack.client(key) as c, c.stream("POST", "/v1/chat/completions", json=body) as r:
+        assert r.status_code == 200
+        chunks = r.aiter_lines()
+        assert (await anext(chunks)).startswith("data: ")  # the request is in flight
+        row = await stack.pool.fetchrow(
+            "SELECT balance_usd, reserved_usd FROM api_keys WHERE id = $1", key_id
+        )
+        held, available = row["reserved_usd"], row["balance_usd"] - row["reserved_usd"]
+        assert held > 0
+        too_much = await admin.post(
+            f"/admin/keys/{key_id}/adjust",
+            {"direction": "debit", "amount": format_usd(available + Decimal("0.01")),
+             "reason": "chargeback"},
+        )  # fmt: skip
+        assert too_much.status_code == 409
+        assert f"Available: ${format_usd(available)}" in too_much.text
+        assert f"held ${format_usd(held)}" in too_much.text
+        assert await stack.pool.fetchval(
+            "SELECT balance_usd FROM api_keys WHERE id = $1", key_id
+        ) == Decimal("1.00")  # fmt: skip
+        # All that is available may be taken: what is held stays for the request.
+        exact = await admin.post(f"/admin/keys/{key_id}/adjust",
+                                 {"direction": "debit", "amount": format_usd(available),
+                                  "reason": "chargeback"})  # fmt: skip
+        assert exact.status_code == 303, exact.text
+        fake_openai.gate.set()
+        lines = [line async for line in chunks]
+    final = orjson.loads(next(line for line in reversed(lines) if '"usage"' in line)[6:])
+    await stack.wait_metered([final["id"]])
+    balance, reserved = await stack.pool.fetchrow(
+        "SELECT balance_usd, reserved_usd FROM api_keys WHERE id = $1", key_id
+    )
+    assert balance == held - Decimal(str(final["usage"]["cost"])) >= 0
+    assert reserved == 0

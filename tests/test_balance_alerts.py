@@ -114,6 +114,8 @@ async def test_alerts_need_the_email_on_file(env: PayEnv) -> None:
             ({"low_balance_usd": "0.50", "email": "wrong@example.com"}, "email"),
             ({"low_balance_usd": "0.50"}, "email"),  # the address is needed once
             ({"low_balance_usd": 0.5, "email": "right@example.com"}, "low_balance_usd"),
+            ({"low_balance_usd": 0.0, "email": "right@example.com"}, "low_balance_usd"),
+            ({"low_balance_usd": [1], "email": "right@example.com"}, "low_balance_usd"),
             ({"low_balance_usd": "0", "email": "right@example.com"}, "low_balance_usd"),
         ):
             r = await c.post("/v1/key/alerts", json=body)
@@ -123,6 +125,12 @@ async def test_alerts_need_the_email_on_file(env: PayEnv) -> None:
             "/v1/key/alerts", json={"low_balance_usd": "0.50", "email": "right@example.com"}
         )
         assert ok.status_code == 200, ok.text
+        fraction = await c.post("/v1/key/alerts", json={"low_balance_usd": 0.5})
+        assert fraction.status_code == 400
+        assert 'send a decimal string like "5.00"' in fraction.json()["error"]["message"]
+        # A JSON integer is exact, so it is taken as it is.
+        whole = await c.post("/v1/key/alerts", json={"low_balance_usd": 1})
+        assert whole.status_code == 200 and whole.json()["low_balance_usd"] == "1.00"
         # Later, the threshold alone.
         again = await c.post("/v1/key/alerts", json={"low_balance_usd": "0.25"})
         assert again.status_code == 200 and again.json()["low_balance_usd"] == "0.25"
@@ -151,3 +159,29 @@ async def test_the_alert_follows_a_rotation(env: PayEnv) -> None:
     assert await _sweep(env) == 1
     [mail] = _alerts(env, address)
     assert new[:11] in mail.body and old[:11] not in mail.body
+
+
+async def test_a_rotation_does_not_send_a_crossings_alert_again(env: PayEnv) -> None:
+    address = "sent.before.rotating@example.com"
+    order = await env.new_order("10.00", email=address)
+    old = order["api_key"]
+    await _credit(env, await _key_id(env, old), Decimal("1.00"), "alerts-rot-sent")
+    async with env.client(old) as c:
+        r = await c.post("/v1/key/alerts", json={"low_balance_usd": "0.99999", "email": address})
+        assert r.status_code == 200, r.text
+    await _spend(env, old)
+    assert await _sweep(env) == 1  # sent for this crossing, on the old key
+    async with env.client(old) as c:
+        sent_at = (await c.get("/v1/key/alerts")).json()["last_sent_at"]
+        rotated = await c.post("/v1/key/rotate")
+    assert rotated.status_code == 201, rotated.text
+    new = rotated.json()["key"]
+    assert await _sweep(env) == 0 and len(_alerts(env, address)) == 1  # not again
+    async with env.client(new) as c:
+        assert (await c.get("/v1/key/alerts")).json()["last_sent_at"] == sent_at
+    # A credit lifts the new key above the threshold: armed again for the next crossing.
+    new_id = await _key_id(env, new)
+    armed = "SELECT armed FROM balance_alerts WHERE key_id = $1"
+    assert await env.pool.fetchval(armed, new_id) is False
+    await _credit(env, new_id, Decimal("1.00"), "alerts-rot-rearm")
+    assert await env.pool.fetchval(armed, new_id) is True

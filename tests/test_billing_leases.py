@@ -17,6 +17,7 @@ import httpx
 import orjson
 import pytest
 
+from apifast.admin.balance_adjust import adjust_balance
 from apifast.db import Queries
 from apifast.key_admin import insert_key
 from apifast.keys import hash_key
@@ -135,15 +136,20 @@ async def test_a_debit_by_hand_takes_the_lease_back_and_the_rest_is_spent_exactl
         ids = await _until_leased(lstack, c)
         await lstack.wait_metered(ids)
         row = await _row(lstack.pool, key)
-        # An operator takes back all but a few requests' worth: the lease holds more than
-        # that, so it must not be served from any longer.
-        left = Decimal("0.002")
-        balance = await lstack.pool.fetchval(
-            Queries("apifast.admin").admin_key_adjust, row["id"], "admin_debit", "test-1",
-            left - row["balance_usd"], "test",
-        )  # fmt: skip
-        assert balance == left
+        # An operator takes back all but a few requests' worth, less than the lease holds:
+        # the debit is refused and the lease asked back (it must not be served from any
+        # longer); tried again once it is back, the debit goes through.
+        leased = row["reserved_usd"]  # nothing is in flight: all of it is the lease
+        assert leased > 0
+        left = min(Decimal("0.002"), leased / 2)
+        debit = left - row["balance_usd"]
+        refused = await adjust_balance(lstack.pool, row["id"], "admin_debit", "t-1", debit, "t")
+        assert refused is not None and not refused.done and refused.leased > 0
+        assert refused.balance == row["balance_usd"]  # untouched
         await lstack.wait_until(lambda: _no_live_lease(lstack.state.leases), True, timeout=5)
+        await lstack.wait_until(lambda: _held(lstack.pool, key), (Decimal(0), 0))
+        done = await adjust_balance(lstack.pool, row["id"], "admin_debit", "t-2", debit, "t")
+        assert done is not None and done.done and done.balance == left
         served: list[httpx.Response] = []
         for _ in range(400):
             r = await c.post("/v1/chat/completions", json=BODY)

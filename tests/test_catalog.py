@@ -77,6 +77,10 @@ def test_bare_number_prices_are_read_exactly(tmp_path):
             "needs at least one route",
         ),
         (("[[models]]", "[[models]\n"), "invalid TOML"),
+        (
+            ('type = "openai"', 'type = "openai"\nnative_responses = "yes"'),
+            "native_responses must be true or false",
+        ),
     ],
 )
 def test_broken_catalog_names_file_entry_and_problem(tmp_path, change, needle):
@@ -98,3 +102,12 @@ def test_duplicate_model_ids(tmp_path):
 def test_missing_file(tmp_path):
     with pytest.raises(CatalogError, match="cannot read models file"):
         load_catalog(tmp_path / "missing.toml")
+
+
+def test_native_responses_is_a_provider_option(tmp_path):
+    text = EXAMPLE.replace('type = "openai"', 'type = "openai"\nnative_responses = true')
+    options = load_catalog(write(tmp_path, text)).providers["local"].options
+    assert options["native_responses"] is True
+    assert (
+        "native_responses" not in load_catalog(write(tmp_path, EXAMPLE)).providers["local"].options
+    )

@@ -171,10 +171,10 @@ async def test_rollups_are_exact_and_count_each_event_once(store: ClickHouseStor
     assert keys["active_keys"] == 2
     today = datetime.now(UTC).date()
     per_key = await store.query(RQ.ch_key_usage_daily, {
-        "key_hash": "b" * 64, "start": today - timedelta(days=1), "end": today})  # fmt: skip
+        "key_hashes": ["b" * 64], "start": today - timedelta(days=1), "end": today})  # fmt: skip
     assert sum(r["requests"] for r in per_key) == 10
     assert sum(r["cost_usd"] for r in per_key) == Decimal("0.000123") * 10
-    recent = await store.query(RQ.ch_key_generations, {"key_hash": "b" * 64, "limit": 3})
+    recent = await store.query(RQ.ch_key_generations, {"key_hashes": ["b" * 64], "limit": 3})
     assert [r["generation_id"] for r in recent] == ["gen-0", "gen-3", "gen-6"]
 
 

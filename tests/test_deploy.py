@@ -61,6 +61,63 @@ def test_compose_pins_images_and_refuses_a_missing_catalog() -> None:
     assert certs and certs[0]["bind"]["create_host_path"] is False
 
 
+def test_the_dockerfile_pins_its_base_images() -> None:
+    """What compose builds (`build: .`) starts from exact versions too: a digest, or a tag
+    with the full major.minor.patch (python:3.11-slim would float across patch releases)."""
+    built = [n for n, s in _compose()["services"].items() if "build" in s]
+    assert built  # the ApiFast services
+    lines = (REPO / "Dockerfile").read_text().splitlines()
+    bases = [line.split()[1] for line in lines if line.upper().startswith("FROM ")]
+    assert bases
+    exact = re.compile(r"^[\w./-]+(:\d+\.\d+\.\d+[\w.-]*)?(@sha256:[0-9a-f]{64})?$")
+    for base in bases:
+        assert exact.match(base) and (":" in base or "@" in base), f"{base!r} floats"
+
+
+def _interpolated(value: str, env: dict[str, str]) -> str:
+    """A compose `${NAME:-default}` value as compose resolves it from `env`."""
+    match = re.fullmatch(r"\$\{(\w+)(?::-([^}]*))?\}", value)
+    if match is None:
+        return value
+    return env.get(match[1]) or (match[2] or "")
+
+
+def test_compose_passes_the_provider_keys_and_settings_through(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The containers see only what compose passes them: every provider key the example
+    catalog names (README, Production: operators export them), the settings operators tune,
+    and an optional apifast.env for the rest."""
+    import tomllib
+
+    compose = _compose()
+    services = compose["services"]
+    catalog = tomllib.loads((REPO / "models.example.toml").read_text())
+    key_vars = {p["api_key_env"] for p in catalog["providers"].values()}
+    assert key_vars == {"OPENAI_API_KEY", "ANTHROPIC_API_KEY"}
+    tuned = ("APIFAST_METRICS_LISTEN", "APIFAST_LOG_FORMAT", "APIFAST_RECEIPT_KEYS",
+             "APIFAST_ORDER_RETENTION_DAYS", "APIFAST_USAGE_RETENTION_DAYS",
+             "APIFAST_DEFAULT_RPM_LIMIT", "APIFAST_DEFAULT_TPM_LIMIT")  # fmt: skip
+    shell = {name: f"value-of-{name}" for name in (*key_vars, *tuned)}
+    for name in ("router", "admin"):
+        env = services[name]["environment"]
+        for var in (*key_vars, *tuned):
+            assert var in env, f"{name} does not get {var}"
+            assert _interpolated(env[var], shell) == shell[var], (name, var, env[var])
+    for name in ("router", "admin", "meter", "migrate"):
+        assert services[name]["env_file"] == [{"path": "apifast.env", "required": False}]
+    # Unset in the shell, every default is one the settings accept, under a real name.
+    router = services["router"]["environment"]
+    defaults = {k: _interpolated(v, {}) for k, v in router.items() if k.startswith("APIFAST_")}
+    assert set(defaults) <= {f"APIFAST_{name.upper()}" for name in Settings.model_fields}
+    for var, value in defaults.items():
+        if "$" not in value:  # not a required secret (${X:?...})
+            monkeypatch.setenv(var, value)
+    settings = Settings(_env_file=None)  # type: ignore[call-arg]
+    assert settings.metrics_listen == "" and settings.usage_retention_days == 90
+    assert "apifast.env" in (REPO / ".gitignore").read_text().split()
+
+
 def test_compose_scale_profile_runs_a_three_node_nats_cluster(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
@@ -128,17 +185,17 @@ def _self_signed(directory: Path) -> None:
     ))  # fmt: skip
 
 
-def _local_config(prefix: Path, upstream: str, ports: dict[int, int]) -> Path:
+def _local_config(prefix: Path, upstream: str, admin: str, ports: dict[int, int]) -> Path:
     """deploy/nginx.conf as compose runs it, but on this host: the compose service names
-    point at 127.0.0.1, the certificate directory and the ports are this test's."""
+    point at 127.0.0.1, the certificate directory and the listen ports are this test's (the
+    redirect is left as it is: it names the port compose publishes)."""
     text = (REPO / "deploy/nginx.conf").read_text()
     text = text.replace("server router:8000;", f"server {upstream};")
-    text = text.replace("http://admin:8000", f"http://{upstream}")
+    text = text.replace("http://admin:8000", f"http://{admin}")
     text = text.replace("resolver 127.0.0.11 valid=10s;", "")
     text = text.replace("/etc/nginx/certs/", f"{prefix}/certs/")
     for inside, outside in ports.items():
         text = re.sub(rf"\blisten {inside}\b", f"listen 127.0.0.1:{outside}", text)
-        text = text.replace(f"$host:{inside}", f"$host:{outside}")
     text = text.replace("events {}", f"pid {prefix}/nginx.pid;\nerror_log {prefix}/error.log;\n"
                         "events {}", 1)  # fmt: skip
     conf = prefix / "nginx.conf"
@@ -167,7 +224,7 @@ async def test_nginx_config_serves_tls_and_answers_in_the_api_shape(
     _self_signed(prefix / "certs")
     ports = {8080: free_port(), 8443: free_port(), 8444: free_port()}
     upstream = fake_openai.url.removeprefix("http://").split("/")[0]  # the fake stands in
-    conf = _local_config(prefix, upstream, ports)
+    conf = _local_config(prefix, upstream, f"127.0.0.1:{free_port()}", ports)  # no admin up
     proc = await asyncio.to_thread(_checked_nginx, prefix, conf)
     try:
         tls = ssl.create_default_context(cafile=str(prefix / "certs/fullchain.pem"))
@@ -191,10 +248,27 @@ async def test_nginx_config_serves_tls_and_answers_in_the_api_shape(
                 json={"model": "upstream-model", "messages": [{"role": "user", "content": "hi"}]},
             )
             assert chat.status_code == 200  # proxied through to the (fake) router
+        # The panel's listener: its own refusals as pages, not nginx's.
+        async with httpx.AsyncClient(
+            base_url=f"https://127.0.0.1:{ports[8444]}", verify=tls, timeout=10
+        ) as panel:
+            big = await panel.post("/admin/login", content=b"x" * (2 * 1024 * 1024))
+            assert big.status_code == 413
+            assert big.headers["content-type"].startswith("text/html")
+            assert "admin limit is 1 MiB" in big.text and "nginx" not in big.text
+            down = await panel.get("/admin/login")  # the admin profile is not running
+            assert down.status_code == 503 and down.headers["retry-after"] == "5"
+            assert "--profile admin" in down.text and "nginx" not in down.text
+        # Plain HTTP goes to the HTTPS port compose publishes (443:8443), so no port.
+        lb_ports = _compose()["services"]["lb"]["ports"]
+        assert "443:8443" in lb_ports and "80:8080" in lb_ports
         async with httpx.AsyncClient(timeout=10) as plain:
-            r = await plain.get(f"http://127.0.0.1:{ports[8080]}/v1/models")
+            r = await plain.get(
+                f"http://127.0.0.1:{ports[8080]}/v1/models?x=1",
+                headers={"Host": "api.example.com"},
+            )
             assert r.status_code == 308
-            assert r.headers["location"].startswith("https://")
+            assert r.headers["location"] == "https://api.example.com/v1/models?x=1"
     finally:
         proc.terminate()
         proc.wait(timeout=10)

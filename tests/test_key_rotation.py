@@ -1,6 +1,7 @@
-"""POST /v1/key/rotate: a new key takes over the balance, limits, orders and the opted-in
-recovery email in one transaction; the old key gets 401; nothing is lost, even with requests
-in flight when it is asked for."""
+"""POST /v1/key/rotate: a new key takes over the balance, spend, limits, orders and the
+opted-in recovery email in one transaction, and reads the old key's history (usage, receipts,
+generations) over any chain of rotations; the old key gets 401; nothing is lost, even with
+requests in flight when it is asked for."""
 
 from __future__ import annotations
 
@@ -8,8 +9,12 @@ import asyncio
 from decimal import Decimal
 from typing import Any
 
+import orjson
+
 from apifast.keys import hash_key
 from apifast.orders.email_keys import email_hash, key_aad
+from apifast.orders.rotate_api import MAX_ROTATIONS
+from apifast.receipts import public_keys, verify
 from tests.fakes.openai_upstream import FakeOpenAI
 from tests.harness import SECRET, Stack, models_toml, running_stack
 
@@ -163,3 +168,137 @@ async def test_rotation_moves_the_children_and_they_keep_working(stack: Stack) -
     assert [k["id"] for k in listed] == [made.json()["id"]] and listed[0]["label"] == "bot"
     total = Decimal(str(before.json()["usage"]["cost"])) + cost
     assert Decimal(listed[0]["usage"]["spent_usd"]) == total  # the child's spend came along
+
+
+async def _history(stack: Stack, key: str) -> dict[str, Any]:
+    """What the key's holder sees of its history: spend, usage totals, receipts, generations."""
+    async with stack.client(key) as c:
+        spent = (await c.get("/v1/key")).json()["spent_usd"]
+        usage = (await c.get("/v1/usage")).json()
+        receipts = (await c.get("/v1/receipts")).text.splitlines()
+        recent = (await c.get("/v1/generations", params={"limit": 100})).json()["data"]
+    return {
+        "spent": Decimal(spent),
+        "requests": usage["total_requests"],
+        "cost": Decimal(usage["total_cost_usd"]),
+        "receipts": {line["id"]: line["receipt"] for line in map(orjson.loads, receipts)},
+        "generations": {g["id"] for g in recent},
+    }
+
+
+async def _use(stack: Stack, key: str, n: int) -> dict[str, tuple[Decimal, str]]:
+    """n priced requests, metered: {generation id: (cost, the receipt issued with it)}."""
+    out = {}
+    async with stack.client(key) as c:
+        for _ in range(n):
+            r = await c.post("/v1/chat/completions", json=BODY)
+            assert r.status_code == 200, r.text
+            out[r.json()["id"]] = (Decimal(str(r.json()["usage"]["cost"])),
+                                   r.headers["x-apifast-receipt"])  # fmt: skip
+    await stack.wait_metered(list(out))
+    return out
+
+
+async def test_rotation_keeps_the_history_and_spend_over_chained_rotations(stack: Stack) -> None:
+    first = await stack.create_key("5.00")
+    first_row = await _row(stack, first)
+    await stack.pool.execute("UPDATE api_keys SET rpm_limit = 1000 WHERE id = $1",
+                             first_row["id"])  # fmt: skip
+    async with stack.client(first) as c:
+        made = await c.post("/v1/keys", json={"label": "bot"})
+        assert made.status_code == 201, made.text
+    child = made.json()["key"]
+    used = await _use(stack, first, 2)
+    before = await _history(stack, first)
+    assert before["spent"] == sum(cost for cost, _ in used.values()) > 0
+    assert before["requests"] == 2 and set(before["receipts"]) == set(used)
+    windows = set(await stack.pool.fetch(
+        "SELECT minute, requests FROM key_rate_windows WHERE key_id = $1", first_row["id"]
+    ))  # fmt: skip
+    assert windows
+
+    keys = [first]
+    for round_ in (1, 2):  # rotate, use, rotate again: everything follows each time
+        async with stack.client(keys[-1]) as c:
+            r = await c.post("/v1/key/rotate")
+        assert r.status_code == 201, r.text
+        keys.append(r.json()["key"])
+        new_row = await _row(stack, keys[-1])
+        if round_ == 1:  # this minute's rpm count came along (the sweep may drop old minutes)
+            moved = await stack.pool.fetch(
+                "SELECT minute, requests FROM key_rate_windows WHERE key_id = $1", new_row["id"]
+            )
+            assert set(moved) <= windows
+        for old in keys[:-1]:
+            assert not await stack.pool.fetchval(
+                "SELECT count(*) FROM key_rate_windows WHERE key_id = (SELECT id FROM api_keys "
+                "WHERE key_hash = $1)", hash_key(SECRET.encode(), old),
+            )  # fmt: skip
+        after = await _history(stack, keys[-1])
+        assert after["spent"] == before["spent"]  # spent_usd moved, not reset
+        assert (after["requests"], after["cost"]) == (before["requests"], before["cost"])
+        assert after["receipts"] == before["receipts"]
+        assert after["generations"] == before["generations"] == set(used)
+        async with stack.client(keys[-1]) as c:
+            for gen, (cost, issued) in used.items():
+                one = await c.get(f"/v1/generation/{gen}")
+                assert one.status_code == 200, one.text
+                assert Decimal(one.json()["cost_usd"]) == cost
+                # Re-signed from the stored row, it is the receipt issued then, to the byte:
+                # it names the hash of the key that made the request.
+                assert one.json()["receipt"] == issued
+        for old in keys[:-1]:  # every key rotated away: 401, for its history too
+            async with stack.client(old) as c:
+                for path in ("/v1/usage", "/v1/receipts", "/v1/generations",
+                             f"/v1/generation/{next(iter(used))}"):  # fmt: skip
+                    refused = await c.get(path)
+                    assert refused.status_code == 401, (path, refused.text)
+                    assert refused.json()["error"]["code"] == "key_disabled"
+                assert (await c.post("/v1/chat/completions", json=BODY)).status_code == 401
+        # New usage adds to the history, on the new key and on the child, which still works.
+        more = {**await _use(stack, keys[-1], 1), **await _use(stack, child, 1)}
+        own = next(iter(more))
+        used[own] = more[own]
+        spent = sum(cost for cost, _ in more.values())
+        later = await _history(stack, keys[-1])
+        assert later["spent"] == before["spent"] + spent  # the child's spend counts, paid here
+        assert later["requests"] == before["requests"] + 1  # the child's rows are its own
+        assert later["cost"] == before["cost"] + more[own][0]
+        assert set(later["receipts"]) == set(used) and later["generations"] == set(used)
+        before = later
+
+    final = await _row(stack, keys[-1])
+    lineage = await stack.pool.fetch(
+        "SELECT a.key_hash FROM key_predecessors p JOIN api_keys a ON a.id = p.predecessor_id "
+        "WHERE p.key_id = $1", final["id"],
+    )  # fmt: skip
+    assert {bytes(r["key_hash"]) for r in lineage} == {
+        hash_key(SECRET.encode(), k) for k in keys[:-1]
+    }
+    assert final["balance_usd"] == Decimal("5.00") - before["spent"]  # nothing lost
+    for old in keys[:-1]:
+        gone = await _row(stack, old)
+        assert gone["balance_usd"] == 0 and gone["disabled"] is True
+    # Receipts issued before the rotations still name the first key's hash: true when issued.
+    async with stack.client() as c:
+        document = (await c.get("/.well-known/apifast-receipts.json")).json()
+    first_hash = hash_key(SECRET.encode(), first).hex()[:16]
+    oldest = [verify(receipt, public_keys(document)) for _, receipt in list(used.values())[:2]]
+    assert [fields["key"] for fields in oldest] == [first_hash, first_hash]
+
+
+async def test_rotation_is_bounded(stack: Stack) -> None:
+    key = await stack.create_key("1.00")
+    row = await _row(stack, key)
+    ids = [await stack.pool.fetchval(
+        "INSERT INTO api_keys (key_hash, prefix, disabled) VALUES ($1, 'af-x', true) RETURNING id",
+        bytes([i % 256, i // 256]) * 16,
+    ) for i in range(MAX_ROTATIONS)]  # fmt: skip
+    await stack.pool.executemany(
+        "INSERT INTO key_predecessors (key_id, predecessor_id) VALUES ($1, $2)",
+        [(row["id"], i) for i in ids],
+    )
+    async with stack.client(key) as c:
+        refused = await c.post("/v1/key/rotate")
+        assert refused.status_code == 409 and refused.json()["error"]["code"] == "rotation_limit"
+        assert (await c.post("/v1/chat/completions", json=BODY)).status_code == 200  # unchanged

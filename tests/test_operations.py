@@ -3,6 +3,8 @@ logged with the class of their cause (never a text that could carry content)."""
 
 from __future__ import annotations
 
+import asyncio
+import os
 from collections.abc import Callable
 from decimal import Decimal
 from pathlib import Path
@@ -143,3 +145,145 @@ async def test_metrics_on_their_own_listener_without_identifying_labels(
     for secret_text in (key, poor, hash_key(secret.encode(), key).hex(), "canary-7f3",
                         "127.0.0.1:"):  # fmt: skip
         assert secret_text not in text
+
+
+def _requests_total(text: str) -> dict[tuple[str, str, str], float]:
+    """apifast_requests_total by (model, api, status), from a /metrics page."""
+    found = {}
+    for line in text.splitlines():
+        if line.startswith("apifast_requests_total{"):
+            labels, value = line.removeprefix("apifast_requests_total").rsplit(" ", 1)
+            pairs = dict(kv.split("=", 1) for kv in labels.strip("{}").split(","))
+            key = (pairs["model"].strip('"'), pairs["api"].strip('"'), pairs["status"].strip('"'))
+            found[key] = float(value)
+    return found
+
+
+async def test_refused_requests_are_counted_with_their_status(
+    stack_settings_factory: Callable[..., Any], fake_openai: FakeOpenAI
+) -> None:
+    """apifast_requests_total counts every inference request that ended, refused or not,
+    once, by model, protocol and status; a model the catalog lacks is labelled "", never
+    with the client's string."""
+    port = free_port()
+    settings = stack_settings_factory(
+        models_toml(fake_openai.url), metrics_listen=f"127.0.0.1:{port}", max_body_bytes=4096
+    )
+    chat = {"model": "fast-chat", "messages": [{"role": "user", "content": "hi"}]}
+    failing = {**chat, "messages": [{"role": "user", "content": "[[error:500]]"}]}
+    embed = {"model": "embed-small", "input": "hi"}
+    async with running_stack(settings) as stack:
+        key = await stack.create_key("1.00")
+        poor = {"Authorization": f"Bearer {await stack.create_key('0.00')}"}
+        json_type = {"Content-Type": "application/json"}
+        sent: list[tuple[str, Any, dict[str, str]]] = [
+            ("/v1/chat/completions", chat, {}),  # 200
+            ("/v1/chat/completions", chat, {"Authorization": ""}),
+            ("/v1/chat/completions", chat, poor),
+            ("/v1/chat/completions", {**chat, "model": "made-up-x9"}, {}),
+            ("/v1/chat/completions", {**chat, "n": "many"}, {}),
+            ("/v1/chat/completions", b"{" + b" " * 5000 + b"}", json_type),
+            ("/v1/chat/completions", failing, {}),
+            ("/v1/messages", {**chat, "max_tokens": 10}, poor),
+            ("/v1/responses", {"model": "made-up-x9", "input": "hi"}, {}),
+            ("/v1/embeddings", embed, poor),
+            ("/v1/embeddings", embed, {}),
+        ]
+        async with stack.client(key) as c:
+            answers = [
+                await c.post(path, content=body, headers=headers)
+                if isinstance(body, bytes)
+                else await c.post(path, json=body, headers=headers)
+                for path, body, headers in sent
+            ]
+        statuses = [r.status_code for r in answers]
+        assert statuses == [200, 401, 402, 404, 400, 413, 502, 402, 404, 402, 200], statuses
+        async with httpx.AsyncClient(timeout=10) as m:
+            text = (await m.get(f"http://127.0.0.1:{port}/metrics")).text
+    assert _requests_total(text) == {
+        ("fast-chat", "chat", "200"): 1,
+        ("", "chat", "401"): 1,  # refused before its body was read
+        ("fast-chat", "chat", "402"): 1,
+        ("", "chat", "404"): 1,
+        ("fast-chat", "chat", "400"): 1,
+        ("", "chat", "413"): 1,
+        ("fast-chat", "chat", "502"): 1,  # finished (it took a hold), and counted once
+        ("fast-chat", "messages", "402"): 1,
+        ("", "responses", "404"): 1,
+        ("embed-small", "embeddings", "402"): 1,
+        ("embed-small", "embeddings", "200"): 1,
+    }
+    assert "made-up-x9" not in text
+
+
+def _requests_by_worker(directory: Path) -> dict[int, float]:
+    """apifast_requests_total in each worker's own file of the multiprocess directory."""
+    from prometheus_client.multiprocess import MultiProcessCollector
+
+    counts = {}
+    for path in directory.glob("counter_*.db"):
+        merged = MultiProcessCollector.merge([str(path)], accumulate=True)  # type: ignore[no-untyped-call]
+        counts[int(path.stem.rpartition("_")[2])] = sum(
+            s.value for m in merged if m.name == "apifast_requests" for s in m.samples
+            if s.name == "apifast_requests_total"
+        )  # fmt: skip
+    return counts
+
+
+async def test_metrics_with_two_workers_serve_them_both(
+    database_factory: Callable[[str], str], nats_url: str, fake_openai: FakeOpenAI,
+    tmp_path: Path,
+) -> None:  # fmt: skip
+    """`apifast serve` with two workers and metrics on: no worker binds the metrics port (the
+    second would die of it), both serve, and the one /metrics counts the requests of both."""
+    models = tmp_path / "models.toml"
+    models.write_text(models_toml(fake_openai.url))
+    settings = stack_settings(
+        database_url=database_factory("workers"), nats_url=nats_url, clickhouse_url="",
+        data_dir=tmp_path / "data", models_file=models,
+    )  # fmt: skip
+    await migrate_database(settings.database_url)
+    conn = await asyncpg.connect(settings.database_url)
+    try:
+        async with conn.transaction():
+            key, _, _ = await insert_key(conn, SECRET.encode(), Decimal("5.00"))
+    finally:
+        await conn.close()
+    port = free_port()
+    router = RouterProcess(
+        settings, tmp_path / "r", WORKERS="2", METRICS_LISTEN=f"127.0.0.1:{port}"
+    )
+    router.env["TMPDIR"] = str(tmp_path / "tmp")  # where the multiprocess directory goes
+    (tmp_path / "tmp").mkdir()
+    router.start()
+    body = {"model": "fast-chat", "messages": [{"role": "user", "content": "hi"}]}
+    sent, by_worker = 0, {}
+    try:
+        await router.wait_ready()
+        [directory] = (tmp_path / "tmp").glob("apifast-metrics-*")
+
+        async def one() -> int:
+            # A connection of its own each, so the kernel hands them to either worker.
+            async with httpx.AsyncClient(base_url=router.base_url, timeout=30) as c:
+                r = await c.post("/v1/chat/completions", json=body,
+                                 headers={"Authorization": f"Bearer {key}"})  # fmt: skip
+                return r.status_code
+
+        for _ in range(30):  # until both workers have answered some
+            statuses = await asyncio.gather(*(one() for _ in range(8)))
+            assert statuses == [200] * 8
+            sent += 8
+            by_worker = _requests_by_worker(directory)
+            if len(by_worker) == 2 and all(by_worker.values()):
+                break
+        async with httpx.AsyncClient(timeout=10) as m:
+            text = (await m.get(f"http://127.0.0.1:{port}/metrics")).text
+        assert all(os.kill(pid, 0) is None for pid in by_worker)  # both still up
+    finally:
+        assert await router.stop() == 0
+    assert len(by_worker) == 2 and all(by_worker.values()), by_worker
+    assert sum(by_worker.values()) == sent
+    assert _requests_total(text) == {("fast-chat", "chat", "200"): sent}  # both, merged
+    assert "apifast_spool_events" in text and "apifast_leases" in text  # the gauges too
+    assert "address already in use" not in router.log().lower()
+    assert not directory.exists()  # removed when serve stops

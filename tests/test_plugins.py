@@ -1,5 +1,6 @@
 """Plugin loading: built-ins through entry points, a third-party distribution installed by
-the test and routed to, check_pending, and docs that cover every hook."""
+the test and routed to, check_pending, docs that cover every hook, and the native-protocol
+part of the provider contract (native_protocols, native, stream_native)."""
 
 from __future__ import annotations
 
@@ -15,6 +16,8 @@ import pytest
 
 from apifast import hookspecs
 from apifast.plugin_manager import make_plugin_manager, payment_processor_types, provider_types
+from apifast.plugins.providers.openai_compat import OpenAIProvider
+from apifast.providers import NativeRequest, Provider, ProviderConfig, UpstreamError
 from tests.harness import running_stack
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -49,6 +52,49 @@ def test_every_hook_is_documented():
     for name in hooks:
         params = ", ".join(inspect.signature(getattr(hookspecs, name)).parameters)
         assert f"### {name}({params})" in text, f"docs/plugins.md lacks a section for {name}"
+
+
+# The client protocols a provider may speak natively, as docs/plugins.md documents them.
+DOCUMENTED_PROTOCOLS = {"messages", "responses"}
+
+
+async def test_native_protocol_contract_is_documented_and_kept():
+    text = (ROOT / "docs" / "plugins.md").read_text()
+    for member in ("`native_protocols`", "`async native(request) -> ChatResponse`",
+                   "`stream_native(request)`"):  # fmt: skip
+        assert member in text, f"docs/plugins.md lacks {member}"
+    for protocol in DOCUMENTED_PROTOCOLS:
+        assert f'`"{protocol}"`' in text, f"docs/plugins.md does not document {protocol!r}"
+    # The documented members, with the documented signatures and defaults.
+    assert Provider.native_protocols == frozenset()
+    assert inspect.iscoroutinefunction(Provider.native)
+    for method in (Provider.native, Provider.stream_native):
+        assert list(inspect.signature(method).parameters) == ["self", "request"]
+    base = Provider(ProviderConfig(name="p", type=""))
+    with pytest.raises(UpstreamError) as refused:
+        await base.native(NativeRequest("responses", {}, "m"))
+    assert refused.value.retryable is False
+    with pytest.raises(UpstreamError):
+        base.stream_native(NativeRequest("responses", {}, "m", True))
+    # Every bundled provider declares only documented protocols, and implements both
+    # methods for what it declares; the openai type only with native_responses = true.
+    for name, cls in provider_types(make_plugin_manager()).items():
+        assert cls.native_protocols <= DOCUMENTED_PROTOCOLS, name
+        for options in ({}, {"native_responses": True}):
+            provider = cls(ProviderConfig(name="p", type=name, options=options))
+            protocols = provider.native_protocols
+            assert isinstance(protocols, frozenset) and protocols <= DOCUMENTED_PROTOCOLS
+            if protocols:
+                assert cls.native is not Provider.native, name
+                assert cls.stream_native is not Provider.stream_native, name
+    plain = OpenAIProvider(ProviderConfig(name="p", type="openai"))
+    native = OpenAIProvider(ProviderConfig(name="p", type="openai",
+                                           options={"native_responses": True}))  # fmt: skip
+    assert plain.native_protocols == frozenset()
+    assert native.native_protocols == frozenset({"responses"})
+    assert OpenAIProvider.native_protocols == frozenset()  # per instance, not per class
+    with pytest.raises(UpstreamError):  # a protocol it does not speak
+        await native.native(NativeRequest("messages", {}, "m"))
 
 
 @pytest.fixture(scope="module")

@@ -16,6 +16,7 @@ from apifast.orders.email_keys import email_hash, key_aad
 from tests.fakes.mailbox import Mailbox
 from tests.fakes.openai_upstream import FakeOpenAI
 from tests.harness import SECRET, Stack, models_toml, running_stack
+from tests.test_responses_native import NATIVE
 
 CANARY = "CANARY-7f3a9c-do-not-store"
 
@@ -66,9 +67,20 @@ async def stream_text(stack: Stack) -> str:
         await nc.close()
 
 
+@pytest.fixture
+async def canary_stack(stack_settings_factory: Any, fake_openai: FakeOpenAI) -> Any:
+    """The usual stack, plus a route that speaks the Responses API natively."""
+    settings = stack_settings_factory(
+        models_toml(fake_openai.url, NATIVE.format(url=fake_openai.url))
+    )
+    async with running_stack(settings) as running:
+        yield running
+
+
 async def test_canary_is_never_kept(
-    stack: Stack, fake_openai: FakeOpenAI, caplog: pytest.LogCaptureFixture, capfd
+    canary_stack: Stack, fake_openai: FakeOpenAI, caplog: pytest.LogCaptureFixture, capfd
 ):
+    stack = canary_stack
     caplog.set_level(logging.DEBUG)
     # The anthropic SDK (the client, not ApiFast) logs request options at DEBUG.
     caplog.set_level(logging.INFO, logger="anthropic")
@@ -111,14 +123,30 @@ async def test_canary_is_never_kept(
     ids.append(response.id.removeprefix("resp_"))
     async with client.responses.stream(model="fast-chat", input=CANARY) as events:
         ids.append((await events.get_final_response()).id.removeprefix("resp_"))
+    # And passed through to a route that speaks it natively, with every caller field.
+    caller: Any = {"user": CANARY, "metadata": {"who": CANARY}, "safety_identifier": CANARY,
+                   "prompt_cache_key": CANARY, "store": True}  # fmt: skip
+    response = await client.responses.create(
+        model="native-chat", instructions=f"You are {CANARY}.", input=f"Repeat {CANARY}",
+        **caller,
+    )  # fmt: skip
+    ids.append(response.id.removeprefix("resp_"))
+    async with client.responses.stream(
+        model="native-chat", input=[{"role": "user", "content": CANARY}], **caller
+    ) as events:
+        ids.append((await events.get_final_response()).id.removeprefix("resp_"))
     # The error request's id is not returned; wait for the known ones, then for all of them.
     await stack.wait_metered(list(set(ids)))
     await stack.wait_until(
-        lambda: stack.pool.fetchval("SELECT count(*) FROM ledger WHERE kind='usage'"), 7
+        lambda: stack.pool.fetchval("SELECT count(*) FROM ledger WHERE kind='usage'"), 9
     )
 
     assert any(CANARY in str(r) for r in fake_openai.requests), "canary never reached upstream"
     assert all("user" not in r for r in fake_openai.requests)
+    assert len(fake_openai.responses_requests) == 2
+    for sent in fake_openai.responses_requests:  # the caller's fields, on the native route
+        assert CANARY in str(sent["input"])
+        assert not {"metadata", "safety_identifier", "prompt_cache_key"} & set(sent)
     assert CANARY not in await postgres_text(stack)
     assert CANARY not in await clickhouse_text(stack)
     assert CANARY not in await stream_text(stack)

@@ -5,7 +5,7 @@ the same one GET /v1/generation/{id} gives, and a key holder can download them b
 from __future__ import annotations
 
 import base64
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
 
@@ -72,6 +72,25 @@ async def test_a_receipt_verifies_says_what_was_billed_and_a_forged_one_fails(
     assert cli(["receipts", "verify", _tampered(receipt, cost_usd="0"), "--keys", str(saved)]) == 1
 
 
+def test_verify_without_keys_fails_and_makes_none(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Verifying only reads keys: with neither --keys, APIFAST_RECEIPT_KEYS nor a key file
+    under the data dir, it says so and creates no signing key."""
+    signer = ReceiptSigner.from_settings("", tmp_path / "signer")  # a server elsewhere
+    receipt = signer.sign({"v": 1, "id": "gen-x"})
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("APIFAST_RECEIPT_KEYS", raising=False)
+    monkeypatch.setenv("APIFAST_DATA_DIR", str(tmp_path / "data"))
+    assert cli(["receipts", "verify", receipt]) == 2
+    assert "--keys" in capsys.readouterr().err
+    assert not (tmp_path / "data").exists() and not (tmp_path / ".apifast").exists()
+    # The server's own key file, when there is one, is read.
+    monkeypatch.setenv("APIFAST_DATA_DIR", str(tmp_path / "signer"))
+    assert cli(["receipts", "verify", receipt]) == 0
+    assert orjson.loads(capsys.readouterr().out)["id"] == "gen-x"
+
+
 async def test_receipts_for_a_date_range_as_json_lines(stack: Stack) -> None:
     key = await stack.create_key("1.00")
     other = await stack.create_key("1.00")
@@ -89,11 +108,42 @@ async def test_receipts_for_a_date_range_as_json_lines(stack: Stack) -> None:
         assert all(verify(line["receipt"], keys)["id"] == line["id"] for line in lines)
         bad = await c.get("/v1/receipts", params={"from": today, "to": "2020-01-01"})
         assert bad.status_code == 400 and bad.json()["error"]["param"] == "to"
-        missing = await c.get("/v1/receipts", params={"to": today})
-        assert missing.status_code == 400 and missing.json()["error"]["param"] == "from"
+        clash = await c.get("/v1/receipts", params={"start": today, "from": "2020-01-01"})
+        assert clash.status_code == 400 and clash.json()["error"]["param"] == "from"
+        worded = await c.get("/v1/receipts", params={"start": "soon"})
+        assert worded.status_code == 400 and worded.json()["error"]["param"] == "start"
     async with stack.client() as anonymous:
         r = await anonymous.get("/v1/receipts", params={"from": today, "to": today})
         assert r.status_code == 401
+
+
+async def test_receipts_take_start_and_end_and_default_to_the_usage_window(stack: Stack) -> None:
+    key = await stack.create_key("1.00")
+    async with stack.client(key) as c:
+        ids = [(await c.post("/v1/chat/completions", json=BODY)).json()["id"] for _ in range(2)]
+        await stack.wait_metered(ids)
+        today = datetime.now(UTC).date()
+        old = (today - timedelta(days=40)).isoformat()
+        usage = (await c.get("/v1/usage")).json()
+
+        async def listed(**params: str) -> list[str]:
+            r = await c.get("/v1/receipts", params=params)
+            assert r.status_code == 200, r.text
+            return sorted(orjson.loads(line)["id"] for line in r.text.splitlines())
+
+        # start/end mean what from/to mean, and either pair may be left out.
+        assert await listed(start=today.isoformat(), end=today.isoformat()) == sorted(ids)
+        assert await listed(**{"from": today.isoformat(), "to": today.isoformat()}) == sorted(ids)
+        assert await listed() == sorted(ids)  # the last 30 days, as /v1/usage
+        assert await listed(end=today.isoformat()) == sorted(ids)
+        assert await listed(start=old, end=old) == []
+        assert usage["end"] == today.isoformat()
+        assert usage["start"] == (today - timedelta(days=29)).isoformat()
+        backwards = await c.get("/v1/receipts", params={"start": today.isoformat(), "end": old})
+        assert backwards.status_code == 400 and backwards.json()["error"]["param"] == "end"
+        # The default window ends today: an old start alone still spans at most 366 days.
+        wide = await c.get("/v1/receipts", params={"start": "2020-01-01"})
+        assert wide.status_code == 400 and wide.json()["error"]["param"] == "end"
 
 
 def test_libsodium_signs_the_same_bytes_as_cryptography() -> None:

@@ -54,12 +54,20 @@ async def test_old_usage_goes_and_model_totals_stay(
         before = await _model_totals(store)
         await store.apply_retention(30)
         await store.apply_retention(30)  # unchanged: nothing to do the second time
-        for table in ("usage_events", "usage_key_daily"):
+        tables = ("usage_events", "usage_key_daily", "active_keys_hourly", "active_keys_daily")
+        for table in tables:
             await store.command(f"OPTIMIZE TABLE {table} FINAL")  # what merges do in time
         raw = await store.query("SELECT generation_id FROM usage_events ORDER BY 1", {})
         assert [r["generation_id"] for r in raw] == ["gen-retention-10", "gen-retention-11"]
         per_key = await store.query("SELECT sum(requests) AS n FROM usage_key_daily", {})
         assert per_key[0]["n"] == 2  # the 40-day-old rows of the key are gone
+        for table in ("active_keys_hourly", "active_keys_daily"):
+            # The distinct-key states (built from the key hashes) of 40 days ago are gone too.
+            oldest = await store.query(
+                f"SELECT min(period) AS p, uniqCombinedMerge(12)(keys) AS n FROM {table}", {}
+            )
+            assert oldest[0]["n"] == 1, table
+            assert oldest[0]["p"].timestamp() > time.time() - 3 * DAY, table
         assert await _model_totals(store) == before == (5, Decimal("0.005"))
         await store.apply_retention(0)  # 0 keeps everything from now on
         tables = await store.query(
@@ -67,6 +75,12 @@ async def test_old_usage_goes_and_model_totals_stay(
             "AND name = 'usage_events'", {"db": clickhouse_database},
         )  # fmt: skip
         assert " TTL " not in tables[0]["q"]
+        kept = await store.query(
+            "SELECT name, create_table_query AS q FROM system.tables WHERE database = "
+            "{db:String} AND name LIKE 'active_keys_%' AND engine NOT LIKE '%View%'",
+            {"db": clickhouse_database},
+        )  # fmt: skip
+        assert len(kept) == 2 and not [r for r in kept if " TTL " in r["q"]]
     finally:
         await store.close()
 
@@ -95,6 +109,15 @@ async def test_every_table_with_a_key_hash_has_the_retention_ttl(
         )  # fmt: skip
         assert {r["name"] for r in keyed} == {"usage_events", "usage_key_daily"}
         assert all(" TTL " in r["q"] for r in keyed)
+        # The states of distinct keys are built from the key hashes: the same TTL.
+        states = await store.query(
+            "SELECT DISTINCT t.name AS name, t.create_table_query AS q FROM system.columns c "
+            "JOIN system.tables t ON t.database = c.database AND t.name = c.table "
+            "WHERE c.database = {db:String} AND c.type LIKE 'AggregateFunction(uniq%' "
+            "AND t.engine NOT LIKE '%View%'", {"db": clickhouse_database},
+        )  # fmt: skip
+        assert {r["name"] for r in states} == {"active_keys_hourly", "active_keys_daily"}
+        assert all("TTL period + toIntervalDay(30)" in r["q"] for r in states)
     finally:
         await store.close()
 

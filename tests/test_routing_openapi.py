@@ -54,3 +54,29 @@ async def test_a_body_with_models_and_no_model_is_served(stack: Stack) -> None:
         r = await c.post("/v1/chat/completions", json=body)
     assert r.status_code == 200, r.text
     assert r.json()["model"] == "fast-chat"
+
+
+async def test_max_price_takes_json_integers_and_refuses_fractions(stack: Stack) -> None:
+    key = await stack.create_key("5.00")
+    messages = [{"role": "user", "content": "hi"}]
+    async with stack.client(key) as c:
+        whole = {"max_price": {"prompt": 100, "completion": 100}}
+        r = await c.post("/v1/chat/completions",
+                         json={"model": "fast-chat", "route": whole, "messages": messages})  # fmt: skip
+        assert r.status_code == 200, r.text
+        # An integer is exact: 0 is below fast-chat's price, so nothing is left to serve.
+        none = {"max_price": {"prompt": 0}}
+        r = await c.post("/v1/chat/completions",
+                         json={"model": "fast-chat", "route": none, "messages": messages})  # fmt: skip
+        assert r.status_code == 400 and r.json()["error"]["code"] == "no_model_within_max_price"
+        for name, value in (("prompt", 100.0), ("completion", 0.5)):
+            route = {"max_price": {name: value}}
+            r = await c.post("/v1/chat/completions",
+                             json={"model": "fast-chat", "route": route, "messages": messages})  # fmt: skip
+            assert r.status_code == 400, r.text
+            error = r.json()["error"]
+            assert error["param"] == f"route.max_price.{name}"
+            assert error["message"] == (
+                f"route.max_price.{name}: must not be a number with a fraction (it would pass "
+                'through a float): send a decimal string like "5.00"'
+            )

@@ -190,6 +190,18 @@ def test_lowest_latency_follows_observations_and_explores(clock: FakeClock):
     assert [book.order(model)[0].index for _ in range(100)].count(0) > 80
 
 
+def test_lowest_latency_weighs_output_rate_against_time_to_first_byte(clock: FakeClock):
+    book, model = _book(clock)
+    a, b = book.entries(model)
+    a.stats.observe_ttfb(0.1)
+    b.stats.observe_ttfb(0.3)
+    assert attempt_order("lowest_latency", [a, b], book.rng, explore=0)[0] is a
+    # a answers first but then trickles (100 tokens in 10 s); b streams 100 tokens in 0.5 s.
+    a.stats.observe_throughput(100, 10.0)
+    b.stats.observe_throughput(100, 0.5)
+    assert attempt_order("lowest_latency", [a, b], book.rng, explore=0)[0] is b
+
+
 def test_lowest_cost_least_busy_and_max_concurrency(clock: FakeClock):
     book, model = _book(clock)
     a, b = book.entries(model)

@@ -119,6 +119,26 @@ async def test_disable_enable_and_delete(sstack: Stack) -> None:
             assert r.json()["error"]["code"] == "sub_key_not_found"
 
 
+async def test_caps_take_json_integers_exactly_and_refuse_fractions(sstack: Stack) -> None:
+    parent = await sstack.create_key("5.00")
+    made = await _child(sstack, parent, spend_cap_usd=2, daily_cap_usd=1)
+    assert made["spend_cap_usd"] == "2.00" and made["daily_cap_usd"] == "1.00"
+    async with sstack.client(parent) as c:
+        changed = await c.patch(f"/v1/keys/{made['id']}", json={"spend_cap_usd": 3})
+        assert changed.status_code == 200, changed.text
+        assert changed.json()["spend_cap_usd"] == "3.00"
+        for body in ({"spend_cap_usd": 1.5}, {"daily_cap_usd": 1.0}, {"spend_cap_usd": True}):
+            for r in (await c.post("/v1/keys", json=body),
+                      await c.patch(f"/v1/keys/{made['id']}", json=body)):  # fmt: skip
+                assert r.status_code == 400, (body, r.text)
+                error = r.json()["error"]
+                assert error["param"] == next(iter(body))
+                assert 'send a decimal string like "5.00"' in error["message"]
+        too_high = await c.post("/v1/keys", json={"spend_cap_usd": 6})
+        assert too_high.status_code == 400 and too_high.json()["error"]["param"] == "spend_cap_usd"
+    assert (await _listed(sstack, parent))[made["id"]]["spend_cap_usd"] == "3.00"
+
+
 async def test_bad_input_in_the_error_shape(sstack: Stack) -> None:
     parent = await sstack.create_key("2.00")
     past = (datetime.now(UTC) - timedelta(hours=1)).isoformat()

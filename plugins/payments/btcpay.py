@@ -27,6 +27,7 @@ from apifast.payments import (
     PaymentProcessor,
     PaymentStatus,
     PaymentUpdate,
+    RegisterPaymentProcessor,
     WebhookPayloadError,
     WebhookSignatureError,
     get_header,
@@ -238,5 +239,5 @@ class BTCPayProcessor(PaymentProcessor):
 
 
 @hookimpl
-def register_payment_processors(register):  # type: ignore[no-untyped-def]
+def register_payment_processors(register: RegisterPaymentProcessor) -> None:
     register("btcpay", BTCPayProcessor)

@@ -28,6 +28,7 @@ from apifast.payments import (
     PaymentProcessor,
     PaymentStatus,
     PaymentUpdate,
+    RegisterPaymentProcessor,
     WebhookPayloadError,
     WebhookSignatureError,
     get_header,
@@ -285,5 +286,5 @@ class NowPaymentsProcessor(PaymentProcessor):
 
 
 @hookimpl
-def register_payment_processors(register):  # type: ignore[no-untyped-def]
+def register_payment_processors(register: RegisterPaymentProcessor) -> None:
     register("nowpayments", NowPaymentsProcessor)

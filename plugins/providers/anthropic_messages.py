@@ -35,7 +35,9 @@ Response (Anthropic -> OpenAI):
 - stop_reason end_turn/stop_sequence/pause_turn -> "stop", max_tokens -> "length",
   tool_use -> "tool_calls", refusal -> "content_filter".
 - Anthropic's `input_tokens` excludes cache reads and writes; `Usage.input_tokens` is the sum
-  of all three, `cached_tokens` = cache reads, `cache_write_tokens` = cache writes.
+  of all three, `cached_tokens` = cache reads, `cache_write_tokens` = cache writes. Usage
+  that is missing, or has a count that is not a non-negative number, is reported as none
+  (`usage=None`, no `Usage` in a stream): the router bills its documented estimate.
 - Errors: HTTP status and Anthropic error type only, never bodies. A stream's `error` event
   maps its type to the status Anthropic would have answered with (overloaded_error -> 529).
 
@@ -75,6 +77,7 @@ from apifast.providers import (
     UpstreamTimeout,
     Usage,
     parse_retry_after,
+    token_count,
 )
 
 ANTHROPIC_VERSION = "2023-06-01"
@@ -440,15 +443,28 @@ def to_anthropic_request(
 # --- Anthropic response -> OpenAI response -------------------------------------------------
 
 
-def usage_from_anthropic(raw: dict[str, Any]) -> Usage:
-    cache_read = raw.get("cache_read_input_tokens") or 0
-    cache_write = raw.get("cache_creation_input_tokens") or 0
+def usage_from_anthropic(raw: Any) -> Usage | None:
+    """Anthropic's usage as a `Usage`, or None when it is missing or any count in it is not
+    a non-negative number (the router then bills the documented estimate). Never raises."""
+    if not isinstance(raw, dict):
+        return None
+    given = token_count(raw.get("input_tokens"))
+    output = token_count(raw.get("output_tokens"))
+    cache_read = _cache_count(raw, "cache_read_input_tokens")
+    cache_write = _cache_count(raw, "cache_creation_input_tokens")
+    if given is None or output is None or cache_read is None or cache_write is None:
+        return None
     return Usage(
-        input_tokens=(raw.get("input_tokens") or 0) + cache_read + cache_write,
-        output_tokens=raw.get("output_tokens") or 0,
+        input_tokens=given + cache_read + cache_write,
+        output_tokens=output,
         cached_tokens=cache_read,
         cache_write_tokens=cache_write,
     )
+
+
+def _cache_count(raw: dict[str, Any], name: str) -> int | None:
+    value = raw.get(name)
+    return 0 if value is None else token_count(value)
 
 
 def openai_usage(usage: Usage) -> dict[str, Any]:
@@ -491,7 +507,7 @@ def to_openai_completion(message: dict[str, Any], model: str) -> ChatResponse:
         reply["tool_calls"] = tool_calls
     if reasoning:
         reply["reasoning_content"] = "".join(reasoning)
-    usage = usage_from_anthropic(message.get("usage") or {})
+    usage = usage_from_anthropic(message.get("usage"))
     body = {
         "id": f"chatcmpl-{uuid.uuid4().hex}",
         "object": "chat.completion",
@@ -505,8 +521,9 @@ def to_openai_completion(message: dict[str, Any], model: str) -> ChatResponse:
                 "logprobs": None,
             }
         ],
-        "usage": openai_usage(usage),
     }
+    if usage is not None:  # else the router bills (and shows) its documented estimate
+        body["usage"] = openai_usage(usage)
     return ChatResponse(body=body, usage=usage)
 
 
@@ -523,13 +540,13 @@ class StreamTranslator:
             "created": int(time.time()),
             "model": model,
         }
-        self._usage: dict[str, int] = {}
+        self._usage: dict[str, Any] = {}  # as sent: usage_from_anthropic judges it
         self._tools: dict[int, int] = {}  # Anthropic block index -> OpenAI tool call index
         self._tools_with_args: set[int] = set()
         self.started = False
         self.finished = False
 
-    def usage(self) -> Usage:
+    def usage(self) -> Usage | None:
         return usage_from_anthropic(self._usage)
 
     def _chunk(self, delta: dict[str, Any], finish_reason: str | None = None) -> dict[str, Any]:
@@ -541,7 +558,7 @@ class StreamTranslator:
 
     def _record_usage(self, raw: Any) -> None:
         if isinstance(raw, dict):
-            self._usage.update((k, v) for k, v in raw.items() if isinstance(v, int))
+            self._usage.update((k, v) for k, v in raw.items() if v is not None)
 
     def handle(self, event: dict[str, Any]) -> list[dict[str, Any]]:
         kind = event.get("type")
@@ -747,7 +764,8 @@ class AnthropicProvider(Provider):
         payload.pop("stream", None)
         message = await self._post_json("/v1/messages", orjson.dumps(payload))
         try:
-            return ChatResponse(body=message, usage=usage_from_anthropic(message["usage"]))
+            # No usage (or none to believe): None, and the router bills its estimate.
+            return ChatResponse(body=message, usage=usage_from_anthropic(message.get("usage")))
         except (AttributeError, KeyError, TypeError, ValueError):
             raise UpstreamError(502, "anthropic sent a malformed response") from None
 
@@ -798,8 +816,8 @@ class AnthropicProvider(Provider):
                 None, "anthropic stream ended before message_stop", cause="reset"
             )
         # Input tokens are known from message_start on, so even a broken stream is billed.
-        if translator.started:
-            yield translator.usage()
+        if translator.started and (usage := translator.usage()) is not None:
+            yield usage
         if failure is not None:
             raise failure
 

@@ -1,7 +1,9 @@
 """`openai`: any OpenAI-compatible upstream (OpenAI, Groq, Together, DeepSeek, vLLM, Ollama).
 
 Chat completions and embeddings pass through nearly unchanged; streams ask the upstream for
-usage with `stream_options.include_usage`, so usage is reported, never guessed.
+usage with `stream_options.include_usage`, so usage is reported, never guessed. With
+`native_responses = true` in its catalog table, the provider also speaks OpenAI's Responses
+API natively (plugins/providers/openai_responses.py): only for upstreams that have it.
 """
 
 from __future__ import annotations
@@ -19,34 +21,75 @@ from apifast.plugins.providers.http1 import (
     connection_limit,
     encode_headers,
 )
+from apifast.plugins.providers.openai_responses import (
+    checked_response,
+    native_responses,
+    responses_usage,
+    stream_events,
+)
 from apifast.plugins.providers.sse import sse_data
 from apifast.providers import (
     ChatRequest,
     ChatResponse,
     EmbeddingsRequest,
     EmbeddingsResponse,
+    NativeRequest,
     Provider,
+    ProviderConfig,
     StreamItem,
     UpstreamError,
     UpstreamTimeout,
     Usage,
     parse_retry_after,
+    token_count,
 )
 
 
-def parse_usage(usage: dict[str, Any] | None) -> Usage | None:
-    if not usage:
+def _details(usage: dict[str, Any], name: str) -> dict[str, Any] | None:
+    """A `*_tokens_details` object: {} when absent or null, None when it is not an object."""
+    details = usage.get(name)
+    if details is None:
+        return {}
+    return details if isinstance(details, dict) else None
+
+
+def _part(details: dict[str, Any], name: str) -> int | None:
+    """A part of a count (cached, reasoning...): 0 when absent or null."""
+    value = details.get(name)
+    return 0 if value is None else token_count(value)
+
+
+def parse_usage(usage: Any, *, completion: bool = True) -> Usage | None:
+    """The upstream's usage, or None when it sent none or any count in it is not a
+    non-negative number (a string, a bool, a negative, an object; null for a whole count):
+    the router then bills the documented estimate. Floats are truncated. `completion`: a
+    chat answer, whose usage must count its completion tokens (an embeddings answer has
+    none). Never raises."""
+    if not isinstance(usage, dict) or not usage:
         return None
-    prompt_details = usage.get("prompt_tokens_details") or {}
-    completion_details = usage.get("completion_tokens_details") or {}
-    # DeepSeek reports cache hits as prompt_cache_hit_tokens.
-    cached = prompt_details.get("cached_tokens") or usage.get("prompt_cache_hit_tokens") or 0
+    prompt_details = _details(usage, "prompt_tokens_details")
+    completion_details = _details(usage, "completion_tokens_details")
+    if prompt_details is None or completion_details is None:
+        return None
+    prompt = token_count(usage.get("prompt_tokens"))
+    raw_output = usage.get("completion_tokens")
+    output = 0 if raw_output is None and not completion else token_count(raw_output)
+    cached = _part(prompt_details, "cached_tokens")
+    if cached == 0:  # DeepSeek reports cache hits as prompt_cache_hit_tokens
+        cached = _part(usage, "prompt_cache_hit_tokens")
+    cache_write = _part(prompt_details, "cache_write_tokens")
+    reasoning = _part(completion_details, "reasoning_tokens")
+    if (
+        prompt is None or output is None or cached is None or cache_write is None
+        or reasoning is None
+    ):  # fmt: skip
+        return None
     return Usage(
-        input_tokens=int(usage.get("prompt_tokens") or 0),
-        output_tokens=int(usage.get("completion_tokens") or 0),
-        cached_tokens=int(cached),
-        cache_write_tokens=int(prompt_details.get("cache_write_tokens") or 0),
-        reasoning_tokens=int(completion_details.get("reasoning_tokens") or 0),
+        input_tokens=prompt,
+        output_tokens=output,
+        cached_tokens=cached,
+        cache_write_tokens=cache_write,
+        reasoning_tokens=reasoning,
     )
 
 
@@ -55,6 +98,11 @@ class OpenAIProvider(Provider):
     supports_embeddings = True
 
     _client: Http1Client | None = None
+
+    def __init__(self, config: ProviderConfig) -> None:
+        super().__init__(config)
+        if native_responses(config.options):
+            self.native_protocols = frozenset({"responses"})
 
     async def start(self) -> None:
         if self._client is not None:
@@ -116,7 +164,8 @@ class OpenAIProvider(Provider):
         data = await self._post_json("/chat/completions", request.body)
         if not isinstance(data.get("choices"), list):
             raise UpstreamError(502, f"{self.config.name}: response has no choices")
-        return ChatResponse(body=data, usage=parse_usage(data.get("usage")) or Usage())
+        # No usage (or none to believe): None, and the router bills the documented estimate.
+        return ChatResponse(body=data, usage=parse_usage(data.get("usage")))
 
     async def stream_chat(self, request: ChatRequest) -> AsyncIterator[StreamItem]:
         body = dict(request.body)
@@ -170,9 +219,30 @@ class OpenAIProvider(Provider):
         if failure is not None:
             raise failure
 
+    def _native_body(self, request: NativeRequest, stream: bool) -> dict[str, Any]:
+        if request.protocol not in self.native_protocols:
+            raise UpstreamError(400, f"{self.config.name}: no native {request.protocol}",
+                                retryable=False)  # fmt: skip
+        body = {**request.body, "model": request.model}
+        body.pop("stream", None)
+        if stream:
+            body["stream"] = True
+        return body
+
+    async def native(self, request: NativeRequest) -> ChatResponse:
+        # The Responses API itself (only with native_responses): a pass-through.
+        body = self._native_body(request, stream=False)
+        data = checked_response(await self._post_json("/responses", body), self.config.name)
+        return ChatResponse(body=data, usage=responses_usage(data.get("usage")))
+
+    def stream_native(self, request: NativeRequest) -> AsyncIterator[StreamItem]:
+        body = self._native_body(request, stream=True)
+        return stream_events(self._client_ready, self._stream_headers, body, self.config.name)
+
     async def embeddings(self, request: EmbeddingsRequest) -> EmbeddingsResponse:
         data = await self._post_json("/embeddings", request.body)
-        return EmbeddingsResponse(body=data, usage=parse_usage(data.get("usage")) or Usage())
+        usage = parse_usage(data.get("usage"), completion=False)
+        return EmbeddingsResponse(body=data, usage=usage)
 
     async def check(self) -> None:
         client = await self._client_ready()

@@ -1,11 +1,11 @@
--- One key's most recent requests. The inner query reads the key's rows newest first along
+-- One key's most recent requests (with the keys it was rotated from). The inner query reads
 -- the sort key; LIMIT 1 BY hides a duplicate that a merge has not yet collapsed.
 SELECT *
 FROM (
     SELECT generation_id, model, endpoint, stream, input_tokens, output_tokens, cached_tokens,
            reasoning_tokens, cost_usd, latency_ms, ttft_ms, status, outcome, ts
     FROM usage_events
-    WHERE key_hash = {key_hash:String}
+    WHERE key_hash IN {key_hashes:Array(String)}
     ORDER BY ts DESC
     LIMIT {limit:UInt32} * 2
 )

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import copy
 import re
 import secrets
 import string
@@ -98,6 +99,8 @@ class FakeAnthropic:
     cache_read_tokens: int = 1800
     cache_creation_tokens: int = 200
     delay_s: float = 30.0
+    usage_override: Any = None  # reported as is (message and stream events), however wrong
+    omit_usage: bool = False  # messages and stream events carry no `usage` at all
     count_tokens_base: int = 1000  # count_tokens answers this plus the messages' bytes / 4
     # When set, stream bytes are written in pieces of this size, so events straddle reads.
     fragment_size: int | None = None
@@ -296,7 +299,9 @@ class FakeAnthropic:
 
     # --- answers ---------------------------------------------------------------------------
 
-    def _usage(self, behaviour: str, output_tokens: int) -> dict[str, Any]:
+    def _usage(self, behaviour: str, output_tokens: int) -> Any:
+        if self.usage_override is not None:
+            return copy.deepcopy(self.usage_override)  # a faulty upstream's own numbers
         cached = behaviour == "cache"
         write = self.cache_creation_tokens if cached else 0
         return {
@@ -338,7 +343,7 @@ class FakeAnthropic:
             "content": content,
             "stop_reason": stop_reason,
             "stop_sequence": None,
-            "usage": self._usage(behaviour, self.output_tokens),
+            **({} if self.omit_usage else {"usage": self._usage(behaviour, self.output_tokens)}),
         }
 
     async def _stream(
@@ -386,9 +391,10 @@ class FakeAnthropic:
 
 async def _stream_events(message: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
     """The event sequence Anthropic sends for `message`."""
-    usage = message["usage"]
+    usage = message.get("usage")
     start = {**message, "content": [], "stop_reason": None, "stop_sequence": None}
-    start["usage"] = {**usage, "output_tokens": 1}
+    if isinstance(usage, dict):
+        start["usage"] = {**usage, "output_tokens": 1}
     yield {"type": "message_start", "message": start}
     for index, block in enumerate(message["content"]):
         kind = block["type"]
@@ -415,12 +421,17 @@ async def _stream_events(message: dict[str, Any]) -> AsyncIterator[dict[str, Any
             yield _delta(index, {"type": "thinking_delta", "thinking": block["thinking"]})
             yield _delta(index, {"type": "signature_delta", "signature": block["signature"]})
         yield {"type": "content_block_stop", "index": index}
-    final_usage = {k: v for k, v in usage.items() if k not in ("cache_creation", "service_tier")}
-    yield {
+    delta: dict[str, Any] = {
         "type": "message_delta",
         "delta": {"stop_reason": message["stop_reason"], "stop_sequence": None},
-        "usage": final_usage,
     }
+    if isinstance(usage, dict):
+        delta["usage"] = {
+            k: v for k, v in usage.items() if k not in ("cache_creation", "service_tier")
+        }
+    elif usage is not None:
+        delta["usage"] = usage
+    yield delta
     yield {"type": "message_stop"}
 
 

@@ -1,10 +1,13 @@
 """A fake OpenAI-compatible upstream: a real HTTP server on 127.0.0.1 that speaks the
-chat-completions and embeddings wire format, SSE streams included.
+chat-completions, Responses (tests/fakes/openai_responses.py) and embeddings wire formats,
+SSE streams included.
 
 Behaviour is chosen per request by a marker in the last user message, or for every request
 by setting `server.behaviour`: "ok", "error:<status>", "slow:<seconds>", "broken" (the
 stream is cut after two chunks), "nousage" (a stream without a usage chunk), "tools",
-"gated" (a stream sends `gate_after` words, then waits for `gate` to be set).
+"gated" (a stream sends `gate_after` words, then waits for `gate` to be set); for
+/v1/responses also "reasoning" (a reasoning item first) and "failed" (a response.failed
+event after response.in_progress). Its requests are in `responses_requests` (and `requests`).
 
 For routing tests, by counts rather than wall-clock: `fail(status, times, retry_after)` makes
 the next `times` chat requests fail and then recovers; `retry_after` adds a Retry-After
@@ -15,6 +18,7 @@ header to error answers; `on_request` is called with each chat body before it is
 from __future__ import annotations
 
 import asyncio
+import copy
 import re
 import time
 from collections.abc import Callable
@@ -24,8 +28,12 @@ from typing import Any
 import orjson
 from aiohttp import web
 
+from tests.fakes import openai_responses as wire
+
 REPLY = "Hello from the fake upstream model"
-_MARKER = re.compile(r"\[\[(ok|error:\d+|slow:[\d.]+|broken|nousage|tools|gated)\]\]")
+_MARKER = re.compile(
+    r"\[\[(ok|error:\d+|slow:[\d.]+|broken|nousage|tools|gated|reasoning|failed)\]\]"
+)
 
 
 def prompt_tokens(body: dict[str, Any]) -> int:
@@ -45,8 +53,10 @@ class FakeOpenAI:
     behaviour: str = "ok"
     cached_tokens: int = 0
     reasoning_tokens: int = 0
-    usage_override: dict[str, Any] | None = None  # reported as is, however wrong
+    usage_override: Any = None  # reported as is, however wrong (chat and embeddings)
+    omit_usage: bool = False  # answers carry no `usage` at all (streams: no usage chunk)
     requests: list[dict[str, Any]] = field(default_factory=list)
+    responses_requests: list[dict[str, Any]] = field(default_factory=list)
     headers: list[dict[str, str]] = field(default_factory=list)
     gate: asyncio.Event = field(default_factory=asyncio.Event)  # releases "gated" streams
     gate_after: int = 2
@@ -60,6 +70,7 @@ class FakeOpenAI:
     async def start(self, port: int = 0) -> FakeOpenAI:
         app = web.Application()
         app.router.add_post("/v1/chat/completions", self._chat)
+        app.router.add_post("/v1/responses", self._responses)
         app.router.add_post("/v1/embeddings", self._embeddings)
         app.router.add_get("/v1/models", self._models)
         self._runner = web.AppRunner(app, access_log=None)
@@ -136,7 +147,7 @@ class FakeOpenAI:
 
     def _usage(self, body: dict[str, Any], completion: int) -> dict[str, Any]:
         if self.usage_override is not None:
-            return dict(self.usage_override)  # a faulty upstream's own numbers
+            return copy.deepcopy(self.usage_override)  # a faulty upstream's own numbers
         prompt = prompt_tokens(body)
         return {
             "prompt_tokens": prompt,
@@ -203,6 +214,8 @@ class FakeOpenAI:
             "usage": self._usage(body, len(words)),
             "service_tier": "default",
         }
+        if self.omit_usage:
+            del out["usage"]
         return web.Response(body=orjson.dumps(out), content_type="application/json",
                             headers=self._upstream_headers())  # fmt: skip
 
@@ -264,7 +277,7 @@ class FakeOpenAI:
                 await asyncio.sleep(float(behaviour.split(":")[1]))
         await resp.write(chunk({}, finish))
         include = (body.get("stream_options") or {}).get("include_usage")
-        if include and behaviour != "nousage":
+        if include and behaviour != "nousage" and not self.omit_usage:
             u = {
                 "id": "chatcmpl-UPSTREAMID",
                 "object": "chat.completion.chunk",
@@ -275,6 +288,77 @@ class FakeOpenAI:
             }
             await resp.write(b"data: " + orjson.dumps(u) + b"\n\n")
         await resp.write(b"data: [DONE]\n\n")
+        await resp.write_eof()
+        return resp
+
+    async def _responses(self, request: web.Request) -> web.StreamResponse:
+        denied = self._auth_failed(request)
+        if denied:
+            return denied
+        body = orjson.loads(await request.read())
+        self.requests.append(body)
+        self.responses_requests.append(body)
+        self.headers.append(dict(request.headers))
+        if self.fail_times > 0:
+            self.fail_times -= 1
+            return self._error(self.fail_status)
+        found = _MARKER.search(wire.last_user_text(body))
+        behaviour = found.group(1) if found else self.behaviour
+        if behaviour.startswith("error:"):
+            return self._error(int(behaviour.split(":")[1]))
+        words = REPLY.split(" ")
+        limit = body.get("max_output_tokens")
+        if isinstance(limit, int):
+            words = words[:limit]
+        status = "incomplete" if len(words) < len(REPLY.split(" ")) else "completed"
+        reasoning = self.reasoning_tokens or (5 if behaviour == "reasoning" else 0)
+        arguments = ('{"ci', 'ty":"Pa', 'ris"}')
+        output: list[dict[str, Any]] = []
+        if behaviour == "reasoning":
+            output.append(wire.reasoning_item())
+        if behaviour == "tools":
+            output.append(wire.call_item("".join(arguments)))
+            status, words = "completed", []
+        else:
+            output.append(wire.message_item(" ".join(words)))
+        used = self.usage_override or wire.usage(
+            body, 8 if behaviour == "tools" else len(words), self.cached_tokens, reasoning
+        )
+        if not body.get("stream"):
+            out = wire.response_object(body, status, output, used)
+            return web.Response(body=orjson.dumps(out), content_type="application/json",
+                                headers=self._upstream_headers())  # fmt: skip
+        resp = web.StreamResponse(
+            headers={"Content-Type": "text/event-stream", **self._upstream_headers()}
+        )
+        await resp.prepare(request)
+        w = wire.EventWriter()
+        started = wire.response_object(body, "in_progress", [], None)
+        events = [w.event("response.created", response=started),
+                  w.event("response.in_progress", response=started)]  # fmt: skip
+        if behaviour == "failed":
+            failed = {
+                **started,
+                "status": "failed",
+                "usage": used,
+                "error": {"code": "server_error", "message": "UPSTREAM-SECRET-ERROR-TEXT"},
+            }
+            events.append(w.event("response.failed", response=failed))  # fmt: skip
+        else:
+            for index, item in enumerate(output):
+                if item["type"] == "reasoning":
+                    events += wire.reasoning_events(w, index)
+                elif item["type"] == "function_call":
+                    events += wire.call_events(w, index, arguments)
+                else:
+                    events += wire.message_events(w, index, words)
+            done = wire.response_object(body, status, output, used)
+            events.append(w.event(f"response.{status}", response=done))
+        for i, event in enumerate(events):
+            if behaviour == "broken" and i == 6:
+                request.transport.close()  # type: ignore[union-attr]  # a crashed upstream
+                return resp
+            await resp.write(event)
         await resp.write_eof()
         return resp
 
@@ -294,6 +378,10 @@ class FakeOpenAI:
                      for i in range(len(inputs))],
             "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
         }  # fmt: skip
+        if self.usage_override is not None:
+            out["usage"] = copy.deepcopy(self.usage_override)
+        if self.omit_usage:
+            del out["usage"]
         return web.Response(body=orjson.dumps(out), content_type="application/json")
 
     async def _models(self, request: web.Request) -> web.Response:

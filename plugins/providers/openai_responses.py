@@ -1,0 +1,117 @@
+"""OpenAI's Responses API (`POST {base_url}/responses`) for the `openai` provider, when its
+catalog table says `native_responses = true`: most OpenAI-compatible servers (vLLM, Ollama,
+...) have no such endpoint, so it is opt-in per provider.
+
+The body ApiFast hands over is the client's own, cleaned (`NativeRequest`); the answer is
+the upstream's Response object, or its typed events up to `response.completed` (or
+`.incomplete`), with the usage read from the Responses usage object. `response.failed` and
+`error` events end the stream with an `UpstreamError`; like every error, they carry no
+upstream text.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import orjson
+
+from apifast.plugins.providers.http1 import Http1Client, HttpError, HttpTimeout
+from apifast.plugins.providers.sse import sse_data
+from apifast.providers import (
+    StreamItem,
+    UpstreamError,
+    UpstreamTimeout,
+    Usage,
+    parse_retry_after,
+)
+
+OPTION = "native_responses"
+_TERMINAL = ("response.completed", "response.incomplete")
+_FAILED = ("response.failed", "error")
+
+
+def native_responses(options: dict[str, Any]) -> bool:
+    """The provider's `native_responses` option (the catalog checks it is a boolean)."""
+    return options.get(OPTION) is True
+
+
+def responses_usage(raw: Any) -> Usage:
+    """A Responses usage object as `Usage`. Counts are taken as they come: the router bills
+    the documented estimate instead when one is missing (-1) or not a sane integer."""
+    if not isinstance(raw, dict):
+        return Usage(input_tokens=-1, output_tokens=-1)
+    inputs = raw.get("input_tokens_details")
+    inputs = inputs if isinstance(inputs, dict) else {}
+    outputs = raw.get("output_tokens_details")
+    outputs = outputs if isinstance(outputs, dict) else {}
+    return Usage(
+        input_tokens=raw.get("input_tokens", -1),
+        output_tokens=raw.get("output_tokens", -1),
+        cached_tokens=inputs.get("cached_tokens") or 0,
+        cache_write_tokens=inputs.get("cache_write_tokens") or 0,
+        reasoning_tokens=outputs.get("reasoning_tokens") or 0,
+    )
+
+
+def checked_response(data: dict[str, Any], name: str) -> dict[str, Any]:
+    """A non-streamed Response object, or the error a failed one is."""
+    if data.get("object") != "response" or not isinstance(data.get("output"), list):
+        raise UpstreamError(502, f"{name}: not a Response object")
+    if data.get("status") == "failed":
+        raise UpstreamError(502, f"{name}: the response failed")
+    return data
+
+
+async def stream_events(
+    client: Callable[[], Awaitable[Http1Client]], headers: bytes, body: dict[str, Any], name: str
+) -> AsyncIterator[StreamItem]:
+    """The upstream's events as dicts, through the terminal one, and its `Usage` just before
+    that (a client gone at the end is billed it, not a guess)."""
+    failure: UpstreamError | None = None
+    response = None
+    http = await client()
+    try:
+        response = await http.request(
+            b"POST", "/responses", orjson.dumps(body), headers, stream=True
+        )
+        if response.status != 200:
+            retry_after = response.retry_after
+            await response.read()
+            raise UpstreamError(
+                response.status, f"{name}: HTTP {response.status}",
+                retry_after_s=parse_retry_after(retry_after) if retry_after else None,
+            )  # fmt: skip
+        failure = UpstreamError(None, f"{name}: stream ended before its end", cause="reset")
+        async for data in sse_data(response.chunks()):
+            try:
+                event = orjson.loads(data)
+            except orjson.JSONDecodeError:
+                failure = UpstreamError(502, f"{name}: bad stream data")
+                break
+            if not isinstance(event, dict):
+                continue
+            kind = event.get("type")
+            if kind in _FAILED:
+                failed = event.get("response")
+                if isinstance(failed, dict) and isinstance(failed.get("usage"), dict):
+                    yield responses_usage(failed["usage"])  # what it cost before failing
+                failure = UpstreamError(502, f"{name}: {kind} event in stream")
+                break
+            if kind in _TERMINAL:
+                done = event.get("response")
+                if isinstance(done, dict) and isinstance(done.get("usage"), dict):
+                    yield responses_usage(done["usage"])
+                yield event
+                failure = None
+                break
+            yield event
+    except HttpTimeout:
+        failure = UpstreamTimeout(f"{name}: stream timed out")
+    except HttpError as exc:
+        failure = UpstreamError(None, f"{name}: {exc}", cause=exc.cause)
+    finally:
+        if response is not None:
+            response.close()
+    if failure is not None:
+        raise failure
