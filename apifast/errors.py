@@ -82,9 +82,13 @@ class ApiError(Exception):
         param: str | None = None,
         type: str | None = None,
         headers: dict[str, str] | None = None,
+        anthropic_status: int | None = None,
     ) -> None:
         super().__init__(message)
         self.status = status
+        # The status in Anthropic's shape when it differs (an upstream rate limit or
+        # overload: 429 / 529, which its SDK retries; OpenAI's shape keeps 502).
+        self.anthropic_status = anthropic_status
         self.message = message
         self.code = code
         self.param = param
@@ -105,6 +109,8 @@ class ApiError(Exception):
 
     def response(self, anthropic: bool = False) -> Response:
         status = self.status
+        if anthropic and self.anthropic_status is not None:
+            status = self.anthropic_status
         if anthropic and status == 503:
             # Anthropic says "busy, retry" with 529 overloaded_error (its SDK's
             # OverloadedError): upstreams overloaded, or metering backed up.

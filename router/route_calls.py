@@ -131,8 +131,10 @@ def upstream_failure(
     retry_after_s: float | None = None,
 ) -> ApiError:
     """What the client learns of an upstream failure: a status, never the upstream's text.
-    Every route rate-limited: 429; every route overloaded: 503 (529 in Anthropic's shape,
-    apifast/errors.py); any other mix: 502."""
+    The upstreams failed after every route was tried: 502 (504 for a timeout), as the
+    gateway has always answered. In Anthropic's shape, every route rate-limited is 429
+    rate_limit_error and every route overloaded 529 overloaded_error, which its SDK retries;
+    the code says which in both shapes."""
     if exc is None and unavailable_s:
         return ApiError(
             503,
@@ -144,17 +146,19 @@ def upstream_failure(
         return unsupported_error(exc)
     if statuses == {429}:
         return ApiError(
-            429,
+            502,
             "The model provider is rate limiting requests; retry shortly.",
             code="upstream_rate_limited",
             headers=_retry_after(retry_after_s),
+            anthropic_status=429,
         )
     if statuses and statuses <= OVERLOADED:
         return ApiError(
-            503,
+            502,
             "The model provider is overloaded; retry shortly.",
             code="upstream_overloaded",
             headers=_retry_after(retry_after_s),
+            anthropic_status=529,
         )
     if isinstance(exc, UpstreamTimeout):
         return ApiError(504, "The model provider timed out.", code="upstream_timeout")

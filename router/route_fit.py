@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from apifast.catalog.toml import Model
 from apifast.errors import ApiError
-from apifast.providers import ChatRequest, UnsupportedParameter
+from apifast.providers import ChatRequest, Provider, UnsupportedParameter
 from apifast.router.core_types import Generation, speaks_native
 from apifast.router.state import RouterState
 
@@ -40,7 +40,9 @@ def unfit_providers(state: RouterState, model: Model, gen: Generation) -> frozen
                 if gen.native_only:
                     param, reason = gen.native_only[0]
                     raise UnsupportedParameter(param, reason)
-                provider.check_request(ChatRequest(body=gen.body, model=route.model))
+                # The default accepts everything: no request object to build for it.
+                if type(provider).check_request is not Provider.check_request:
+                    provider.check_request(ChatRequest(body=gen.body, model=route.model))
         except UnsupportedParameter as exc:
             unfit.add(route.provider)
             first = first or exc

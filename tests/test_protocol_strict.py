@@ -427,20 +427,26 @@ async def test_other_upstream_failures_stay_502_api_error(
     assert r.status_code == 502 and r.json()["error"]["type"] == "api_error"
 
 
-async def test_chat_keeps_openai_statuses_for_overload_and_rate_limits(
+async def test_chat_answers_502_for_upstreams_that_all_failed(
     pstack: Stack, fake_openai: FakeOpenAI
 ) -> None:
+    """OpenAI's shape keeps the gateway's 502 when every route failed, rate limits and
+    overload included; the code says which, and Retry-After is ApiFast's own."""
     key = await pstack.create_key("1.00")
     client = openai.AsyncOpenAI(api_key=key, base_url=pstack.base_url + "/v1", max_retries=0)
-    fake_openai.fail(429, times=1)
-    with pytest.raises(openai.RateLimitError) as limited:
-        await client.chat.completions.create(model="fast-chat", messages=HI)  # type: ignore[arg-type]
-    assert "retry-after" not in limited.value.response.headers  # the upstream named none
     fake_openai.fail(503, times=1)
     with pytest.raises(openai.InternalServerError) as overloaded:
         await client.chat.completions.create(model="fast-chat", messages=HI)  # type: ignore[arg-type]
-    assert overloaded.value.status_code == 503
+    assert overloaded.value.status_code == 502
     assert overloaded.value.body["code"] == "upstream_overloaded"  # type: ignore[index]
+    assert "retry-after" not in overloaded.value.response.headers  # the upstream named none
+    # Last: its Retry-After benches the route.
+    fake_openai.fail(429, times=1, retry_after="7")
+    with pytest.raises(openai.InternalServerError) as limited:
+        await client.chat.completions.create(model="fast-chat", messages=HI)  # type: ignore[arg-type]
+    assert limited.value.status_code == 502
+    assert limited.value.body["code"] == "upstream_rate_limited"  # type: ignore[index]
+    assert limited.value.response.headers["retry-after"] == "7"
 
 
 # --- message_start usage -----------------------------------------------------------------------
