@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import random
 import secrets
 import socket
 import textwrap
@@ -30,10 +31,29 @@ def unique_name(prefix: str) -> str:
     return f"{prefix}_{secrets.token_hex(5)}"
 
 
+def _ephemeral_floor() -> int:
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    """A port free to listen on, for a server started later (a child process). Taken below
+    the kernel's ephemeral range: a port the kernel handed out (bind to 0) can be taken in
+    the meantime as the source port of any outgoing connection, and the server then fails
+    to bind (seen in CI)."""
+    top = min(_ephemeral_floor(), 65536) - 1
+    rng = random.SystemRandom()
+    for _ in range(200):
+        port = rng.randint(20000, top) if top > 20000 else 0
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return int(s.getsockname()[1])
+    raise RuntimeError("no free port")
 
 
 def models_toml(upstream_url: str, extra: str = "") -> str:
