@@ -233,7 +233,10 @@ async def _generate_one(
         out_tokens
     )
     if gen.native is not None:
-        gen.native[gen.native_bound] = out_tokens
+        if out_tokens < gen.native_min and not gen.native_only:
+            gen.native = None  # every route translates: the native API would refuse the bound
+        else:
+            gen.native[gen.native_bound] = out_tokens
     event = UsageEvent(
         generation_id=generation_id,
         key_hash=key_hash,

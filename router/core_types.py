@@ -34,12 +34,16 @@ class Generation:
     # `top_k`): a translating route is passed over, and without a native one, a 400.
     native_only: tuple[tuple[str, str], ...] = ()
     native_bound: str = "max_tokens"  # the native body's output bound, set to the hold's
+    # The least bound the native API takes (OpenAI's Responses API refuses max_output_tokens
+    # below 16): a request bounded lower is translated instead, unless it needs the native
+    # route (`native_only`).
+    native_min: int = 1
 
     @classmethod
     def translated(
         cls, chat: dict[str, Any], api: str, input_bytes: int,
         native: dict[str, Any] | None = None, native_bound: str = "max_tokens",
-        native_only: tuple[tuple[str, str], ...] = (),
+        native_only: tuple[tuple[str, str], ...] = (), native_min: int = 1,
     ) -> Generation:  # fmt: skip
         """A generation read from another protocol's request (`chat` is its translation)."""
         return cls(
@@ -52,6 +56,7 @@ class Generation:
             native=native,
             native_only=native_only,
             native_bound=native_bound,
+            native_min=native_min,
         )
 
 

@@ -19,7 +19,7 @@ from apifast.router.core import authenticate, generate
 from apifast.router.core_types import Generation, Reply
 from apifast.router.framework_reply import framework_response
 from apifast.router.responses_input import chat_body, native_only_fields
-from apifast.router.responses_native import native_body
+from apifast.router.responses_native import RESPONSES_MIN_OUTPUT, native_body
 from apifast.router.responses_shape import ResponsesRenderer, request_echo
 from apifast.router.route_prefs import (
     OPENAPI_MODEL_REQUIRED,
@@ -80,6 +80,7 @@ async def handle_response(state: RouterState, key_hash: bytes, raw: bytes, start
         native_body(body),
         native_bound="max_output_tokens",
         native_only=native_only_fields(body),
+        native_min=RESPONSES_MIN_OUTPUT,
     )
     renderer = ResponsesRenderer(model.id, started, request_echo(body))
     return await generate(state, key_hash, model, gen, renderer, started, choice)

@@ -21,6 +21,8 @@ _NATIVE_FIELDS = ("input", "instructions", "tools", "tool_choice", "parallel_too
                   "max_output_tokens", "max_tool_calls", "temperature", "top_p",
                   "top_logprobs", "text", "reasoning", "truncation")  # fmt: skip
 _LOGPROBS = "message.output_text.logprobs"
+# OpenAI's Responses API refuses max_output_tokens below this (integer_below_min_value).
+RESPONSES_MIN_OUTPUT = 16
 # Output item type -> the prefix of ApiFast's id for it.
 ITEM_PREFIXES = {"message": "msg", "function_call": "fc", "reasoning": "rs"}
 _STATUSES = ("in_progress", "completed", "incomplete")

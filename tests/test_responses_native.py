@@ -251,10 +251,37 @@ async def test_native_max_output_tokens_bounded_as_translated(
     await sdk(nstack, rich).responses.create(model="native-chat", input="hello")
     assert fake_openai.responses_requests[-1]["max_output_tokens"] == 4096
     response = await sdk(nstack, rich).responses.create(
+        model="native-chat", input="hello", max_output_tokens=20
+    )
+    assert fake_openai.responses_requests[-1]["max_output_tokens"] == 20
+    assert (
+        response.status == "completed"
+    )  # the reply is shorter (tests/test_responses_native_shape.py: incomplete)
+
+
+async def test_a_bound_below_the_native_minimum_is_translated(
+    nstack: Stack, fake_openai: FakeOpenAI
+) -> None:
+    """The Responses API refuses max_output_tokens below 16 (the fake, as OpenAI does): such
+    a request, asked for or lowered by the balance, goes to the route's chat completions
+    instead, and is served and billed as usual."""
+    key = await nstack.create_key("1.00")
+    response = await sdk(nstack, key).responses.create(
         model="native-chat", input="hello", max_output_tokens=2
     )
+    assert fake_openai.responses_requests == [] and fake_openai.chat_requests == 1
     assert response.status == "incomplete" and response.incomplete_details is not None
     assert response.incomplete_details.reason == "max_output_tokens"
+    assert response.usage is not None and response.usage.output_tokens <= 2
+    cost = Decimal(str(response.usage.model_extra["cost"]))  # type: ignore[index]
+    assert cost == _priced(response.usage)
+    assert await _debit(nstack, key, _generation(response.id)) == cost
+    # What only a native route honours keeps it, and meets the upstream's own refusal.
+    with pytest.raises(openai.BadRequestError):
+        await sdk(nstack, key).responses.create(
+            model="native-chat", input="hello", max_output_tokens=2, truncation="auto"
+        )
+    assert len(fake_openai.responses_requests) == 1
 
 
 async def test_native_refusals_before_any_upstream_call(

@@ -47,6 +47,10 @@ def prompt_tokens(body: dict[str, Any]) -> int:
     return chars // 4 + 7
 
 
+# The Responses API refuses max_output_tokens below this.
+RESPONSES_MIN_OUTPUT = 16
+
+
 @dataclass
 class FakeOpenAI:
     api_key: str | None = None
@@ -308,6 +312,14 @@ class FakeOpenAI:
             return self._error(int(behaviour.split(":")[1]))
         words = REPLY.split(" ")
         limit = body.get("max_output_tokens")
+        if isinstance(limit, int) and limit < RESPONSES_MIN_OUTPUT:
+            # OpenAI's own refusal of a bound below its minimum.
+            message = ("Invalid 'max_output_tokens': integer below minimum value. Expected a "
+                       f"value >= {RESPONSES_MIN_OUTPUT}, but got {limit} instead.")  # fmt: skip
+            error = {"message": message, "type": "invalid_request_error",
+                     "param": "max_output_tokens", "code": "integer_below_min_value"}  # fmt: skip
+            return web.json_response({"error": error}, status=400,
+                                     headers=self._upstream_headers())  # fmt: skip
         if isinstance(limit, int):
             words = words[:limit]
         status = "incomplete" if len(words) < len(REPLY.split(" ")) else "completed"
