@@ -17,7 +17,6 @@ from apifast import hookimpl
 from apifast.plugins.providers.http1 import (
     Http1Client,
     HttpError,
-    HttpTimeout,
     connection_limit,
     encode_headers,
 )
@@ -26,6 +25,7 @@ from apifast.plugins.providers.openai_responses import (
     native_responses,
     responses_usage,
     stream_events,
+    transport_failure,
 )
 from apifast.plugins.providers.sse import sse_data
 from apifast.providers import (
@@ -38,7 +38,6 @@ from apifast.providers import (
     ProviderConfig,
     StreamItem,
     UpstreamError,
-    UpstreamTimeout,
     Usage,
     parse_retry_after,
     token_count,
@@ -143,10 +142,8 @@ class OpenAIProvider(Provider):
             response = await client.request(b"POST", path, orjson.dumps(body), self._headers)
             status, retry_after = response.status, response.retry_after
             payload = await response.read()
-        except HttpTimeout:
-            raise UpstreamTimeout(f"{self.config.name}: timed out") from None
         except HttpError as exc:
-            raise UpstreamError(None, f"{self.config.name}: {exc}", cause=exc.cause) from None
+            raise transport_failure(exc, self.config.name) from None
         if status != 200:
             raise UpstreamError(
                 status, f"{self.config.name}: HTTP {status}",
@@ -209,10 +206,8 @@ class OpenAIProvider(Provider):
                     usage = parse_usage(reported)
                     if usage is not None:
                         yield usage
-        except HttpTimeout:
-            failure = UpstreamTimeout(f"{name}: stream timed out")
         except HttpError as exc:
-            failure = UpstreamError(None, f"{name}: {exc}", cause=exc.cause)
+            failure = transport_failure(exc, name, "stream ")
         finally:
             if response is not None:
                 response.close()
@@ -248,10 +243,8 @@ class OpenAIProvider(Provider):
         client = await self._client_ready()
         try:
             status, _ = await client.fetch(b"GET", "/models", b"", self._headers)
-        except HttpTimeout:
-            raise UpstreamTimeout() from None
         except HttpError as exc:
-            raise UpstreamError(None, str(exc), cause=exc.cause) from None
+            raise transport_failure(exc, self.config.name) from None
         if status != 200:
             raise UpstreamError(status, f"{self.config.name}: HTTP {status}")
 

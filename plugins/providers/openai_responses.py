@@ -31,6 +31,14 @@ _TERMINAL = ("response.completed", "response.incomplete")
 _FAILED = ("response.failed", "error")
 
 
+def transport_failure(exc: HttpError, name: str, what: str = "") -> UpstreamError:
+    """The http1 client's failure as the plugin contract's error (the openai provider's
+    requests and streams); its message names the failure only, never content."""
+    if isinstance(exc, HttpTimeout):
+        return UpstreamTimeout(f"{name}: {what}timed out")
+    return UpstreamError(None, f"{name}: {exc}", cause=exc.cause)
+
+
 def native_responses(options: dict[str, Any]) -> bool:
     """The provider's `native_responses` option (the catalog checks it is a boolean)."""
     return options.get(OPTION) is True
@@ -106,10 +114,8 @@ async def stream_events(
                 failure = None
                 break
             yield event
-    except HttpTimeout:
-        failure = UpstreamTimeout(f"{name}: stream timed out")
     except HttpError as exc:
-        failure = UpstreamError(None, f"{name}: {exc}", cause=exc.cause)
+        failure = transport_failure(exc, name, "stream ")
     finally:
         if response is not None:
             response.close()
