@@ -436,8 +436,10 @@ LEASES = "SELECT generation_id, amount_usd FROM reservations WHERE generation_id
 async def test_a_busy_child_is_never_leased_and_its_parents_lease_is_a_hold_on_it(
     stack_settings_factory: Callable[..., Any], fake_openai: FakeOpenAI
 ) -> None:
+    # Two holds within a tick open a lease: few enough that a loaded machine still gets
+    # there (eight sequential requests within a second did not, under a parallel test run).
     settings = stack_settings_factory(
-        models_toml(fake_openai.url), lease_idle_s=30, lease_min_rps=8
+        models_toml(fake_openai.url), lease_idle_s=30, lease_min_rps=2
     )
     async with running_stack(settings) as stack:
         parent = await stack.create_key("20.00")
@@ -512,7 +514,7 @@ async def test_a_child_refused_for_its_parents_balance_takes_back_the_parents_le
 ) -> None:
     # No waiting for holds in flight: without the give-back this would be a 429 at once.
     settings = stack_settings_factory(
-        models_toml(fake_openai.url), lease_idle_s=30, lease_min_rps=8, hold_wait_s=0
+        models_toml(fake_openai.url), lease_idle_s=30, lease_min_rps=2, hold_wait_s=0
     )
     async with running_stack(settings) as stack:
         parent = await stack.create_key("0.006")
@@ -526,9 +528,13 @@ async def test_a_child_refused_for_its_parents_balance_takes_back_the_parents_le
         [(_, leased)] = await stack.pool.fetch(LEASES)
         p = await _row(stack, parent)
         available = p["balance_usd"] - p["reserved_usd"]
-        # A prompt whose input bound alone needs more than the lease leaves available.
-        big = {**body, "messages": [{"role": "user", "content": "x" * 10_800}]}
-        need = Decimal(10_800 + 16) * Decimal("0.0000005")
+        # A prompt whose input bound alone needs more than the lease leaves available, but
+        # less than the lease gives back: sized from what is held now, as the lease's size
+        # depends on how many requests came before it.
+        price = Decimal("0.0000005")  # per input byte of the bound, as for output tokens
+        size = int((available + leased / 2) / price) - 16
+        big = {**body, "messages": [{"role": "user", "content": "x" * size}]}
+        need = Decimal(size + 16) * price
         assert available < need < available + leased, (available, leased, need)
         async with stack.client(made["key"]) as c:
             r = await c.post("/v1/chat/completions", json=big)
