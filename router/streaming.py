@@ -98,14 +98,22 @@ async def relay_stream(
     tally = [0, 0]  # content chars, content pieces
     upstream_usage: list[Usage] = []
     finished = [False]
+    cut = [False]  # the upstream failed mid-stream: its usage so far may not be final
     input_bytes = gen.input_bytes
 
     def delivered() -> tuple[Usage, bool]:
         """The usage so far: the upstream's if it reported one, else the estimate."""
         usage = sane_usage(upstream_usage[-1]) if upstream_usage else None
-        if usage is not None:
+        if usage is not None and not cut[0]:
             return usage, False
-        return estimate_delivered(input_bytes, tally[0], tally[1], max_output), True
+        estimate = estimate_delivered(input_bytes, tally[0], tally[1], max_output)
+        if usage is None:
+            return estimate, True
+        if estimate.output_tokens <= usage.output_tokens:
+            return usage, False
+        # A stream the upstream broke off has no final usage: what it reported before the
+        # break (Anthropic's message_start says 1 output token) is a floor, not the count.
+        return dataclasses.replace(usage, output_tokens=estimate.output_tokens), True
 
     def settle() -> None:
         if finished[0]:
@@ -194,6 +202,7 @@ async def relay_stream(
                 event.outcome = "ok"
             except UpstreamError as exc:
                 waiting = None
+                cut[0] = True
                 book.broke(model.id, entry, exc)  # never retried: the client has data
                 event.outcome = "upstream_error"
                 event.status = 504 if isinstance(exc, UpstreamTimeout) else 502

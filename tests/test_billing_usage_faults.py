@@ -236,3 +236,57 @@ def test_usage_parsing_is_total() -> None:
                                  "cache_read_input_tokens": None}) == Usage(3, 2)  # fmt: skip
     for fault in [*ANTHROPIC_FAULTS[1:], None, 7]:
         assert usage_from_anthropic(fault) is None, fault
+
+
+def _delivered_text(api: str, events: list[dict[str, Any]]) -> str:
+    if api == "messages":
+        return "".join(
+            e["delta"]["text"] for e in events
+            if e.get("type") == "content_block_delta" and e["delta"].get("type") == "text_delta"
+        )  # fmt: skip
+    return "".join(c["delta"].get("content") or "" for e in events for c in e.get("choices") or ())
+
+
+@pytest.mark.parametrize("fault", ["broken", "stream_error"])
+@pytest.mark.parametrize("api", ["chat", "messages"])
+async def test_a_stream_the_upstream_breaks_off_bills_what_was_delivered(
+    ustack: Stack, fake_claude: FakeAnthropic, api: str, fault: str
+) -> None:
+    # Anthropic's message_start reports 1 output token; the real count comes in the last
+    # message_delta, which a stream broken off (a dropped connection, an overloaded_error
+    # event) never sends. Two long words are delivered first: ~200 tokens, not 1.
+    stack = ustack
+    fake_claude.reply_text = " ".join(["w" * 399] * 6)
+    fake_claude.behaviour = fault
+    key = await stack.create_key("1.00")
+    body: dict[str, Any] = {"model": "claude-chat", "max_tokens": 4000, "stream": True,
+                            "messages": [{"role": "user", "content": "hello"}]}  # fmt: skip
+    path = "/v1/messages" if api == "messages" else "/v1/chat/completions"
+    async with stack.client(key) as c:
+        r = await c.post(path, json=body)
+    assert r.status_code == 200, r.text
+    events = _sse_json(r.text)
+    delivered = _delivered_text(api, events)
+    assert len(delivered) == 800  # two deltas, then the break
+    (start,) = [e for e in events if e.get("type") == "message_start"] or [{}]
+    generation_id = start["message"]["id"][4:] if api == "messages" else events[0]["id"]
+    await stack.wait_metered([generation_id])
+    debit = await stack.pool.fetchval(
+        "SELECT -amount_usd FROM ledger WHERE kind = 'usage' AND ref = $1", generation_id
+    )
+    # The upstream's input count (21, from message_start), the delivered output estimated.
+    expected = _price("claude-chat", {"input_tokens": 21, "output_tokens": 200})
+    assert debit == expected
+    rows = await stack.state.clickhouse.query(
+        "SELECT output_tokens, usage_estimated, outcome FROM usage_events"
+        " WHERE generation_id = {id:String}",
+        {"id": generation_id},
+    )
+    assert [(r["output_tokens"], bool(r["usage_estimated"]), r["outcome"]) for r in rows] == [
+        (200, True, "upstream_error")
+    ]
+    reserved = await stack.pool.fetchval(
+        "SELECT reserved_usd FROM api_keys WHERE id = (SELECT key_id FROM ledger WHERE ref = $1)",
+        generation_id,
+    )
+    assert reserved == 0
