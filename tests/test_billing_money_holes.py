@@ -208,3 +208,35 @@ async def test_media_parts_raise_the_hold_or_are_refused(holes_stack: Stack) -> 
         r = await c.post("/v1/chat/completions", json={
             "model": "listens", "messages": [{"role": "user", "content": [audio]}]})  # fmt: skip
         assert r.status_code == 200, r.text
+
+
+async def test_one_output_bound_goes_upstream_whatever_the_client_sets(
+    holes_stack: Stack, fake_openai: FakeOpenAI
+) -> None:
+    # The hold covers the bound the router sends; a second field with the client's own value
+    # beside it (unchecked before) would let an upstream that reads that one generate
+    # beyond the hold, and OpenAI refuses the two together.
+    stack = holes_stack
+    key = await stack.create_key("1.00")
+    ids = []
+    async with stack.client(key) as c:
+        for asked in ({"max_completion_tokens": 3, "max_tokens": 5_000_000},
+                      {"max_completion_tokens": 10**6, "max_tokens": 3},
+                      {"max_completion_tokens": None, "max_tokens": 3}):  # fmt: skip
+            r = await c.post("/v1/chat/completions", json={**BODY, **asked})
+            assert r.status_code == 200, r.text
+            sent = {k: v for k, v in fake_openai.requests[-1].items() if k.startswith("max_")}
+            assert sent == {"max_completion_tokens": 3}, asked
+            assert r.json()["usage"]["completion_tokens"] == 3
+            ids.append(r.json()["id"])
+        calls = len(fake_openai.requests)
+        for bad in ("lots", -1, 10**12, True):
+            r = await c.post(
+                "/v1/chat/completions",
+                json={**BODY, "max_completion_tokens": 3, "max_tokens": bad},
+            )
+            assert r.status_code == 400, r.text
+            assert r.json()["error"]["param"] == "max_tokens"
+        assert len(fake_openai.requests) == calls  # refused before any upstream call
+    await stack.wait_metered(ids)
+    assert await _holds(stack, key) == 0
