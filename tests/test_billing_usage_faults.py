@@ -290,3 +290,54 @@ async def test_a_stream_the_upstream_breaks_off_bills_what_was_delivered(
         generation_id,
     )
     assert reserved == 0
+
+
+HUGE = 1 << 32  # one more than the usage event's UInt32 columns hold
+
+
+@pytest.mark.parametrize(
+    ("model", "fault"),
+    [
+        ("fast-chat", {"prompt_tokens": HUGE, "completion_tokens": 1, "total_tokens": HUGE + 1}),
+        ("fast-chat", {"prompt_tokens": 5, "completion_tokens": HUGE, "total_tokens": HUGE + 5}),
+        ("fast-chat", {"prompt_tokens": 5, "completion_tokens": 1, "total_tokens": 6,
+                       "completion_tokens_details": {"reasoning_tokens": HUGE}}),
+        ("claude-chat", {"input_tokens": 5, "output_tokens": HUGE}),
+    ],
+)  # fmt: skip
+@pytest.mark.parametrize("stream", [False, True])
+async def test_counts_the_usage_event_cannot_carry_bill_the_estimate(
+    ustack: Stack,
+    fake_openai: FakeOpenAI,
+    fake_claude: FakeAnthropic,
+    model: str,
+    fault: dict[str, Any],
+    stream: bool,
+) -> None:
+    # Believed before: the client was shown a cost, the meter refused the event (a count
+    # past its UInt32 column), so the request was never debited and its hold stayed for the
+    # whole reservation TTL, blocking the balance.
+    stack = ustack
+    _set_fault(fake_claude if model == "claude-chat" else fake_openai, fault)
+    key = await stack.create_key("1.00")
+    generation_id, usage, sent, chars = await _post(stack, key, "chat", model, stream)
+    tokens_in, tokens_out = usage["prompt_tokens"], usage["completion_tokens"]
+    assert 0 < tokens_in <= math.ceil(sent / 4) and tokens_out == math.ceil(chars / 4)
+    shown = Decimal(str(usage["cost"]))
+    assert shown == _price(model, usage) > 0
+    await stack.wait_metered([generation_id])
+    debit = await stack.pool.fetchval(
+        "SELECT -amount_usd FROM ledger WHERE kind = 'usage' AND ref = $1", generation_id
+    )
+    assert debit == shown
+    balance, reserved = await stack.pool.fetchrow(
+        "SELECT balance_usd, reserved_usd FROM api_keys WHERE id ="
+        " (SELECT key_id FROM ledger WHERE ref = $1)",
+        generation_id,
+    )
+    assert balance == Decimal("1.00") - shown and reserved == 0
+    rows = await stack.state.clickhouse.query(
+        "SELECT usage_estimated FROM usage_events WHERE generation_id = {id:String}",
+        {"id": generation_id},
+    )
+    assert [bool(r["usage_estimated"]) for r in rows] == [True]
