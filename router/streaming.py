@@ -16,6 +16,7 @@ from apifast.metering.event import UsageEvent
 from apifast.providers import (
     ChatRequest,
     NativeRequest,
+    PartialUsage,
     Provider,
     StreamItem,
     UpstreamError,
@@ -98,22 +99,26 @@ async def relay_stream(
     tally = [0, 0]  # content chars, content pieces
     upstream_usage: list[Usage] = []
     finished = [False]
-    cut = [False]  # the upstream failed mid-stream: its usage so far may not be final
     input_bytes = gen.input_bytes
 
     def delivered() -> tuple[Usage, bool]:
         """The usage so far: the upstream's if it reported one, else the estimate."""
-        usage = sane_usage(upstream_usage[-1]) if upstream_usage else None
-        if usage is not None and not cut[0]:
+        last = upstream_usage[-1] if upstream_usage else None
+        usage = sane_usage(last)
+        partial = type(last) is PartialUsage
+        # Only a usage reported at a stream's end is final. Before it (a PartialUsage, or a
+        # stream the upstream broke off) the input is known but the output only a floor.
+        if usage is not None and event.outcome == "ok" and not partial:
             return usage, False
         estimate = estimate_delivered(input_bytes, tally[0], tally[1], max_output)
         if usage is None:
             return estimate, True
-        if estimate.output_tokens <= usage.output_tokens:
+        output = max(usage.output_tokens, estimate.output_tokens)
+        if output == usage.output_tokens and not partial:
             return usage, False
-        # A stream the upstream broke off has no final usage: what it reported before the
-        # break (Anthropic's message_start says 1 output token) is a floor, not the count.
-        return dataclasses.replace(usage, output_tokens=estimate.output_tokens), True
+        u = usage
+        return Usage(u.input_tokens, output, u.cached_tokens, u.cache_write_tokens,
+                     u.reasoning_tokens), True  # fmt: skip
 
     def settle() -> None:
         if finished[0]:
@@ -202,7 +207,6 @@ async def relay_stream(
                 event.outcome = "ok"
             except UpstreamError as exc:
                 waiting = None
-                cut[0] = True
                 book.broke(model.id, entry, exc)  # never retried: the client has data
                 event.outcome = "upstream_error"
                 event.status = 504 if isinstance(exc, UpstreamTimeout) else 502

@@ -341,3 +341,50 @@ async def test_counts_the_usage_event_cannot_carry_bill_the_estimate(
         {"id": generation_id},
     )
     assert [bool(r["usage_estimated"]) for r in rows] == [True]
+
+
+@pytest.mark.parametrize("api", ["chat", "messages"])
+async def test_a_client_gone_mid_stream_is_billed_the_input_anthropic_reported(
+    ustack: Stack, fake_claude: FakeAnthropic, api: str
+) -> None:
+    # Anthropic reports the whole input in message_start; the byte estimate of a request
+    # with an image counts the image's URL (a few tokens), not the image (~2400 here). A
+    # client that left after the first words paid the URL's price before.
+    stack = ustack
+    fake_claude.reply_text = " ".join(["w" * 399] * 6)
+    fake_claude.behaviour, fake_claude.delay_s = "stall", 60.0  # waits after two deltas
+    fake_claude.input_tokens = 2_400
+    image = {"type": "image", "source": {"type": "url", "url": "https://img.invalid/a.png"}}
+    content = [image, {"type": "text", "text": "describe it"}]
+    if api == "chat":
+        content = [{"type": "image_url", "image_url": {"url": "https://img.invalid/a.png"}},
+                   {"type": "text", "text": "describe it"}]  # fmt: skip
+    body = {"model": "claude-chat", "max_tokens": 4000, "stream": True,
+            "messages": [{"role": "user", "content": content}]}  # fmt: skip
+    path = "/v1/messages" if api == "messages" else "/v1/chat/completions"
+    key = await stack.create_key("1.00")
+    events: list[dict[str, Any]] = []
+    async with stack.client(key) as c, c.stream("POST", path, json=body) as r:
+        assert r.status_code == 200
+        async for line in r.aiter_lines():
+            if line.startswith("data: {"):
+                events.append(orjson.loads(line[6:]))
+            if len(_delivered_text(api, events)) == 800:
+                break  # the client goes away mid-stream
+    if api == "messages":
+        generation_id = events[0]["message"]["id"].removeprefix("msg_")
+    else:
+        generation_id = events[0]["id"]
+    await stack.wait_metered([generation_id])
+    rows = await stack.state.clickhouse.query(
+        "SELECT input_tokens, output_tokens, usage_estimated, outcome FROM usage_events"
+        " WHERE generation_id = {id:String}",
+        {"id": generation_id},
+    )
+    assert [dict(r) for r in rows] == [{"input_tokens": 2_400, "output_tokens": 200,
+                                        "usage_estimated": True,
+                                        "outcome": "client_disconnect"}]  # fmt: skip
+    debit = await stack.pool.fetchval(
+        "SELECT -amount_usd FROM ledger WHERE kind = 'usage' AND ref = $1", generation_id
+    )
+    assert debit == _price("claude-chat", {"input_tokens": 2_400, "output_tokens": 200})
