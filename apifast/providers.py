@@ -20,6 +20,7 @@ __all__ = [
     "EmbeddingsRequest",
     "EmbeddingsResponse",
     "NativeRequest",
+    "PartialUsage",
     "Provider",
     "ProviderConfig",
     "RegisterProviderType",
@@ -43,6 +44,13 @@ class Usage:
     cached_tokens: int = 0
     cache_write_tokens: int = 0
     reasoning_tokens: int = 0
+
+
+@dataclass(slots=True)
+class PartialUsage(Usage):
+    """Usage a stream reports before its end (Anthropic's `message_start`): the input counts
+    are final, the output only a floor. A client gone before the final `Usage` is billed
+    this input, and at least the estimate of the output it was delivered."""
 
 
 def token_count(value: Any) -> int | None:

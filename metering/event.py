@@ -88,6 +88,9 @@ SMALL_FIELDS = tuple(f.name for f in FIELDS if f.column == "UInt16" and f.name !
 STRING_FIELDS = tuple(f.name for f in FIELDS if f.column == "String" and f.default is not REQUIRED)
 _DEFAULTS = {f.name: f.default for f in FIELDS}
 _UINT32 = 1 << 32
+# The most tokens one count of an event can carry (its UInt32 column): the meter refuses an
+# event with more, so the router believes no upstream count from this up (billed_usage.py).
+MAX_TOKEN_COUNT = _UINT32 - 1
 
 
 @dataclass(slots=True)

@@ -60,7 +60,8 @@ def _tool_result(
     content: Any, where: str, native_only: NativeOnly
 ) -> tuple[str, list[dict[str, Any]]]:
     """A tool_result's content as (the tool message's text, its images). Chat tool messages
-    take text only, so images follow as a user turn's image parts."""
+    take text only, so images follow as a user turn's image parts; so do the blocks only a
+    native route takes (see `_passed_through`)."""
     if content is None:
         return "", []
     if isinstance(content, str):
@@ -77,7 +78,18 @@ def _tool_result(
             images.append(_image_part(block, f"{where}[{k}]"))
         else:
             native_only.append((f"{where}[{k}].type", f"{kind!r} {_NATIVE_ONLY}"))
+            images.append(_passed_through(block))
     return "\n\n".join(texts), images
+
+
+def _passed_through(block: dict[str, Any]) -> dict[str, Any]:
+    """A block only a native route takes, kept in the translation for the hold's bound alone
+    (a translating route is passed over: router/route_fit.py): the upstream bills it, so
+    the hold must cover it. A document counts as a file part (the model's file bound, or a
+    400) plus its text; any other block (search_result, ...) by its JSON's bytes."""
+    if block.get("type") == "document":
+        return block
+    return {"type": "passed_through", "block": block}
 
 
 def _message(message: Any, i: int, native_only: NativeOnly) -> list[dict[str, Any]]:
@@ -122,10 +134,14 @@ def _message(message: Any, i: int, native_only: NativeOnly) -> list[dict[str, An
         else:
             # document, search_result, ...: passed through on a native route only.
             native_only.append((f"{at}.type", f"{kind!r} {_NATIVE_ONLY}"))
+            parts.append(_passed_through(block))
     out: list[dict[str, Any]] = list(results)
     if role == "assistant":
         text = "".join(p["text"] for p in parts if p["type"] == "text")
         turn: dict[str, Any] = {"role": "assistant", "content": text or None}
+        passed = [p for p in parts if p["type"] not in ("text", "image_url")]
+        if passed:  # only for the hold's bound: no translating route takes this turn
+            turn["content"] = [{"type": "text", "text": text}, *passed]
         if calls:
             turn["tool_calls"] = calls
         out.append(turn)

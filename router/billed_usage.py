@@ -6,12 +6,15 @@ from __future__ import annotations
 import math
 from typing import Any
 
+from apifast.metering.event import MAX_TOKEN_COUNT
 from apifast.providers import Usage
 
 
 def sane_usage(usage: Any) -> Usage | None:
-    """`usage` if every count is a non-negative integer, else None (the caller estimates).
-    Parts (cached, cache writes, reasoning) are clamped to the whole they belong to."""
+    """`usage` if every count is a non-negative integer the usage event can carry, else None
+    (the caller estimates): the meter refuses an event with a count past MAX_TOKEN_COUNT,
+    which would leave the request unbilled and its hold stuck until its TTL. Parts (cached,
+    cache writes, reasoning) are clamped to the whole they belong to."""
     if not isinstance(usage, Usage):
         return None
     counts = (
@@ -21,7 +24,7 @@ def sane_usage(usage: Any) -> Usage | None:
         usage.cache_write_tokens,
         usage.reasoning_tokens,
     )
-    if any(type(c) is not int or c < 0 for c in counts):
+    if any(type(c) is not int or not 0 <= c <= MAX_TOKEN_COUNT for c in counts):
         return None
     if (
         usage.cached_tokens + usage.cache_write_tokens > usage.input_tokens

@@ -228,10 +228,14 @@ async def _generate_one(
         out_tokens = max(1, min(cap, affordable))
         headers[LOWERED_HEADER] = str(out_tokens)
     ubody = gen.body
-    # Always bound the output upstream, so the hold covers the whole answer.
-    ubody["max_completion_tokens" if "max_completion_tokens" in ubody else "max_tokens"] = (
-        out_tokens
-    )
+    # Always bound the output upstream, so the hold covers the whole answer; in one field:
+    # an upstream reading the other one (or OpenAI, which refuses both) must not get the
+    # client's own value beside the hold's.
+    if "max_completion_tokens" in ubody:
+        ubody["max_completion_tokens"] = out_tokens
+        ubody.pop("max_tokens", None)
+    else:
+        ubody["max_tokens"] = out_tokens
     if gen.native is not None:
         if out_tokens < gen.native_min and not gen.native_only:
             gen.native = None  # every route translates: the native API would refuse the bound

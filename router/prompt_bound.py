@@ -35,6 +35,15 @@ def _json_bytes(value: Any) -> int:
         return len(str(value).encode())
 
 
+def _document_text_bytes(part: dict[str, Any]) -> int:
+    """An Anthropic document's text (a text or content source, title, context) counts by its
+    bytes besides the per-file bound; only base64 data is left to the file bound alone."""
+    source = part.get("source")
+    if isinstance(source, dict) and source.get("type") == "base64":
+        part = {**part, "source": {k: v for k, v in source.items() if k != "data"}}
+    return _json_bytes(part)
+
+
 def _content_bytes(content: Any) -> int:
     if isinstance(content, str):
         return len(content.encode())
@@ -44,6 +53,8 @@ def _content_bytes(content: Any) -> int:
     for part in content:
         kind = part.get("type") if isinstance(part, dict) else None
         if kind in _MEDIA_PARTS:
+            if kind == "document":
+                total += _document_text_bytes(part)
             continue  # bounded per part by the model's media bound
         text = part.get("text") if isinstance(part, dict) else None
         total += len(text.encode()) if isinstance(text, str) else _json_bytes(part)

@@ -16,6 +16,7 @@ from apifast.metering.event import UsageEvent
 from apifast.providers import (
     ChatRequest,
     NativeRequest,
+    PartialUsage,
     Provider,
     StreamItem,
     UpstreamError,
@@ -102,10 +103,22 @@ async def relay_stream(
 
     def delivered() -> tuple[Usage, bool]:
         """The usage so far: the upstream's if it reported one, else the estimate."""
-        usage = sane_usage(upstream_usage[-1]) if upstream_usage else None
-        if usage is not None:
+        last = upstream_usage[-1] if upstream_usage else None
+        usage = sane_usage(last)
+        partial = type(last) is PartialUsage
+        # Only a usage reported at a stream's end is final. Before it (a PartialUsage, or a
+        # stream the upstream broke off) the input is known but the output only a floor.
+        if usage is not None and event.outcome == "ok" and not partial:
             return usage, False
-        return estimate_delivered(input_bytes, tally[0], tally[1], max_output), True
+        estimate = estimate_delivered(input_bytes, tally[0], tally[1], max_output)
+        if usage is None:
+            return estimate, True
+        output = max(usage.output_tokens, estimate.output_tokens)
+        if output == usage.output_tokens and not partial:
+            return usage, False
+        u = usage
+        return Usage(u.input_tokens, output, u.cached_tokens, u.cache_write_tokens,
+                     u.reasoning_tokens), True  # fmt: skip
 
     def settle() -> None:
         if finished[0]:

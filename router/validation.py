@@ -63,9 +63,14 @@ def validate_chat(body: dict[str, Any]) -> tuple[bool, bool, int | None, int]:
         if not isinstance(options, dict):
             raise bad("stream_options", "must be an object")
         include_usage = options.get("include_usage") is True
-    max_tokens = _optional_int(body, "max_completion_tokens", 1, 10_000_000)
-    if max_tokens is None:
-        max_tokens = _optional_int(body, "max_tokens", 1, 10_000_000)
+    # Both are checked: each reaches the upstream unless the core replaces it, and a client
+    # that sets both is held to the smaller.
+    asked = [
+        value
+        for name in ("max_completion_tokens", "max_tokens")
+        if (value := _optional_int(body, name, 1, 10_000_000)) is not None
+    ]
+    max_tokens = min(asked) if asked else None
     n = _optional_int(body, "n", 1, 128) or 1
     _optional_number(body, "temperature", 0, 2)
     _optional_number(body, "top_p", 0, 1)

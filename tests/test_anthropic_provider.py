@@ -18,6 +18,7 @@ from apifast.plugins.providers.anthropic_messages import AnthropicProvider
 from apifast.plugins.providers.sse import SseDecoder
 from apifast.providers import (
     ChatRequest,
+    PartialUsage,
     ProviderConfig,
     UnsupportedParameter,
     UpstreamError,
@@ -63,6 +64,8 @@ async def collect(
     chunks: list[dict[str, Any]] = []
     usages: list[Usage] = []
     async for item in provider.stream_chat(request):
+        if isinstance(item, PartialUsage):
+            continue  # the input reported early (test_stream_text)
         (usages if isinstance(item, Usage) else chunks).append(item)  # type: ignore[arg-type]
     return chunks, usages
 
@@ -474,7 +477,10 @@ async def test_cache_usage_is_mapped(fake: FakeAnthropic, provider: AnthropicPro
 async def test_stream_text(fake: FakeAnthropic, provider: AnthropicProvider) -> None:
     items = [item async for item in provider.stream_chat(chat(stream=True))]
     assert isinstance(items[-1], Usage) and items[-1] == Usage(input_tokens=21, output_tokens=9)
-    assert sum(isinstance(i, Usage) for i in items) == 1
+    assert sum(isinstance(i, Usage) for i in items) == 2
+    # The input as message_start reported it, right after that event's chunk: a client gone
+    # before the end is billed it (its output count, 1, is only a floor).
+    assert items[1] == PartialUsage(input_tokens=21, output_tokens=1)
     chunks = [i for i in items if isinstance(i, dict)]
     assert all(c["object"] == "chat.completion.chunk" for c in chunks)
     assert deltas(chunks)[0] == {"role": "assistant", "content": ""}
@@ -544,9 +550,10 @@ async def test_broken_stream_yields_what_arrived_then_raises(
     assert deltas(chunks)[0]["role"] == "assistant"
     assert joined_content(chunks)  # the deltas sent before the break
     assert joined_content(chunks) != fake.reply_text
-    # Input usage from message_start is still reported, once, before the error.
-    assert isinstance(items[-1], Usage) and items[-1].input_tokens == 21
-    assert sum(isinstance(i, Usage) for i in items) == 1
+    # Input usage from message_start is still reported before the error, as partial: the
+    # output count never came.
+    assert isinstance(items[-1], PartialUsage) and items[-1].input_tokens == 21
+    assert all(isinstance(i, PartialUsage) for i in items if isinstance(i, Usage))
     assert caught.value.status is None and caught.value.retryable
     assert SECRET_PROMPT not in str(caught.value)
 

@@ -14,6 +14,7 @@ import pytest
 from apifast import hookimpl
 from apifast.keys import hash_key
 from apifast.providers import ChatRequest, ChatResponse, Provider
+from tests.fakes.anthropic_upstream import FakeAnthropic
 from tests.fakes.openai_upstream import FakeOpenAI
 from tests.harness import SECRET, Stack, models_toml, running_stack
 
@@ -208,3 +209,136 @@ async def test_media_parts_raise_the_hold_or_are_refused(holes_stack: Stack) -> 
         r = await c.post("/v1/chat/completions", json={
             "model": "listens", "messages": [{"role": "user", "content": [audio]}]})  # fmt: skip
         assert r.status_code == 200, r.text
+
+
+async def test_one_output_bound_goes_upstream_whatever_the_client_sets(
+    holes_stack: Stack, fake_openai: FakeOpenAI
+) -> None:
+    # The hold covers the bound the router sends; a second field with the client's own value
+    # beside it (unchecked before) would let an upstream that reads that one generate
+    # beyond the hold, and OpenAI refuses the two together.
+    stack = holes_stack
+    key = await stack.create_key("1.00")
+    ids = []
+    async with stack.client(key) as c:
+        for asked in ({"max_completion_tokens": 3, "max_tokens": 5_000_000},
+                      {"max_completion_tokens": 10**6, "max_tokens": 3},
+                      {"max_completion_tokens": None, "max_tokens": 3}):  # fmt: skip
+            r = await c.post("/v1/chat/completions", json={**BODY, **asked})
+            assert r.status_code == 200, r.text
+            sent = {k: v for k, v in fake_openai.requests[-1].items() if k.startswith("max_")}
+            assert sent == {"max_completion_tokens": 3}, asked
+            assert r.json()["usage"]["completion_tokens"] == 3
+            ids.append(r.json()["id"])
+        calls = len(fake_openai.requests)
+        for bad in ("lots", -1, 10**12, True):
+            r = await c.post(
+                "/v1/chat/completions",
+                json={**BODY, "max_completion_tokens": 3, "max_tokens": bad},
+            )
+            assert r.status_code == 400, r.text
+            assert r.json()["error"]["param"] == "max_tokens"
+        assert len(fake_openai.requests) == calls  # refused before any upstream call
+    await stack.wait_metered(ids)
+    assert await _holds(stack, key) == 0
+
+
+CLAUDE_DOCS = """
+[providers.claude]
+type = "anthropic"
+base_url = "{url}"
+api_key = "sk-ant-test-key"
+
+[[models]]
+id = "claude-plain"
+input_usd_per_mtok = "3.00"
+output_usd_per_mtok = "15.00"
+routes = [ {{ provider = "claude", model = "claude-upstream-model" }} ]
+
+[[models]]
+id = "claude-docs"
+input_usd_per_mtok = "3.00"
+output_usd_per_mtok = "15.00"
+file_input_tokens = 3000
+routes = [ {{ provider = "claude", model = "claude-upstream-model" }} ]
+"""
+LONG_TEXT = "lorem ipsum " * 25_000  # 300 kB: up to 300k tokens, far more than its URL
+TOOL_TURNS = [
+    {"role": "user", "content": "look it up"},
+    {"role": "assistant", "content": [
+        {"type": "tool_use", "id": "toolu_1", "name": "search", "input": {}}]},
+]  # fmt: skip
+
+
+@pytest.fixture
+async def docs_stack(
+    stack_settings_factory: Callable[..., Any], fake_openai: FakeOpenAI
+) -> AsyncIterator[tuple[Stack, FakeAnthropic]]:
+    async with FakeAnthropic() as fake:
+        fake.api_key = "sk-ant-test-key"
+        settings = stack_settings_factory(
+            models_toml(fake_openai.url, CLAUDE_DOCS.format(url=fake.url))
+        )
+        async with running_stack(settings) as running:
+            yield running, fake
+
+
+@pytest.mark.parametrize(
+    ("model", "messages", "billed_input"),
+    [
+        # A PDF by URL: the model's file bound covers it.
+        ("claude-docs", [{"role": "user", "content": [
+            {"type": "document", "source": {"type": "url", "url": "https://docs.invalid/a.pdf"}},
+            {"type": "text", "text": "summarise"}]}], 2_900),
+        # A text document: its bytes bound it, whatever the file bound.
+        ("claude-docs", [{"role": "user", "content": [
+            {"type": "document", "source": {"type": "text", "media_type": "text/plain",
+                                            "data": LONG_TEXT}},
+            {"type": "text", "text": "summarise"}]}], 60_000),
+        # Search results in a tool result: their text, by its bytes.
+        ("claude-plain", [*TOOL_TURNS, {"role": "user", "content": [
+            {"type": "tool_result", "tool_use_id": "toolu_1", "content": [
+                {"type": "search_result", "title": "t", "source": "https://s.invalid",
+                 "content": [{"type": "text", "text": LONG_TEXT}]}]}]}], 60_000),
+    ],
+)  # fmt: skip
+async def test_blocks_passed_through_to_a_native_route_are_held_for(
+    docs_stack: tuple[Stack, FakeAnthropic],
+    model: str,
+    messages: list[dict[str, Any]],
+    billed_input: int,
+) -> None:
+    # Anthropic bills a document or a search result as input; before, the hold left them
+    # out (they are not in the chat translation), so an upstream count like this one was
+    # an overage the operator paid: a 300 kB document held as a 20-token prompt.
+    stack, fake = docs_stack
+    key = await stack.create_key("5.00")
+    fake.usage_override = {"input_tokens": billed_input, "output_tokens": 5}
+    body = {"model": model, "max_tokens": 10, "messages": messages}
+    async with stack.client(key) as c:
+        r = await c.post("/v1/messages", json=body)
+    assert r.status_code == 200, r.text
+    generation_id = r.json()["id"].removeprefix("msg_")
+    await stack.wait_metered([generation_id])
+    row = await _key_row(stack, key)
+    cost = (Decimal(billed_input) * 3 + 5 * 15) / 1_000_000
+    assert Decimal("5.00") - row["balance_usd"] == cost  # the whole cost, within the hold
+    assert await stack.pool.fetchval("SELECT count(*) FROM usage_overages") == 0
+    assert row["reserved_usd"] == 0 and await _holds(stack, key) == 0
+
+
+async def test_a_document_on_a_model_without_a_file_bound_is_refused_before_the_hold(
+    docs_stack: tuple[Stack, FakeAnthropic],
+) -> None:
+    stack, fake = docs_stack
+    key = await stack.create_key("5.00")
+    document = {"type": "document", "source": {"type": "url", "url": "https://d.invalid/a.pdf"}}
+    body = {"model": "claude-plain", "max_tokens": 10,
+            "messages": [{"role": "user", "content": [document]}]}  # fmt: skip
+    async with stack.client(key) as c:
+        r = await c.post("/v1/messages", json=body)
+    assert r.status_code == 400, r.text
+    error = r.json()
+    assert error["type"] == "error" and error["error"]["type"] == "invalid_request_error"
+    assert "does not take file input" in error["error"]["message"]
+    assert fake.requests == [] and await _holds(stack, key) == 0

@@ -236,3 +236,155 @@ def test_usage_parsing_is_total() -> None:
                                  "cache_read_input_tokens": None}) == Usage(3, 2)  # fmt: skip
     for fault in [*ANTHROPIC_FAULTS[1:], None, 7]:
         assert usage_from_anthropic(fault) is None, fault
+
+
+def _delivered_text(api: str, events: list[dict[str, Any]]) -> str:
+    if api == "messages":
+        return "".join(
+            e["delta"]["text"] for e in events
+            if e.get("type") == "content_block_delta" and e["delta"].get("type") == "text_delta"
+        )  # fmt: skip
+    return "".join(c["delta"].get("content") or "" for e in events for c in e.get("choices") or ())
+
+
+@pytest.mark.parametrize("fault", ["broken", "stream_error"])
+@pytest.mark.parametrize("api", ["chat", "messages"])
+async def test_a_stream_the_upstream_breaks_off_bills_what_was_delivered(
+    ustack: Stack, fake_claude: FakeAnthropic, api: str, fault: str
+) -> None:
+    # Anthropic's message_start reports 1 output token; the real count comes in the last
+    # message_delta, which a stream broken off (a dropped connection, an overloaded_error
+    # event) never sends. Two long words are delivered first: ~200 tokens, not 1.
+    stack = ustack
+    fake_claude.reply_text = " ".join(["w" * 399] * 6)
+    fake_claude.behaviour = fault
+    key = await stack.create_key("1.00")
+    body: dict[str, Any] = {"model": "claude-chat", "max_tokens": 4000, "stream": True,
+                            "messages": [{"role": "user", "content": "hello"}]}  # fmt: skip
+    path = "/v1/messages" if api == "messages" else "/v1/chat/completions"
+    async with stack.client(key) as c:
+        r = await c.post(path, json=body)
+    assert r.status_code == 200, r.text
+    events = _sse_json(r.text)
+    delivered = _delivered_text(api, events)
+    assert len(delivered) == 800  # two deltas, then the break
+    (start,) = [e for e in events if e.get("type") == "message_start"] or [{}]
+    generation_id = start["message"]["id"][4:] if api == "messages" else events[0]["id"]
+    await stack.wait_metered([generation_id])
+    debit = await stack.pool.fetchval(
+        "SELECT -amount_usd FROM ledger WHERE kind = 'usage' AND ref = $1", generation_id
+    )
+    # The upstream's input count (21, from message_start), the delivered output estimated.
+    expected = _price("claude-chat", {"input_tokens": 21, "output_tokens": 200})
+    assert debit == expected
+    rows = await stack.state.clickhouse.query(
+        "SELECT output_tokens, usage_estimated, outcome FROM usage_events"
+        " WHERE generation_id = {id:String}",
+        {"id": generation_id},
+    )
+    assert [(r["output_tokens"], bool(r["usage_estimated"]), r["outcome"]) for r in rows] == [
+        (200, True, "upstream_error")
+    ]
+    reserved = await stack.pool.fetchval(
+        "SELECT reserved_usd FROM api_keys WHERE id = (SELECT key_id FROM ledger WHERE ref = $1)",
+        generation_id,
+    )
+    assert reserved == 0
+
+
+HUGE = 1 << 32  # one more than the usage event's UInt32 columns hold
+
+
+@pytest.mark.parametrize(
+    ("model", "fault"),
+    [
+        ("fast-chat", {"prompt_tokens": HUGE, "completion_tokens": 1, "total_tokens": HUGE + 1}),
+        ("fast-chat", {"prompt_tokens": 5, "completion_tokens": HUGE, "total_tokens": HUGE + 5}),
+        ("fast-chat", {"prompt_tokens": 5, "completion_tokens": 1, "total_tokens": 6,
+                       "completion_tokens_details": {"reasoning_tokens": HUGE}}),
+        ("claude-chat", {"input_tokens": 5, "output_tokens": HUGE}),
+    ],
+)  # fmt: skip
+@pytest.mark.parametrize("stream", [False, True])
+async def test_counts_the_usage_event_cannot_carry_bill_the_estimate(
+    ustack: Stack,
+    fake_openai: FakeOpenAI,
+    fake_claude: FakeAnthropic,
+    model: str,
+    fault: dict[str, Any],
+    stream: bool,
+) -> None:
+    # Believed before: the client was shown a cost, the meter refused the event (a count
+    # past its UInt32 column), so the request was never debited and its hold stayed for the
+    # whole reservation TTL, blocking the balance.
+    stack = ustack
+    _set_fault(fake_claude if model == "claude-chat" else fake_openai, fault)
+    key = await stack.create_key("1.00")
+    generation_id, usage, sent, chars = await _post(stack, key, "chat", model, stream)
+    tokens_in, tokens_out = usage["prompt_tokens"], usage["completion_tokens"]
+    assert 0 < tokens_in <= math.ceil(sent / 4) and tokens_out == math.ceil(chars / 4)
+    shown = Decimal(str(usage["cost"]))
+    assert shown == _price(model, usage) > 0
+    await stack.wait_metered([generation_id])
+    debit = await stack.pool.fetchval(
+        "SELECT -amount_usd FROM ledger WHERE kind = 'usage' AND ref = $1", generation_id
+    )
+    assert debit == shown
+    balance, reserved = await stack.pool.fetchrow(
+        "SELECT balance_usd, reserved_usd FROM api_keys WHERE id ="
+        " (SELECT key_id FROM ledger WHERE ref = $1)",
+        generation_id,
+    )
+    assert balance == Decimal("1.00") - shown and reserved == 0
+    rows = await stack.state.clickhouse.query(
+        "SELECT usage_estimated FROM usage_events WHERE generation_id = {id:String}",
+        {"id": generation_id},
+    )
+    assert [bool(r["usage_estimated"]) for r in rows] == [True]
+
+
+@pytest.mark.parametrize("api", ["chat", "messages"])
+async def test_a_client_gone_mid_stream_is_billed_the_input_anthropic_reported(
+    ustack: Stack, fake_claude: FakeAnthropic, api: str
+) -> None:
+    # Anthropic reports the whole input in message_start; the byte estimate of a request
+    # with an image counts the image's URL (a few tokens), not the image (~2400 here). A
+    # client that left after the first words paid the URL's price before.
+    stack = ustack
+    fake_claude.reply_text = " ".join(["w" * 399] * 6)
+    fake_claude.behaviour, fake_claude.delay_s = "stall", 60.0  # waits after two deltas
+    fake_claude.input_tokens = 2_400
+    image = {"type": "image", "source": {"type": "url", "url": "https://img.invalid/a.png"}}
+    content = [image, {"type": "text", "text": "describe it"}]
+    if api == "chat":
+        content = [{"type": "image_url", "image_url": {"url": "https://img.invalid/a.png"}},
+                   {"type": "text", "text": "describe it"}]  # fmt: skip
+    body = {"model": "claude-chat", "max_tokens": 4000, "stream": True,
+            "messages": [{"role": "user", "content": content}]}  # fmt: skip
+    path = "/v1/messages" if api == "messages" else "/v1/chat/completions"
+    key = await stack.create_key("1.00")
+    events: list[dict[str, Any]] = []
+    async with stack.client(key) as c, c.stream("POST", path, json=body) as r:
+        assert r.status_code == 200
+        async for line in r.aiter_lines():
+            if line.startswith("data: {"):
+                events.append(orjson.loads(line[6:]))
+            if len(_delivered_text(api, events)) == 800:
+                break  # the client goes away mid-stream
+    if api == "messages":
+        generation_id = events[0]["message"]["id"].removeprefix("msg_")
+    else:
+        generation_id = events[0]["id"]
+    await stack.wait_metered([generation_id])
+    rows = await stack.state.clickhouse.query(
+        "SELECT input_tokens, output_tokens, usage_estimated, outcome FROM usage_events"
+        " WHERE generation_id = {id:String}",
+        {"id": generation_id},
+    )
+    assert [dict(r) for r in rows] == [{"input_tokens": 2_400, "output_tokens": 200,
+                                        "usage_estimated": True,
+                                        "outcome": "client_disconnect"}]  # fmt: skip
+    debit = await stack.pool.fetchval(
+        "SELECT -amount_usd FROM ledger WHERE kind = 'usage' AND ref = $1", generation_id
+    )
+    assert debit == _price("claude-chat", {"input_tokens": 2_400, "output_tokens": 200})

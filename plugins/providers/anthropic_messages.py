@@ -69,6 +69,7 @@ from apifast.providers import (
     ChatRequest,
     ChatResponse,
     NativeRequest,
+    PartialUsage,
     Provider,
     ProviderConfig,
     StreamItem,
@@ -462,6 +463,11 @@ def usage_from_anthropic(raw: Any) -> Usage | None:
     )
 
 
+def _partial(usage: Usage) -> PartialUsage:
+    u = usage
+    return PartialUsage(u.input_tokens, u.output_tokens, u.cached_tokens, u.cache_write_tokens)
+
+
 def _cache_count(raw: dict[str, Any], name: str) -> int | None:
     value = raw.get(name)
     return 0 if value is None else token_count(value)
@@ -809,15 +815,21 @@ class AnthropicProvider(Provider):
                         break
                     for item in items:
                         yield item
+                    if event.get("type") == "message_start":
+                        # The input is known now: a client gone mid-stream is billed it, not
+                        # the router's byte estimate (an image or a document costs far more).
+                        if (usage := translator.usage()) is not None:
+                            yield _partial(usage)
         finally:
             response.close()
         if failure is None and not translator.finished:
             failure = UpstreamError(
                 None, "anthropic stream ended before message_stop", cause="reset"
             )
-        # Input tokens are known from message_start on, so even a broken stream is billed.
+        # Input tokens are known from message_start on, so even a broken stream is billed;
+        # its output count is not final before message_stop.
         if translator.started and (usage := translator.usage()) is not None:
-            yield usage
+            yield usage if translator.finished else _partial(usage)
         if failure is not None:
             raise failure
 
