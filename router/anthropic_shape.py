@@ -13,6 +13,7 @@ import orjson
 from apifast.errors import anthropic_error_body, bad
 from apifast.money import json_number
 from apifast.providers import Usage
+from apifast.router.call_ids import call_id
 
 _ROLES = ("user", "assistant")
 _STOP_REASONS = {
@@ -308,8 +309,8 @@ class MessagesRenderer:
     message_start, then per block content_block_start / _delta / _stop, then message_delta
     (stop reason and usage) and message_stop."""
 
-    __slots__ = ("_block", "_failed", "_index", "_started", "_stop", "_stop_sequence", "_tools",
-                 "generation_id", "model")  # fmt: skip
+    __slots__ = ("_block", "_calls", "_failed", "_index", "_started", "_stop", "_stop_sequence",
+                 "_tools", "generation_id", "model")  # fmt: skip
 
     def __init__(self, model: str) -> None:
         self.generation_id = ""
@@ -321,6 +322,12 @@ class MessagesRenderer:
         self._stop = "end_turn"
         self._stop_sequence: str | None = None
         self._failed = False
+        self._calls = 0  # tool_use blocks given ApiFast's own id so far
+
+    def _call_id(self) -> str:
+        """A tool_use block's id: ApiFast's, never the upstream's (router/call_ids.py)."""
+        self._calls += 1
+        return call_id("toolu_", self.generation_id, self._calls - 1)
 
     @property
     def keepalive(self) -> bytes:
@@ -345,7 +352,7 @@ class MessagesRenderer:
         for call in message.get("tool_calls") or ():
             fn = call.get("function") if isinstance(call, dict) else None
             if isinstance(fn, dict):
-                content.append({"type": "tool_use", "id": str(call.get("id") or ""),
+                content.append({"type": "tool_use", "id": self._call_id(),
                                 "name": str(fn.get("name") or ""),
                                 "input": _tool_input(fn.get("arguments"))})  # fmt: skip
         finish = choice.get("finish_reason") if isinstance(choice, dict) else None
@@ -413,7 +420,7 @@ class MessagesRenderer:
                     continue
                 if position not in self._tools:
                     out += self._open("tool_use", {"type": "tool_use",
-                                                   "id": str(call.get("id") or ""),
+                                                   "id": self._call_id(),
                                                    "name": str(fn.get("name") or ""),
                                                    "input": {}})  # fmt: skip
                     self._tools[position] = self._index
@@ -439,9 +446,10 @@ class MessagesRenderer:
 
     def native_completion(self, upstream: dict[str, Any], usage: Usage, cost: Decimal) -> bytes:
         content = upstream.get("content")
+        content = [self._own_block(b) for b in content] if isinstance(content, list) else []
         return orjson.dumps({
             "id": self.message_id, "type": "message", "role": "assistant",
-            "content": content if isinstance(content, list) else [], "model": self.model,
+            "content": content, "model": self.model,
             "stop_reason": upstream.get("stop_reason") or "end_turn",
             "stop_sequence": upstream.get("stop_sequence"), "usage": usage_json(usage, cost),
         })  # fmt: skip
@@ -464,7 +472,15 @@ class MessagesRenderer:
         if kind == "message_stop" or not isinstance(kind, str):
             return b""
         out = b"" if self._started else self._start()
+        if kind == "content_block_start":
+            event["content_block"] = self._own_block(event.get("content_block"))
         return out + _event(kind, {k: v for k, v in event.items() if k != "type"})
+
+    def _own_block(self, block: Any) -> Any:
+        """A native route's content block, a tool_use under ApiFast's own id."""
+        if isinstance(block, dict) and block.get("type") == "tool_use":
+            return {**block, "id": self._call_id()}
+        return block
 
     def native_chars(self, item: dict[str, Any]) -> int:
         """Characters of text, thinking and tool input in a message or one delta event."""

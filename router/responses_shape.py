@@ -158,8 +158,11 @@ class ResponsesRenderer:
                 "content": [{"type": "reasoning_text", "text": text}]}  # fmt: skip
 
     def _call_item(self, call: dict[str, Any], fn: dict[str, Any]) -> dict[str, Any]:
-        return {"type": "function_call", "id": self._item_id("fc"),
-                "call_id": str(call.get("id") or ""), "name": str(fn.get("name") or ""),
+        # The call id is ApiFast's, as on a native route (router/call_ids.py): the upstream's
+        # would tell which upstream answered.
+        item_id = self._item_id("fc")
+        return {"type": "function_call", "id": item_id,
+                "call_id": "call_" + item_id.split("_", 1)[1], "name": str(fn.get("name") or ""),
                 "arguments": "", "status": "in_progress"}  # fmt: skip
 
     # --- streaming -------------------------------------------------------------------------
@@ -180,8 +183,11 @@ class ResponsesRenderer:
         self._items.append(item)
         self._item = item
         index = len(self._items) - 1
+        # A message is added with no content, then its part (OpenAI's order): the SDK's
+        # accumulator appends each content_part.added to the added item's content.
         out += self._emit("response.output_item.added", {"output_index": index, "item": item})
         if item["type"] == "message":
+            item["content"].append(_text_part(""))
             out += self._emit("response.content_part.added", {
                 "item_id": item["id"], "output_index": index, "content_index": 0,
                 "part": _text_part(""),
@@ -241,9 +247,7 @@ class ResponsesRenderer:
         text = delta.get("content")
         if isinstance(text, str) and text:
             if item is None or item["type"] != "message":
-                message = self._message_item()
-                message["content"].append(_text_part(""))
-                out += self._open(message)
+                out += self._open(self._message_item())
                 item = self._item
                 assert item is not None
             item["content"][0]["text"] += text
