@@ -9,10 +9,13 @@ from apifast.errors import ApiError, bad
 
 _ROLES = frozenset({"system", "developer", "user", "assistant", "tool", "function"})
 # Fields that identify the caller or make the upstream keep data: never sent upstream.
+# prompt_cache_key is only a cache hint, but OpenAI documents it as the replacement for
+# `user`, and clients set it to a user or session id (as on a native Responses route).
 # service_tier: only the values that keep the catalog price are accepted (validate_chat).
 # models and route are ApiFast's own routing preferences (router/route_prefs.py).
 STRIPPED_FIELDS = (
-    "user", "store", "metadata", "safety_identifier", "service_tier", "models", "route",
+    "user", "store", "metadata", "safety_identifier", "prompt_cache_key", "service_tier",
+    "models", "route",
 )  # fmt: skip
 
 
@@ -75,6 +78,15 @@ def validate_chat(body: dict[str, Any]) -> tuple[bool, bool, int | None, int]:
     if tools is not None and not isinstance(tools, list):
         raise bad("tools", "must be an array")
     _check_service_tier(body.get("service_tier"))
+    if body.get("web_search_options") is not None:
+        # The upstream runs the searches and bills each one beside the tokens, which the
+        # catalog price does not cover; and its user_location says where the caller is.
+        raise ApiError(
+            400,
+            "web_search_options: not supported: web searches are billed by the model "
+            "provider per search, outside the catalog price; declare a function tool instead",
+            param="web_search_options", code="unsupported_parameter",
+        )  # fmt: skip
     return stream, include_usage, max_tokens, n
 
 

@@ -340,3 +340,41 @@ async def test_responses_message_item_is_added_before_its_part(cstack: Stack, mo
         final = await stream.get_final_response()
     assert "".join(deltas) == final.output_text
     assert final.output_text and len(final.output[0].content) == 1  # type: ignore[union-attr]
+
+
+# --- chat fields that identify the caller or cost beyond the catalog price -------------------
+
+
+@pytest.mark.parametrize("stream", [False, True])
+async def test_chat_prompt_cache_key_is_not_sent_upstream(
+    cstack: Stack, fake_openai: FakeOpenAI, stream: bool
+) -> None:
+    """OpenAI documents prompt_cache_key as the replacement for `user`, and clients set it to
+    a user or session id: not sent, as on a native Responses route; the request is served."""
+    key = await cstack.create_key("1.00")
+    body = {"model": "fast-chat", "messages": HI, "prompt_cache_key": "user-4711",
+            "stream": stream}  # fmt: skip
+    async with cstack.client(key) as c:
+        r = await c.post("/v1/chat/completions", json=body)
+    assert r.status_code == 200, r.text
+    assert "Hello" in r.text
+    assert "prompt_cache_key" not in fake_openai.requests[-1]
+    assert "user-4711" not in str(fake_openai.requests[-1])
+
+
+async def test_chat_web_search_options_are_refused(cstack: Stack, fake_openai: FakeOpenAI) -> None:
+    """The upstream would run and bill searches beside the tokens (and be told where the
+    caller is): a 400 naming the field, as the other protocols refuse web search tools."""
+    key = await cstack.create_key("1.00")
+    client = openai.AsyncOpenAI(api_key=key, base_url=cstack.base_url + "/v1", max_retries=0)
+    options: Any = {"user_location": {"type": "approximate", "approximate": {"city": "Paris"}}}
+    with pytest.raises(openai.BadRequestError) as caught:
+        await client.chat.completions.create(
+            model="fast-chat",
+            messages=HI,
+            web_search_options=options,  # type: ignore[arg-type]
+        )
+    body: Any = caught.value.body
+    assert body["param"] == "web_search_options" and body["code"] == "unsupported_parameter"
+    assert fake_openai.requests == []
+    assert await cstack.pool.fetchval("SELECT count(*) FROM reservations") == 0
