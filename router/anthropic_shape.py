@@ -35,8 +35,24 @@ def _text_of(blocks: Any, where: str) -> str:
     for i, block in enumerate(blocks):
         if not isinstance(block, dict) or block.get("type") != "text":
             raise bad(f"{where}[{i}]", "must be a text block")
-        texts.append(str(block.get("text", "")))
+        texts.append(_text(block, f"{where}[{i}]"))
     return "\n\n".join(texts)
+
+
+def _text(block: dict[str, Any], where: str) -> str:
+    # Anthropic's API refuses any other; a native route would send it on to be refused there
+    # (an upstream 400 that cannot name the field), a translating one would make it a string.
+    text = block.get("text")
+    if not isinstance(text, str):
+        raise bad(f"{where}.text", "required, a string")
+    return text
+
+
+def _string(block: dict[str, Any], name: str, where: str) -> str:
+    value = block.get(name)
+    if not isinstance(value, str) or not value:
+        raise bad(f"{where}.{name}", "required, a non-empty string")
+    return value
 
 
 def _image_part(block: dict[str, Any], where: str) -> dict[str, Any]:
@@ -73,7 +89,7 @@ def _tool_result(
     for k, block in enumerate(content):
         kind = block.get("type") if isinstance(block, dict) else None
         if kind == "text":
-            texts.append(str(block.get("text", "")))
+            texts.append(_text(block, f"{where}[{k}]"))
         elif kind == "image":
             images.append(_image_part(block, f"{where}[{k}]"))
         else:
@@ -102,19 +118,21 @@ def _message(message: Any, i: int, native_only: NativeOnly) -> list[dict[str, An
         # cache_control on a block is a caching hint: a translating route's provider caches
         # prompt prefixes by itself (OpenAI does), so it is not carried over.
         if kind == "text":
-            parts.append({"type": "text", "text": str(block.get("text", ""))})
+            parts.append({"type": "text", "text": _text(block, at)})
         elif kind == "image":
             parts.append(_image_part(block, at))
         elif kind == "tool_use" and role == "assistant":
+            if not isinstance(block.get("input"), dict):
+                raise bad(f"{at}.input", "required, an object")
             calls.append({
-                "id": str(block.get("id", "")), "type": "function",
-                "function": {"name": str(block.get("name", "")),
-                             "arguments": orjson.dumps(block.get("input") or {}).decode()},
+                "id": _string(block, "id", at), "type": "function",
+                "function": {"name": _string(block, "name", at),
+                             "arguments": orjson.dumps(block["input"]).decode()},
             })  # fmt: skip
         elif kind == "tool_result" and role == "user":
+            call = _string(block, "tool_use_id", at)
             text, images = _tool_result(block.get("content"), f"{at}.content", native_only)
-            results.append({"role": "tool", "tool_call_id": str(block.get("tool_use_id", "")),
-                            "content": text})  # fmt: skip
+            results.append({"role": "tool", "tool_call_id": call, "content": text})
             result_images.extend(images)
         elif kind in ("thinking", "redacted_thinking") and role == "assistant":
             continue  # earlier reasoning: not something a chat upstream takes back

@@ -16,9 +16,11 @@ import httpx
 import openai
 import orjson
 import pytest
+from openai.types.responses.response_create_params import ResponseCreateParamsBase
 
 from apifast.keys import hash_key
 from apifast.router.call_ids import call_id
+from apifast.router.responses_input import KNOWN_FIELDS
 from tests.fakes.anthropic_upstream import FakeAnthropic
 from tests.fakes.openai_upstream import FakeOpenAI
 from tests.harness import SECRET, Stack, models_toml, running_stack
@@ -378,3 +380,103 @@ async def test_chat_web_search_options_are_refused(cstack: Stack, fake_openai: F
     assert body["param"] == "web_search_options" and body["code"] == "unsupported_parameter"
     assert fake_openai.requests == []
     assert await cstack.pool.fetchval("SELECT count(*) FROM reservations") == 0
+
+
+# --- bad input is a 400 naming the field, before anything is held or sent ---------------------
+
+
+async def _nothing_held_or_sent(
+    stack: Stack, fake_openai: FakeOpenAI, fake_claude: FakeAnthropic
+) -> None:
+    assert fake_openai.requests == [] and fake_openai.responses_requests == []
+    assert fake_claude.requests == []
+    assert await stack.pool.fetchval("SELECT count(*) FROM reservations") == 0
+
+
+@pytest.mark.parametrize(
+    ("field", "instead"),
+    [("max_tokens", "max_output_tokens"), ("messages", "input"), ("banana", None)],
+)
+@pytest.mark.parametrize("model", ["fast-chat", "claude-chat"])
+async def test_responses_refuse_an_unknown_parameter(
+    cstack: Stack,
+    fake_openai: FakeOpenAI,
+    fake_claude: FakeAnthropic,
+    model: str,
+    field: str,
+    instead: str | None,
+) -> None:
+    """As OpenAI answers it (400 unknown_parameter). Ignored, a chat-ism like `max_tokens`
+    left the answer bounded only by the model's maximum, and billed so."""
+    key = await cstack.create_key("1.00")
+    client = openai.AsyncOpenAI(api_key=key, base_url=cstack.base_url + "/v1", max_retries=0)
+    with pytest.raises(openai.BadRequestError) as caught:
+        await client.responses.create(model=model, input="hi", extra_body={field: 10})
+    body: Any = caught.value.body
+    assert body["code"] == "unknown_parameter" and body["param"] == field
+    assert f"'{field}'" in body["message"]
+    if instead:
+        assert instead in body["message"]
+    await _nothing_held_or_sent(cstack, fake_openai, fake_claude)
+
+
+def test_responses_take_every_field_of_the_sdk() -> None:
+    """Each request field the openai SDK knows is a known field: refused for a reason of its
+    own where ApiFast cannot honour it, never as unknown."""
+    assert set(ResponseCreateParamsBase.__annotations__) <= KNOWN_FIELDS
+
+
+@pytest.mark.parametrize("model", ["fast-chat", "claude-chat"])
+@pytest.mark.parametrize(
+    ("content", "field"),
+    [
+        ([{"type": "text", "text": 5}], "messages[0].content[0].text"),
+        ([{"type": "text"}], "messages[0].content[0].text"),
+        ([{"type": "tool_result", "content": "sunny"}], "messages[0].content[0].tool_use_id"),
+    ],
+)
+async def test_messages_malformed_blocks_are_named(
+    cstack: Stack,
+    fake_openai: FakeOpenAI,
+    fake_claude: FakeAnthropic,
+    model: str,
+    content: Any,
+    field: str,
+) -> None:
+    """On a native route too: the upstream's 400 (or a 502, from one that chokes on it)
+    cannot name the field, and a translating route turned a number into text."""
+    key = await cstack.create_key("1.00")
+    body = {"model": model, "max_tokens": 10, "messages": [{"role": "user", "content": content}]}
+    async with httpx.AsyncClient(base_url=cstack.base_url, timeout=30) as c:
+        r = await c.post("/v1/messages", json=body, headers={"x-api-key": key})
+    assert r.status_code == 400, r.text
+    error = r.json()
+    assert error["type"] == "error" and error["error"]["type"] == "invalid_request_error"
+    assert error["error"]["message"].startswith(f"{field}:")
+    await _nothing_held_or_sent(cstack, fake_openai, fake_claude)
+
+
+@pytest.mark.parametrize("model", ["fast-chat", "claude-chat"])
+@pytest.mark.parametrize(
+    ("block", "field"),
+    [
+        ({"type": "tool_use", "name": "get_weather", "input": {}}, "id"),
+        ({"type": "tool_use", "id": "toolu_1", "input": {}}, "name"),
+        ({"type": "tool_use", "id": "toolu_1", "name": "get_weather", "input": "x"}, "input"),
+    ],
+)
+async def test_messages_malformed_tool_use_is_named(
+    cstack: Stack, model: str, block: dict[str, Any], field: str
+) -> None:
+    key = await cstack.create_key("1.00")
+    messages = [
+        {"role": "user", "content": ASK},
+        {"role": "assistant", "content": [block]},
+        {"role": "user", "content": [
+            {"type": "tool_result", "tool_use_id": "toolu_1", "content": "sunny"}]},
+    ]  # fmt: skip
+    body = {"model": model, "max_tokens": 10, "messages": messages, "tools": MESSAGES_TOOLS}
+    async with httpx.AsyncClient(base_url=cstack.base_url, timeout=30) as c:
+        r = await c.post("/v1/messages", json=body, headers={"x-api-key": key})
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["message"].startswith(f"messages[1].content[0].{field}:")
