@@ -367,6 +367,13 @@ def native_only_fields(body: dict[str, Any]) -> tuple[tuple[str, str], ...]:
     ):  # fmt: skip
         raise bad("max_tool_calls", "must be a positive integer")
     tier = body.get("service_tier")
+    if tier in ("flex", "priority", "scale"):  # as chat answers them (router/validation.py)
+        raise ApiError(
+            400,
+            f"service_tier: {tier!r} is not offered: ApiFast serves every request at its "
+            "catalog price (send auto or default, or leave it out)",
+            param="service_tier", code="unsupported_parameter",
+        )  # fmt: skip
     if tier not in (None, "auto", "default"):
         raise bad(
             "service_tier",

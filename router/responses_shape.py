@@ -147,7 +147,10 @@ class ResponsesRenderer:
                 item["status"] = "completed"
                 self._items.append(item)
         self._stop = str(choice.get("finish_reason") or "stop")
-        return orjson.dumps(self._response(self._status(), self._items, usage_json(usage, cost)))
+        status = self._status()
+        if status == "incomplete" and self._items and "status" in self._items[-1]:
+            self._items[-1]["status"] = "incomplete"  # the item the bound cut short
+        return orjson.dumps(self._response(status, self._items, usage_json(usage, cost)))
 
     def _message_item(self) -> dict[str, Any]:
         return {"type": "message", "id": self._item_id("msg"), "status": "in_progress",
@@ -194,7 +197,7 @@ class ResponsesRenderer:
             })  # fmt: skip
         return out
 
-    def _close(self) -> bytes:
+    def _close(self, status: str = "completed") -> bytes:
         item = self._item
         if item is None:
             return b""
@@ -216,7 +219,7 @@ class ResponsesRenderer:
         else:
             out += self._emit("response.function_call_arguments.done", {
                 **ids, "name": item["name"], "arguments": item["arguments"]})  # fmt: skip
-        item["status"] = "completed"
+        item["status"] = status
         return out + self._emit("response.output_item.done", {"output_index": index, "item": item})
 
     def chunk(self, chunk: dict[str, Any]) -> bytes:
@@ -276,7 +279,9 @@ class ResponsesRenderer:
         return out
 
     def stream_end(self, usage: Usage, cost: Decimal) -> bytes:
-        out = (b"" if self._started else self._start()) + self._close()
+        # The item a failure or the output bound cut short is incomplete, as OpenAI marks it.
+        cut = "incomplete" if self._failed is not None else self._status()
+        out = (b"" if self._started else self._start()) + self._close(cut)
         if self._failed is not None:
             failed = self._response("failed", self._items, usage_json(usage, cost))
             return out + self._emit("response.failed", {"response": failed})

@@ -304,6 +304,19 @@ async def test_chat_service_tier_of_another_price_is_refused(
     assert Decimal(balance) == Decimal("1.00")
 
 
+@pytest.mark.parametrize("tier", ["flex", "priority", "scale"])
+async def test_responses_service_tier_of_another_price_is_refused_as_on_chat(
+    cstack: Stack, fake_openai: FakeOpenAI, fake_claude: FakeAnthropic, tier: str
+) -> None:
+    key = await cstack.create_key("1.00")
+    client = openai.AsyncOpenAI(api_key=key, base_url=cstack.base_url + "/v1", max_retries=0)
+    with pytest.raises(openai.BadRequestError) as caught:
+        await client.responses.create(model="fast-chat", input="hi", service_tier=tier)  # type: ignore[arg-type]
+    body: Any = caught.value.body
+    assert body["code"] == "unsupported_parameter" and body["param"] == "service_tier"
+    await _nothing_held_or_sent(cstack, fake_openai, fake_claude)
+
+
 async def test_chat_service_tier_of_no_known_value_is_invalid(cstack: Stack) -> None:
     key = await cstack.create_key("1.00")
     async with cstack.client(key) as c:
@@ -480,3 +493,42 @@ async def test_messages_malformed_tool_use_is_named(
         r = await c.post("/v1/messages", json=body, headers={"x-api-key": key})
     assert r.status_code == 400, r.text
     assert r.json()["error"]["message"].startswith(f"messages[1].content[0].{field}:")
+
+
+@pytest.mark.parametrize("stream", [False, True])
+async def test_responses_item_cut_by_the_bound_is_incomplete(cstack: Stack, stream: bool) -> None:
+    """A response stopped by max_output_tokens is incomplete, and so is the item it cut
+    short, as OpenAI marks them (the SDK's status for each is in_progress, completed or
+    incomplete)."""
+    key = await cstack.create_key("1.00")
+    client = openai.AsyncOpenAI(api_key=key, base_url=cstack.base_url + "/v1", max_retries=0)
+    if stream:
+        # The SDK's get_final_response() wants response.completed, which OpenAI does not
+        # send for an incomplete response either: the terminal event has it.
+        async with client.responses.stream(
+            model="fast-chat", input="hello", max_output_tokens=2
+        ) as events:
+            seen = [e async for e in events]
+        done = [e.item for e in seen if e.type == "response.output_item.done"]
+        assert [item.status for item in done] == ["incomplete"]  # type: ignore[union-attr]
+        assert seen[-1].type == "response.incomplete"
+        response = seen[-1].response
+    else:
+        response = await client.responses.create(
+            model="fast-chat", input="hello", max_output_tokens=2
+        )
+    assert response.status == "incomplete"
+    assert [item.status for item in response.output] == ["incomplete"]  # type: ignore[union-attr]
+
+
+async def test_responses_item_cut_by_a_failed_stream_is_incomplete(cstack: Stack) -> None:
+    key = await cstack.create_key("1.00")
+    body = {"model": "fast-chat", "input": "[[broken]] hello", "stream": True}
+    async with httpx.AsyncClient(base_url=cstack.base_url, timeout=30) as c:
+        r = await c.post("/v1/responses", json=body, headers={"Authorization": f"Bearer {key}"})
+    events = _sse(r.text)
+    assert events[-1]["type"] == "response.failed"
+    done = [e["item"] for e in events if e["type"] == "response.output_item.done"]
+    assert [item["status"] for item in done] == ["incomplete"]
+    assert [item["status"] for item in events[-1]["response"]["output"]] == ["incomplete"]
+    assert done[0]["content"][0]["text"]  # what was delivered before the failure
