@@ -107,7 +107,9 @@ class ApiError(Exception):
             }
         }
 
-    def response(self, anthropic: bool = False) -> Response:
+    def client_status(self, anthropic: bool = False) -> int:
+        """The status the client gets: in Anthropic's shape, its own meanings (the usage
+        event records this one, what the client saw)."""
         status = self.status
         if anthropic and self.anthropic_status is not None:
             status = self.anthropic_status
@@ -115,6 +117,10 @@ class ApiError(Exception):
             # Anthropic says "busy, retry" with 529 overloaded_error (its SDK's
             # OverloadedError): upstreams overloaded, or metering backed up.
             status = 529
+        return status
+
+    def response(self, anthropic: bool = False) -> Response:
+        status = self.client_status(anthropic)
         return Response(
             anthropic_error_body(status, self.message) if anthropic else orjson.dumps(self.body()),
             status_code=status,

@@ -13,6 +13,7 @@ import orjson
 from apifast.errors import anthropic_error_body, bad
 from apifast.money import json_number
 from apifast.providers import Usage
+from apifast.router.call_ids import call_id
 
 _ROLES = ("user", "assistant")
 _STOP_REASONS = {
@@ -34,8 +35,24 @@ def _text_of(blocks: Any, where: str) -> str:
     for i, block in enumerate(blocks):
         if not isinstance(block, dict) or block.get("type") != "text":
             raise bad(f"{where}[{i}]", "must be a text block")
-        texts.append(str(block.get("text", "")))
+        texts.append(_text(block, f"{where}[{i}]"))
     return "\n\n".join(texts)
+
+
+def _text(block: dict[str, Any], where: str) -> str:
+    # Anthropic's API refuses any other; a native route would send it on to be refused there
+    # (an upstream 400 that cannot name the field), a translating one would make it a string.
+    text = block.get("text")
+    if not isinstance(text, str):
+        raise bad(f"{where}.text", "required, a string")
+    return text
+
+
+def _string(block: dict[str, Any], name: str, where: str) -> str:
+    value = block.get(name)
+    if not isinstance(value, str) or not value:
+        raise bad(f"{where}.{name}", "required, a non-empty string")
+    return value
 
 
 def _image_part(block: dict[str, Any], where: str) -> dict[str, Any]:
@@ -73,7 +90,7 @@ def _tool_result(
     for k, block in enumerate(content):
         kind = block.get("type") if isinstance(block, dict) else None
         if kind == "text":
-            texts.append(str(block.get("text", "")))
+            texts.append(_text(block, f"{where}[{k}]"))
         elif kind == "image":
             images.append(_image_part(block, f"{where}[{k}]"))
         else:
@@ -113,19 +130,21 @@ def _message(message: Any, i: int, native_only: NativeOnly) -> list[dict[str, An
         # cache_control on a block is a caching hint: a translating route's provider caches
         # prompt prefixes by itself (OpenAI does), so it is not carried over.
         if kind == "text":
-            parts.append({"type": "text", "text": str(block.get("text", ""))})
+            parts.append({"type": "text", "text": _text(block, at)})
         elif kind == "image":
             parts.append(_image_part(block, at))
         elif kind == "tool_use" and role == "assistant":
+            if not isinstance(block.get("input"), dict):
+                raise bad(f"{at}.input", "required, an object")
             calls.append({
-                "id": str(block.get("id", "")), "type": "function",
-                "function": {"name": str(block.get("name", "")),
-                             "arguments": orjson.dumps(block.get("input") or {}).decode()},
+                "id": _string(block, "id", at), "type": "function",
+                "function": {"name": _string(block, "name", at),
+                             "arguments": orjson.dumps(block["input"]).decode()},
             })  # fmt: skip
         elif kind == "tool_result" and role == "user":
+            call = _string(block, "tool_use_id", at)
             text, images = _tool_result(block.get("content"), f"{at}.content", native_only)
-            results.append({"role": "tool", "tool_call_id": str(block.get("tool_use_id", "")),
-                            "content": text})  # fmt: skip
+            results.append({"role": "tool", "tool_call_id": call, "content": text})
             result_images.extend(images)
         elif kind in ("thinking", "redacted_thinking") and role == "assistant":
             continue  # earlier reasoning: not something a chat upstream takes back
@@ -324,8 +343,8 @@ class MessagesRenderer:
     message_start, then per block content_block_start / _delta / _stop, then message_delta
     (stop reason and usage) and message_stop."""
 
-    __slots__ = ("_block", "_failed", "_index", "_started", "_stop", "_stop_sequence", "_tools",
-                 "generation_id", "model")  # fmt: skip
+    __slots__ = ("_block", "_calls", "_failed", "_index", "_started", "_stop", "_stop_sequence",
+                 "_tools", "generation_id", "model")  # fmt: skip
 
     def __init__(self, model: str) -> None:
         self.generation_id = ""
@@ -337,6 +356,12 @@ class MessagesRenderer:
         self._stop = "end_turn"
         self._stop_sequence: str | None = None
         self._failed = False
+        self._calls = 0  # tool_use blocks given ApiFast's own id so far
+
+    def _call_id(self) -> str:
+        """A tool_use block's id: ApiFast's, never the upstream's (router/call_ids.py)."""
+        self._calls += 1
+        return call_id("toolu_", self.generation_id, self._calls - 1)
 
     @property
     def keepalive(self) -> bytes:
@@ -361,7 +386,7 @@ class MessagesRenderer:
         for call in message.get("tool_calls") or ():
             fn = call.get("function") if isinstance(call, dict) else None
             if isinstance(fn, dict):
-                content.append({"type": "tool_use", "id": str(call.get("id") or ""),
+                content.append({"type": "tool_use", "id": self._call_id(),
                                 "name": str(fn.get("name") or ""),
                                 "input": _tool_input(fn.get("arguments"))})  # fmt: skip
         finish = choice.get("finish_reason") if isinstance(choice, dict) else None
@@ -429,7 +454,7 @@ class MessagesRenderer:
                     continue
                 if position not in self._tools:
                     out += self._open("tool_use", {"type": "tool_use",
-                                                   "id": str(call.get("id") or ""),
+                                                   "id": self._call_id(),
                                                    "name": str(fn.get("name") or ""),
                                                    "input": {}})  # fmt: skip
                     self._tools[position] = self._index
@@ -455,9 +480,10 @@ class MessagesRenderer:
 
     def native_completion(self, upstream: dict[str, Any], usage: Usage, cost: Decimal) -> bytes:
         content = upstream.get("content")
+        content = [self._own_block(b) for b in content] if isinstance(content, list) else []
         return orjson.dumps({
             "id": self.message_id, "type": "message", "role": "assistant",
-            "content": content if isinstance(content, list) else [], "model": self.model,
+            "content": content, "model": self.model,
             "stop_reason": upstream.get("stop_reason") or "end_turn",
             "stop_sequence": upstream.get("stop_sequence"), "usage": usage_json(usage, cost),
         })  # fmt: skip
@@ -480,7 +506,15 @@ class MessagesRenderer:
         if kind == "message_stop" or not isinstance(kind, str):
             return b""
         out = b"" if self._started else self._start()
+        if kind == "content_block_start":
+            event["content_block"] = self._own_block(event.get("content_block"))
         return out + _event(kind, {k: v for k, v in event.items() if k != "type"})
+
+    def _own_block(self, block: Any) -> Any:
+        """A native route's content block, a tool_use under ApiFast's own id."""
+        if isinstance(block, dict) and block.get("type") == "tool_use":
+            return {**block, "id": self._call_id()}
+        return block
 
     def native_chars(self, item: dict[str, Any]) -> int:
         """Characters of text, thinking and tool input in a message or one delta event."""

@@ -13,6 +13,7 @@ from starlette.responses import Response
 from apifast.auth import key_hash_from_request
 from apifast.providers import Usage
 from apifast.request_body import parse_json_object, read_body
+from apifast.router.call_ids import own_chat_call_ids
 from apifast.router.core import generate
 from apifast.router.core_types import Generation, Reply
 from apifast.router.framework_reply import framework_response
@@ -74,18 +75,27 @@ _CHAT_BODY_SCHEMA = {
 class ChatRenderer:
     """Answers in OpenAI's chat-completions shape, under ApiFast's id and public model."""
 
-    __slots__ = ("created", "generation_id", "include_usage", "model")
+    __slots__ = ("_calls", "created", "generation_id", "include_usage", "model")
 
     def __init__(self, model: str, started: float, include_usage: bool) -> None:
         self.generation_id = ""
         self.model = model
         self.created = int(started)
         self.include_usage = include_usage
+        self._calls: dict[tuple[Any, Any], str] | None = None  # tool calls renamed so far
 
     def completion(self, upstream: dict[str, Any], usage: Usage, cost: Decimal) -> bytes:
+        own_chat_call_ids(upstream.get("choices"), "message", {}, self.generation_id)
         return completion_body(upstream, self.generation_id, self.model, usage, cost)
 
     def chunk(self, chunk: dict[str, Any]) -> bytes:
+        choices = chunk.get("choices")
+        # Only a chunk with tool calls pays for the renaming (a text chunk: a lookup per
+        # choice, usually one).
+        if type(choices) is list and any(map(_has_calls, choices)):
+            if self._calls is None:
+                self._calls = {}
+            own_chat_call_ids(choices, "delta", self._calls, self.generation_id)
         return chunk_bytes(chunk, self.generation_id, self.model, self.created)
 
     def stream_end(self, usage: Usage, cost: Decimal) -> bytes:
@@ -96,6 +106,11 @@ class ChatRenderer:
 
     def stream_error(self, status: int) -> bytes:
         return error_event_bytes("The model provider's stream failed.", status)
+
+
+def _has_calls(choice: Any) -> bool:
+    delta = choice.get("delta") if isinstance(choice, dict) else None
+    return isinstance(delta, dict) and "tool_calls" in delta
 
 
 @api.post("/v1/chat/completions", openapi_extra=_CHAT_BODY_SCHEMA)

@@ -31,7 +31,7 @@ def count_refused(state: RouterState, api: str, error: ApiError | int, body: byt
     if isinstance(error, ApiError):
         if error.counted:
             return
-        status = error.status
+        status = error.client_status(api == "messages")  # what the client saw
     else:
         status = error
     metrics.requests.labels(_public_model(state, body), api, str(status)).inc()

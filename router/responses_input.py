@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from apifast.errors import bad
+from apifast.errors import ApiError, bad
 
 _STATELESS = (
     "ApiFast never stores prompts or responses, so it cannot continue a stored "
@@ -37,6 +37,35 @@ _BUILTIN_TOOLS = {
     "custom": "custom (free-form) tools",
 }
 _MESSAGE_ROLES = ("user", "assistant", "system", "developer")
+# The Responses API's request fields (OpenAI's, as its SDK lists them) and ApiFast's own
+# routing preferences. Any other is refused as OpenAI refuses it: ignored, a chat-ism such as
+# `max_tokens` would leave the answer unbounded by what the client meant (and billed so).
+KNOWN_FIELDS = frozenset({
+    "model", "input", "instructions", "tools", "tool_choice", "parallel_tool_calls",
+    "max_output_tokens", "max_tool_calls", "temperature", "top_p", "top_logprobs", "text",
+    "reasoning", "include", "truncation", "stream", "stream_options", "store", "background",
+    "background_options", "previous_response_id", "conversation", "prompt", "metadata",
+    "user", "safety_identifier", "prompt_cache_key", "prompt_cache_retention",
+    "prompt_cache_options", "service_tier", "context_management", "access_programs", "image",
+    "moderation", "models", "route",
+})  # fmt: skip
+_INSTEAD = {
+    "max_tokens": "max_output_tokens",
+    "max_completion_tokens": "max_output_tokens",
+    "messages": "input",
+    "response_format": "text.format",
+    "reasoning_effort": "reasoning.effort",
+    "verbosity": "text.verbosity",
+}
+
+
+def _refuse_unknown_fields(body: dict[str, Any]) -> None:
+    for name in body:
+        if name not in KNOWN_FIELDS:
+            instead = _INSTEAD.get(name)
+            hint = f" (the Responses API's is `{instead}`)" if instead else ""
+            raise ApiError(400, f"Unknown parameter: '{name}'{hint}.", param=name,
+                           code="unknown_parameter")  # fmt: skip
 
 
 def _number(body: dict[str, Any], name: str, low: float, high: float, out: dict[str, Any]) -> None:
@@ -221,6 +250,7 @@ def chat_body(body: dict[str, Any]) -> tuple[dict[str, Any], int]:
     """(chat-completions body, number of messages) for a Responses API body; 400s name the
     field. Caller-identifying fields (`user`, `metadata`, `safety_identifier`,
     `prompt_cache_key`) are never carried over; `store` is accepted and has no effect."""
+    _refuse_unknown_fields(body)
     for name, why in _NEEDS_STATE.items():
         if body.get(name) is not None:
             raise bad(name, f"not supported: {why}")
@@ -337,6 +367,13 @@ def native_only_fields(body: dict[str, Any]) -> tuple[tuple[str, str], ...]:
     ):  # fmt: skip
         raise bad("max_tool_calls", "must be a positive integer")
     tier = body.get("service_tier")
+    if tier in ("flex", "priority", "scale"):  # as chat answers them (router/validation.py)
+        raise ApiError(
+            400,
+            f"service_tier: {tier!r} is not offered: ApiFast serves every request at its "
+            "catalog price (send auto or default, or leave it out)",
+            param="service_tier", code="unsupported_parameter",
+        )  # fmt: skip
     if tier not in (None, "auto", "default"):
         raise bad(
             "service_tier",

@@ -147,7 +147,10 @@ class ResponsesRenderer:
                 item["status"] = "completed"
                 self._items.append(item)
         self._stop = str(choice.get("finish_reason") or "stop")
-        return orjson.dumps(self._response(self._status(), self._items, usage_json(usage, cost)))
+        status = self._status()
+        if status == "incomplete" and self._items and "status" in self._items[-1]:
+            self._items[-1]["status"] = "incomplete"  # the item the bound cut short
+        return orjson.dumps(self._response(status, self._items, usage_json(usage, cost)))
 
     def _message_item(self) -> dict[str, Any]:
         return {"type": "message", "id": self._item_id("msg"), "status": "in_progress",
@@ -158,8 +161,11 @@ class ResponsesRenderer:
                 "content": [{"type": "reasoning_text", "text": text}]}  # fmt: skip
 
     def _call_item(self, call: dict[str, Any], fn: dict[str, Any]) -> dict[str, Any]:
-        return {"type": "function_call", "id": self._item_id("fc"),
-                "call_id": str(call.get("id") or ""), "name": str(fn.get("name") or ""),
+        # The call id is ApiFast's, as on a native route (router/call_ids.py): the upstream's
+        # would tell which upstream answered.
+        item_id = self._item_id("fc")
+        return {"type": "function_call", "id": item_id,
+                "call_id": "call_" + item_id.split("_", 1)[1], "name": str(fn.get("name") or ""),
                 "arguments": "", "status": "in_progress"}  # fmt: skip
 
     # --- streaming -------------------------------------------------------------------------
@@ -180,15 +186,18 @@ class ResponsesRenderer:
         self._items.append(item)
         self._item = item
         index = len(self._items) - 1
+        # A message is added with no content, then its part (OpenAI's order): the SDK's
+        # accumulator appends each content_part.added to the added item's content.
         out += self._emit("response.output_item.added", {"output_index": index, "item": item})
         if item["type"] == "message":
+            item["content"].append(_text_part(""))
             out += self._emit("response.content_part.added", {
                 "item_id": item["id"], "output_index": index, "content_index": 0,
                 "part": _text_part(""),
             })  # fmt: skip
         return out
 
-    def _close(self) -> bytes:
+    def _close(self, status: str = "completed") -> bytes:
         item = self._item
         if item is None:
             return b""
@@ -210,7 +219,7 @@ class ResponsesRenderer:
         else:
             out += self._emit("response.function_call_arguments.done", {
                 **ids, "name": item["name"], "arguments": item["arguments"]})  # fmt: skip
-        item["status"] = "completed"
+        item["status"] = status
         return out + self._emit("response.output_item.done", {"output_index": index, "item": item})
 
     def chunk(self, chunk: dict[str, Any]) -> bytes:
@@ -241,9 +250,7 @@ class ResponsesRenderer:
         text = delta.get("content")
         if isinstance(text, str) and text:
             if item is None or item["type"] != "message":
-                message = self._message_item()
-                message["content"].append(_text_part(""))
-                out += self._open(message)
+                out += self._open(self._message_item())
                 item = self._item
                 assert item is not None
             item["content"][0]["text"] += text
@@ -272,7 +279,9 @@ class ResponsesRenderer:
         return out
 
     def stream_end(self, usage: Usage, cost: Decimal) -> bytes:
-        out = (b"" if self._started else self._start()) + self._close()
+        # The item a failure or the output bound cut short is incomplete, as OpenAI marks it.
+        cut = "incomplete" if self._failed is not None else self._status()
+        out = (b"" if self._started else self._start()) + self._close(cut)
         if self._failed is not None:
             failed = self._response("failed", self._items, usage_json(usage, cost))
             return out + self._emit("response.failed", {"response": failed})

@@ -179,7 +179,9 @@ def finish_failed(
     error = upstream_failure(
         failed.last, failed.unavailable_s, failed.statuses, failed.retry_after_s
     )
-    event.status, event.outcome = error.status, "upstream_error"
+    # The status the client saw: a /v1/messages client gets Anthropic's (429, 529).
+    event.status = error.client_status(event.api == "messages")
+    event.outcome = "upstream_error"
     event.attempts = budget.used
     if failed.entry is not None:
         event.route_index = failed.entry.index

@@ -9,10 +9,13 @@ from apifast.errors import ApiError, bad
 
 _ROLES = frozenset({"system", "developer", "user", "assistant", "tool", "function"})
 # Fields that identify the caller or make the upstream keep data: never sent upstream.
-# service_tier changes the upstream's price, which the catalog price does not follow.
+# prompt_cache_key is only a cache hint, but OpenAI documents it as the replacement for
+# `user`, and clients set it to a user or session id (as on a native Responses route).
+# service_tier: only the values that keep the catalog price are accepted (validate_chat).
 # models and route are ApiFast's own routing preferences (router/route_prefs.py).
 STRIPPED_FIELDS = (
-    "user", "store", "metadata", "safety_identifier", "service_tier", "models", "route",
+    "user", "store", "metadata", "safety_identifier", "prompt_cache_key", "service_tier",
+    "models", "route",
 )  # fmt: skip
 
 
@@ -79,7 +82,38 @@ def validate_chat(body: dict[str, Any]) -> tuple[bool, bool, int | None, int]:
     tools = body.get("tools")
     if tools is not None and not isinstance(tools, list):
         raise bad("tools", "must be an array")
+    _check_service_tier(body.get("service_tier"))
+    if body.get("web_search_options") is not None:
+        # The upstream runs the searches and bills each one beside the tokens, which the
+        # catalog price does not cover; and its user_location says where the caller is.
+        raise ApiError(
+            400,
+            "web_search_options: not supported: web searches are billed by the model "
+            "provider per search, outside the catalog price; declare a function tool instead",
+            param="web_search_options", code="unsupported_parameter",
+        )  # fmt: skip
     return stream, include_usage, max_tokens, n
+
+
+# service_tier values served as asked: every request is served at its catalog price, which
+# is what "auto" and "default" (standard processing) mean. The others change what the
+# upstream charges and how it serves (flex: cheaper and slower, priority and scale: dearer),
+# which the catalog price does not follow: refused by name rather than silently dropped.
+_SERVICE_TIERS = (None, "auto", "default")
+_OTHER_TIERS = ("flex", "priority", "scale")
+
+
+def _check_service_tier(tier: Any) -> None:
+    if tier in _SERVICE_TIERS:
+        return
+    if tier in _OTHER_TIERS:
+        raise ApiError(
+            400,
+            f"service_tier: {tier!r} is not offered: ApiFast serves every request at its "
+            "catalog price (send auto or default, or leave it out)",
+            param="service_tier", code="unsupported_parameter",
+        )  # fmt: skip
+    raise bad("service_tier", "must be auto, default, flex, priority or scale")
 
 
 def validate_embeddings(body: dict[str, Any]) -> None:
