@@ -9,11 +9,15 @@ from apifast.errors import ApiError, bad
 
 _ROLES = frozenset({"system", "developer", "user", "assistant", "tool", "function"})
 # Fields that identify the caller or make the upstream keep data: never sent upstream.
-# service_tier changes the upstream's price, which the catalog price does not follow.
-# models and route are ApiFast's own routing preferences (router/route_prefs.py).
-STRIPPED_FIELDS = (
-    "user", "store", "metadata", "safety_identifier", "service_tier", "models", "route",
-)  # fmt: skip
+# prompt_cache_key is a cache hint, but OpenAI documents it as the replacement for `user`
+# and callers set it to a user or session id, which would let the upstream link requests
+# (as on the native Responses path, router/responses_native.py). service_tier and
+# prompt_cache_retention change the upstream's price, which the catalog price does not
+# follow. models and route are ApiFast's own routing preferences (router/route_prefs.py).
+STRIPPED_FIELDS = frozenset({
+    "user", "store", "metadata", "safety_identifier", "prompt_cache_key", "service_tier",
+    "prompt_cache_retention", "models", "route",
+})  # fmt: skip
 
 
 def _optional_int(body: dict[str, Any], name: str, low: int, high: int) -> int | None:

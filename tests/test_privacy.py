@@ -248,3 +248,43 @@ async def test_sub_key_labels_and_alert_addresses_stay_with_the_holders_data(
                 assert CANARY not in text and LABEL not in text and ADDRESS not in text
     finally:
         box.stop()
+
+
+# Everything a client can send that identifies it (or makes the upstream keep or reprice the
+# request), on every OpenAI endpoint that forwards the client's own body.
+CALLER_FIELDS: dict[str, Any] = {
+    "user": CANARY, "metadata": {"who": CANARY}, "safety_identifier": CANARY,
+    "prompt_cache_key": CANARY, "prompt_cache_retention": "24h", "store": True,
+    "service_tier": "flex",
+}  # fmt: skip
+CALLER_HEADERS = {
+    "X-Forwarded-For": "203.0.113.77", "X-Real-IP": "203.0.113.77",
+    "Forwarded": "for=203.0.113.77", "User-Agent": f"agent-{CANARY}",
+    "Cookie": f"session={CANARY}", "OpenAI-Organization": CANARY, "OpenAI-Project": CANARY,
+}  # fmt: skip
+
+
+async def test_nothing_identifying_the_caller_goes_upstream(
+    stack: Stack, fake_openai: FakeOpenAI
+) -> None:
+    key = await stack.create_key("2.00")
+    messages = [{"role": "user", "content": "hello"}]
+    async with stack.client(key) as c:
+        for stream in (False, True):
+            r = await c.post(
+                "/v1/chat/completions", headers=CALLER_HEADERS,
+                json={"model": "fast-chat", "messages": messages, "stream": stream,
+                      **CALLER_FIELDS},
+            )  # fmt: skip
+            assert r.status_code == 200, r.text
+        r = await c.post(
+            "/v1/embeddings", headers=CALLER_HEADERS,
+            json={"model": "embed-small", "input": "hello", **CALLER_FIELDS},
+        )  # fmt: skip
+        assert r.status_code == 200, r.text
+    assert len(fake_openai.requests) == 3
+    for body, headers in zip(fake_openai.requests, fake_openai.headers, strict=True):
+        assert not set(CALLER_FIELDS) & set(body), body
+        assert CANARY not in str(body) and CANARY not in str(headers)
+        names = {name.lower() for name in headers}
+        assert not names & {name.lower() for name in CALLER_HEADERS}, headers
