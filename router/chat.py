@@ -83,7 +83,7 @@ class ChatRenderer:
         self.include_usage = include_usage
 
     def completion(self, upstream: dict[str, Any], usage: Usage, cost: Decimal) -> bytes:
-        return completion_body(upstream, self.generation_id, self.model, usage, cost)
+        return completion_body(upstream, self.generation_id, self.model, usage, cost, self.created)
 
     def chunk(self, chunk: dict[str, Any]) -> bytes:
         return chunk_bytes(chunk, self.generation_id, self.model, self.created)

@@ -9,6 +9,7 @@ from typing import Any
 import anthropic
 import nats
 import openai
+import orjson
 import pytest
 
 from apifast.keys import hash_key
@@ -288,3 +289,39 @@ async def test_nothing_identifying_the_caller_goes_upstream(
         assert CANARY not in str(body) and CANARY not in str(headers)
         names = {name.lower() for name in headers}
         assert not names & {name.lower() for name in CALLER_HEADERS}, headers
+
+
+VENDOR = "VENDOR-FIELD-3e9b"
+
+
+async def test_no_upstream_field_reaches_the_client(stack: Stack, fake_openai: FakeOpenAI) -> None:
+    """What an OpenAI-compatible upstream adds to its messages, deltas, tool calls and
+    embeddings (its own fields, as LiteLLM and OpenRouter do) is not relayed: it could show
+    which upstream served. OpenAI's own fields are."""
+    fake_openai.vendor_fields = {
+        "provider_specific_fields": {"upstream": VENDOR}, "reasoning_details": [VENDOR],
+    }  # fmt: skip
+    key = await stack.create_key("2.00")
+    answers = []
+    async with stack.client(key) as c:
+        for stream in (False, True):
+            for marker in ("", " [[tools]]"):
+                r = await c.post("/v1/chat/completions", json={
+                    "model": "fast-chat", "stream": stream,
+                    "messages": [{"role": "user", "content": "hello" + marker}],
+                })  # fmt: skip
+                assert r.status_code == 200, r.text
+                answers.append(r.text)
+        r = await c.post("/v1/embeddings", json={"model": "embed-small", "input": ["a", "b"]})
+        assert r.status_code == 200 and len(r.json()["data"]) == 2
+        answers.append(r.text)
+    for text in answers:
+        assert VENDOR not in text and "reasoning_details" not in text
+        assert "UPSTREAMID" not in text and "fp_upstream_secret" not in text
+    plain, tools = orjson.loads(answers[0]), orjson.loads(answers[1])
+    assert plain["choices"][0]["message"]["content"].startswith("Hello")
+    call = tools["choices"][0]["message"]["tool_calls"][0]
+    assert call["function"] == {"name": "get_weather", "arguments": '{"city":"Paris"}'}
+    assert set(call) == {"id", "type", "function"}
+    assert '"name":"get_weather"' in answers[3] and "Pa" in answers[3]
+    assert orjson.loads(answers[4])["data"][0]["embedding"] == [0.1, 0.2, 0.3]

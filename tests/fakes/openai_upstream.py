@@ -66,6 +66,10 @@ class FakeOpenAI:
     gate_after: int = 2
     retry_after: str | None = None  # sent with every error answer
     on_request: Callable[[dict[str, Any]], None] | None = None
+    # Added to every message, delta, tool call (and its function) and embedding item, as
+    # OpenAI-compatible upstreams and proxies add their own (LiteLLM's
+    # `provider_specific_fields`, OpenRouter's `reasoning_details`).
+    vendor_fields: dict[str, Any] = field(default_factory=dict)
     fail_status: int = 0
     fail_times: int = 0  # the next this many chat requests fail with fail_status
     url: str = ""
@@ -99,6 +103,17 @@ class FakeOpenAI:
     async def stop(self) -> None:
         if self._runner:
             await self._runner.cleanup()
+
+    def _vendor(self, message: dict[str, Any]) -> dict[str, Any]:
+        """`message` (or a delta) with `vendor_fields` on it, its tool calls and functions."""
+        if not self.vendor_fields or not message:
+            return message
+        calls = [
+            {**call, **self.vendor_fields,
+             "function": {**call.get("function", {}), **self.vendor_fields}}
+            for call in message.get("tool_calls") or ()
+        ]  # fmt: skip
+        return {**message, **self.vendor_fields, **({"tool_calls": calls} if calls else {})}
 
     def _upstream_headers(self) -> dict[str, str]:
         # Headers a real upstream sends; none of them may reach ApiFast's clients.
@@ -201,6 +216,7 @@ class FakeOpenAI:
                 ],
             }
             finish = "tool_calls"
+        message = self._vendor(message)
         out = {
             "id": "chatcmpl-UPSTREAMID",
             "object": "chat.completion",
@@ -249,7 +265,7 @@ class FakeOpenAI:
                 "choices": [
                     {
                         "index": 0,
-                        "delta": delta,
+                        "delta": self._vendor(delta),
                         "logprobs": logprobs,
                         "finish_reason": finish_reason,
                     }
@@ -386,8 +402,8 @@ class FakeOpenAI:
         out = {
             "object": "list",
             "model": body.get("model"),
-            "data": [{"object": "embedding", "index": i, "embedding": [0.1, 0.2, 0.3]}
-                     for i in range(len(inputs))],
+            "data": [{"object": "embedding", "index": i, "embedding": [0.1, 0.2, 0.3],
+                      **self.vendor_fields} for i in range(len(inputs))],
             "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
         }  # fmt: skip
         if self.usage_override is not None:
