@@ -325,3 +325,40 @@ async def test_no_upstream_field_reaches_the_client(stack: Stack, fake_openai: F
     assert set(call) == {"id", "type", "function"}
     assert '"name":"get_weather"' in answers[3] and "Pa" in answers[3]
     assert orjson.loads(answers[4])["data"][0]["embedding"] == [0.1, 0.2, 0.3]
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "ending"),
+    [
+        ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi [[malformed]]"}]},
+         '"type":"upstream_error"'),
+        ("/v1/messages", {"max_tokens": 50,
+                          "messages": [{"role": "user", "content": "hi [[malformed]]"}]},
+         "event: error"),
+        ("/v1/responses", {"input": "hi [[malformed]]"}, "event: response.failed"),
+    ],
+)  # fmt: skip
+async def test_an_unreadable_upstream_stream_ends_in_the_protocols_error(
+    stack: Stack, caplog: pytest.LogCaptureFixture, capfd: Any, path: str, body: Any, ending: str
+) -> None:
+    """A stream chunk the relay cannot read (a buggy upstream's) ends the stream with the
+    protocol's error event, billed for what was delivered, never as an unhandled exception
+    (a cut connection, and a traceback in the log)."""
+    caplog.set_level(logging.DEBUG)
+    key = await stack.create_key("1.00")
+    async with stack.client(key) as c:
+        r = await c.post(path, json={"model": "fast-chat", "stream": True, **body})
+        text = r.text  # read to its end: a cut stream would raise here
+    assert r.status_code == 200 and ending in text, text
+    assert '"Hello"' in text  # what came before the bad chunk was relayed
+    generation = text.split('"id":"', 1)[1].split('"', 1)[0]
+    generation = "gen-" + generation.split("gen-", 1)[1]
+    await stack.wait_metered([generation])
+    row = await stack.pool.fetchrow(
+        "SELECT amount_usd FROM ledger WHERE kind = 'usage' AND ref = $1", generation
+    )
+    assert row is not None and row["amount_usd"] < 0  # the delivered words are billed
+    out, err = capfd.readouterr()
+    for logged in (caplog.text, out, err):
+        assert "Exception in ASGI application" not in logged and "Traceback" not in logged
+    assert "unreadable stream data (TypeError)" in caplog.text

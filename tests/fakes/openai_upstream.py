@@ -5,7 +5,9 @@ SSE streams included.
 Behaviour is chosen per request by a marker in the last user message, or for every request
 by setting `server.behaviour`: "ok", "error:<status>", "slow:<seconds>", "broken" (the
 stream is cut after two chunks), "nousage" (a stream without a usage chunk), "tools",
-"gated" (a stream sends `gate_after` words, then waits for `gate` to be set); for
+"gated" (a stream sends `gate_after` words, then waits for `gate` to be set), "malformed"
+(a stream whose third chunk has a `tool_calls` that is not an array, as a buggy upstream
+might send); for
 /v1/responses also "reasoning" (a reasoning item first) and "failed" (a response.failed
 event after response.in_progress). Its requests are in `responses_requests` (and `requests`).
 
@@ -32,7 +34,7 @@ from tests.fakes import openai_responses as wire
 
 REPLY = "Hello from the fake upstream model"
 _MARKER = re.compile(
-    r"\[\[(ok|error:\d+|slow:[\d.]+|broken|nousage|tools|gated|reasoning|failed)\]\]"
+    r"\[\[(ok|error:\d+|slow:[\d.]+|broken|malformed|nousage|tools|gated|reasoning|failed)\]\]"
 )
 
 
@@ -289,6 +291,8 @@ class FakeOpenAI:
                 # Cut the connection mid-stream, as a crashed upstream would.
                 request.transport.close()  # type: ignore[union-attr]
                 return resp
+            if behaviour == "malformed" and i == 2:
+                await resp.write(chunk({"tool_calls": 7}))
             if behaviour == "gated" and i == self.gate_after:
                 await self.gate.wait()
             piece = word if i == 0 else " " + word
