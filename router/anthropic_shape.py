@@ -349,7 +349,9 @@ class MessagesRenderer:
                             "signature": ""})  # fmt: skip
         if isinstance(message.get("content"), str) and message["content"]:
             content.append({"type": "text", "text": message["content"]})
-        for call in message.get("tool_calls") or ():
+        calls = message.get("tool_calls")
+        # Not a list (a buggy upstream): no calls, rather than a 500 for a billed answer.
+        for call in calls if isinstance(calls, list) else ():
             fn = call.get("function") if isinstance(call, dict) else None
             if isinstance(fn, dict):
                 content.append({"type": "tool_use", "id": str(call.get("id") or ""),

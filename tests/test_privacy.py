@@ -362,3 +362,31 @@ async def test_an_unreadable_upstream_stream_ends_in_the_protocols_error(
     for logged in (caplog.text, out, err):
         assert "Exception in ASGI application" not in logged and "Traceback" not in logged
     assert "unreadable stream data (TypeError)" in caplog.text
+
+
+@pytest.mark.parametrize(
+    ("path", "body"),
+    [
+        ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi [[malformed]]"}]}),
+        ("/v1/messages", {"max_tokens": 50,
+                          "messages": [{"role": "user", "content": "hi [[malformed]]"}]}),
+        ("/v1/responses", {"input": "hi [[malformed]]"}),
+    ],
+)  # fmt: skip
+async def test_an_answer_with_a_malformed_field_is_served_not_a_billed_500(
+    stack: Stack, path: str, body: Any
+) -> None:
+    """A non-streaming answer whose `tool_calls` is not an array: the text is served and
+    billed once, rather than a 500 for a request that was billed all the same."""
+    key = await stack.create_key("1.00")
+    async with stack.client(key) as c:
+        r = await c.post(path, json={"model": "fast-chat", **body})
+    assert r.status_code == 200, r.text
+    assert "Hello from the fake upstream model" in r.text
+    generation = "gen-" + r.json()["id"].split("gen-", 1)[1]
+    await stack.wait_metered([generation])
+    billed = await stack.pool.fetchval(
+        "SELECT count(*) FROM ledger WHERE kind = 'usage' AND ref = $1 AND amount_usd < 0",
+        generation,
+    )
+    assert billed == 1

@@ -6,8 +6,8 @@ Behaviour is chosen per request by a marker in the last user message, or for eve
 by setting `server.behaviour`: "ok", "error:<status>", "slow:<seconds>", "broken" (the
 stream is cut after two chunks), "nousage" (a stream without a usage chunk), "tools",
 "gated" (a stream sends `gate_after` words, then waits for `gate` to be set), "malformed"
-(a stream whose third chunk has a `tool_calls` that is not an array, as a buggy upstream
-might send); for
+(a `tool_calls` that is not an array, as a buggy upstream might send: in the message, or in
+a stream's third chunk); for
 /v1/responses also "reasoning" (a reasoning item first) and "failed" (a response.failed
 event after response.in_progress). Its requests are in `responses_requests` (and `requests`).
 
@@ -218,6 +218,8 @@ class FakeOpenAI:
                 ],
             }
             finish = "tool_calls"
+        if behaviour == "malformed":
+            message["tool_calls"] = 7  # not an array, as a buggy upstream might send
         message = self._vendor(message)
         out = {
             "id": "chatcmpl-UPSTREAMID",
