@@ -336,6 +336,13 @@ def _event(kind: str, payload: dict[str, Any]) -> bytes:
 
 
 _PING = b'event: ping\ndata: {"type": "ping"}\n\n'
+# The block events a native (Anthropic) stream relays, each with its documented fields only:
+# nothing else the upstream adds to an event reaches the client.
+_NATIVE_BLOCK_EVENTS = {
+    "content_block_start": ("index", "content_block"),
+    "content_block_delta": ("index", "delta"),
+    "content_block_stop": ("index",),
+}
 
 
 class MessagesRenderer:
@@ -383,7 +390,9 @@ class MessagesRenderer:
                             "signature": ""})  # fmt: skip
         if isinstance(message.get("content"), str) and message["content"]:
             content.append({"type": "text", "text": message["content"]})
-        for call in message.get("tool_calls") or ():
+        calls = message.get("tool_calls")
+        # Not a list (a buggy upstream): no calls, rather than a 500 for a billed answer.
+        for call in calls if isinstance(calls, list) else ():
             fn = call.get("function") if isinstance(call, dict) else None
             if isinstance(fn, dict):
                 content.append({"type": "tool_use", "id": self._call_id(),
@@ -503,12 +512,16 @@ class MessagesRenderer:
                 stop = delta.get("stop_sequence")
                 self._stop_sequence = stop if isinstance(stop, str) else None
             return b""
-        if kind == "message_stop" or not isinstance(kind, str):
+        fields = _NATIVE_BLOCK_EVENTS.get(kind) if isinstance(kind, str) else None
+        if fields is None or not isinstance(kind, str):
+            # message_stop is ours at the end; an event type this relay does not know (the
+            # API adds some) is dropped, as Anthropic asks clients to, since what it carries
+            # (a model name, an upstream's own debugging) could show which upstream served.
             return b""
         out = b"" if self._started else self._start()
         if kind == "content_block_start":
             event["content_block"] = self._own_block(event.get("content_block"))
-        return out + _event(kind, {k: v for k, v in event.items() if k != "type"})
+        return out + _event(kind, {k: event[k] for k in fields if k in event})
 
     def _own_block(self, block: Any) -> Any:
         """A native route's content block, a tool_use under ApiFast's own id."""

@@ -86,7 +86,7 @@ class ChatRenderer:
 
     def completion(self, upstream: dict[str, Any], usage: Usage, cost: Decimal) -> bytes:
         own_chat_call_ids(upstream.get("choices"), "message", {}, self.generation_id)
-        return completion_body(upstream, self.generation_id, self.model, usage, cost)
+        return completion_body(upstream, self.generation_id, self.model, usage, cost, self.created)
 
     def chunk(self, chunk: dict[str, Any]) -> bytes:
         choices = chunk.get("choices")

@@ -11,8 +11,17 @@ import orjson
 from apifast.money import json_number
 from apifast.providers import Usage
 
-_COMPLETION_KEYS = ("object", "created", "choices")
 _CHOICE_KEYS = ("index", "message", "delta", "finish_reason", "logprobs")
+# What of a message (or a stream's delta) and of its tool calls is relayed: OpenAI's fields,
+# and the reasoning text OpenAI-compatible upstreams add. Anything else an upstream (or a
+# proxy in front of it) puts there, its own fields and debugging, could show which one it is.
+_MESSAGE_KEYS = frozenset({
+    "role", "content", "refusal", "tool_calls", "function_call", "audio", "annotations",
+    "reasoning_content", "reasoning",
+})  # fmt: skip
+_TOOL_CALL_KEYS = frozenset({"index", "id", "type", "function"})
+_FUNCTION_KEYS = frozenset({"name", "arguments"})
+_EMBEDDING_KEYS = ("object", "index", "embedding")
 
 
 def usage_json(usage: Usage, cost: Decimal) -> dict[str, Any]:
@@ -30,24 +39,55 @@ def usage_json(usage: Usage, cost: Decimal) -> dict[str, Any]:
     }
 
 
+def _only(value: Any, keys: frozenset[str]) -> Any:
+    # The usual object has no other key: kept as it is, with no copy.
+    if not isinstance(value, dict) or value.keys() <= keys:
+        return value
+    return {k: v for k, v in value.items() if k in keys}
+
+
+def _clean_call(call: Any) -> Any:
+    call = _only(call, _TOOL_CALL_KEYS)
+    if isinstance(call, dict) and isinstance(call.get("function"), dict):
+        function = _only(call["function"], _FUNCTION_KEYS)
+        if function is not call["function"]:
+            call = {**call, "function": function}
+    return call
+
+
+def _clean_message(message: Any) -> Any:
+    message = _only(message, _MESSAGE_KEYS)
+    if isinstance(message, dict) and isinstance(message.get("tool_calls"), list):
+        message = {**message, "tool_calls": [_clean_call(c) for c in message["tool_calls"]]}
+    return message
+
+
+def _clean_choice(choice: Any) -> Any:
+    if not isinstance(choice, dict):
+        return choice
+    out = {k: choice[k] for k in _CHOICE_KEYS if k in choice}
+    for key in ("message", "delta"):
+        if key in out:
+            out[key] = _clean_message(out[key])
+    return out
+
+
 def _clean_choices(choices: Any) -> list[Any]:
     if not isinstance(choices, list):
         return []
-    return [
-        {k: c[k] for k in _CHOICE_KEYS if k in c} if isinstance(c, dict) else c for c in choices
-    ]
+    return [_clean_choice(c) for c in choices]
 
 
 def completion_body(
-    upstream: dict[str, Any], generation_id: str, model: str, usage: Usage, cost: Decimal
-) -> bytes:
-    out: dict[str, Any] = {"id": generation_id, "model": model}
-    for key in _COMPLETION_KEYS:
-        if key in upstream:
-            out[key] = upstream[key]
-    out["object"] = "chat.completion"
-    out["choices"] = _clean_choices(upstream.get("choices"))
-    out["usage"] = usage_json(usage, cost)
+    upstream: dict[str, Any], generation_id: str, model: str, usage: Usage, cost: Decimal,
+    created: int,
+) -> bytes:  # fmt: skip
+    """The answer under ApiFast's id, public model and clock (`created`, as the stream's
+    chunks have it): nothing of the upstream's envelope."""
+    out: dict[str, Any] = {
+        "id": generation_id, "model": model, "object": "chat.completion", "created": created,
+        "choices": _clean_choices(upstream.get("choices")), "usage": usage_json(usage, cost),
+    }  # fmt: skip
     return orjson.dumps(out)
 
 
@@ -87,11 +127,15 @@ def error_event_bytes(message: str, status: int) -> bytes:
 
 def embeddings_body(upstream: dict[str, Any], model: str, usage: Usage, cost: Decimal) -> bytes:
     data = upstream.get("data")
+    items = [
+        {k: d[k] for k in _EMBEDDING_KEYS if k in d} if isinstance(d, dict) else d
+        for d in (data if isinstance(data, list) else ())
+    ]
     return orjson.dumps(
         {
             "object": "list",
             "model": model,
-            "data": data if isinstance(data, list) else [],
+            "data": items,
             "usage": {
                 "prompt_tokens": usage.input_tokens,
                 "total_tokens": usage.input_tokens,

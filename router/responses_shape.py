@@ -139,7 +139,9 @@ class ResponsesRenderer:
                 item["content"].append({"type": "refusal", "refusal": refusal})
             item["status"] = "completed"
             self._items.append(item)
-        for call in message.get("tool_calls") or ():
+        calls = message.get("tool_calls")
+        # Not a list (a buggy upstream): no calls, rather than a 500 for a billed answer.
+        for call in calls if isinstance(calls, list) else ():
             fn = call.get("function") if isinstance(call, dict) else None
             if isinstance(fn, dict):
                 item = self._call_item(call, fn)

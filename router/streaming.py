@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import logging
 import time
 from collections.abc import AsyncIterator, Callable
 from typing import TYPE_CHECKING, Any
@@ -34,6 +35,7 @@ if TYPE_CHECKING:
     from apifast.router.core import Routing
 
 
+log = logging.getLogger("apifast.router")
 STREAM_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
@@ -205,8 +207,15 @@ async def relay_stream(
                         break
                     item = step
                 event.outcome = "ok"
-            except UpstreamError as exc:
+            except Exception as exc:
                 waiting = None
+                if not isinstance(exc, UpstreamError):
+                    # A chunk the relay cannot read (a field of the wrong type): the stream
+                    # ends as an upstream failure does, with the protocol's error event,
+                    # not cut by an unhandled exception whose text could echo content.
+                    log.warning("model %s route %d: unreadable stream data (%s)",
+                                model.id, entry.index, type(exc).__name__)  # fmt: skip
+                    exc = UpstreamError(502, "unreadable stream data", cause="protocol")
                 book.broke(model.id, entry, exc)  # never retried: the client has data
                 event.outcome = "upstream_error"
                 event.status = 504 if isinstance(exc, UpstreamTimeout) else 502

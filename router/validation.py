@@ -9,14 +9,16 @@ from apifast.errors import ApiError, bad
 
 _ROLES = frozenset({"system", "developer", "user", "assistant", "tool", "function"})
 # Fields that identify the caller or make the upstream keep data: never sent upstream.
-# prompt_cache_key is only a cache hint, but OpenAI documents it as the replacement for
-# `user`, and clients set it to a user or session id (as on a native Responses route).
-# service_tier: only the values that keep the catalog price are accepted (validate_chat).
-# models and route are ApiFast's own routing preferences (router/route_prefs.py).
-STRIPPED_FIELDS = (
+# prompt_cache_key is a cache hint, but OpenAI documents it as the replacement for `user`
+# and callers set it to a user or session id, which would let the upstream link requests
+# (as on the native Responses path, router/responses_native.py). service_tier: only the
+# values that keep the catalog price get this far (validate_chat); prompt_cache_retention
+# changes the upstream's price, which the catalog price does not follow. models and route
+# are ApiFast's own routing preferences (router/route_prefs.py).
+STRIPPED_FIELDS = frozenset({
     "user", "store", "metadata", "safety_identifier", "prompt_cache_key", "service_tier",
-    "models", "route",
-)  # fmt: skip
+    "prompt_cache_retention", "models", "route",
+})  # fmt: skip
 
 
 def _optional_int(body: dict[str, Any], name: str, low: int, high: int) -> int | None:

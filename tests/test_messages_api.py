@@ -355,3 +355,36 @@ async def test_server_tools_refused_on_every_route(mstack: Stack) -> None:
             tools=[{"type": "web_search_20250305", "name": "web_search"}],  # type: ignore[list-item]
         )  # fmt: skip
     assert "web_search" in str(caught.value)
+
+
+async def test_native_stream_relays_only_documented_events_and_fields(
+    mstack: Stack, fake_claude: FakeAnthropic
+) -> None:
+    """An event of a type the relay does not know, and fields it does not know on the block
+    events, are dropped (as Anthropic asks clients to): they could name the upstream."""
+    key = await mstack.create_key("1.00")
+    fake_claude.extra_events = [
+        {"type": "upstream_debug", "model": "claude-upstream-model", "region": "us-east-1"}
+    ]
+    fake_claude.extra_block_fields = {"model": "claude-upstream-model"}
+    async with httpx.AsyncClient(base_url=mstack.base_url, timeout=30) as c:
+        r = await c.post(
+            "/v1/messages", headers={"x-api-key": key},
+            json={"model": "claude-chat", "max_tokens": 50, "stream": True,
+                  "messages": [{"role": "user", "content": "hi"}]},
+        )  # fmt: skip
+    assert r.status_code == 200
+    assert "claude-upstream-model" not in r.text and "us-east-1" not in r.text
+    events = [orjson.loads(line[6:]) for line in r.text.splitlines() if line.startswith("data: ")]
+    kinds = [e["type"] for e in events]
+    assert kinds[0] == "message_start" and kinds[-2:] == ["message_delta", "message_stop"]
+    assert set(kinds[1:-2]) == {"content_block_start", "content_block_delta", "content_block_stop"}
+    assert "".join(e["delta"]["text"] for e in events if e["type"] == "content_block_delta") == (
+        fake_claude.reply_text
+    )
+    # The official SDK reads the same stream.
+    async with sdk(mstack, key).messages.stream(
+        model="claude-chat", max_tokens=50, messages=[{"role": "user", "content": "hi"}]
+    ) as stream:
+        final = await stream.get_final_message()
+    assert final.content[0].type == "text" and final.content[0].text == fake_claude.reply_text

@@ -9,6 +9,7 @@ from typing import Any
 import anthropic
 import nats
 import openai
+import orjson
 import pytest
 
 from apifast.keys import hash_key
@@ -248,3 +249,144 @@ async def test_sub_key_labels_and_alert_addresses_stay_with_the_holders_data(
                 assert CANARY not in text and LABEL not in text and ADDRESS not in text
     finally:
         box.stop()
+
+
+# Everything a client can send that identifies it (or makes the upstream keep or reprice the
+# request), on every OpenAI endpoint that forwards the client's own body.
+CALLER_FIELDS: dict[str, Any] = {
+    "user": CANARY, "metadata": {"who": CANARY}, "safety_identifier": CANARY,
+    "prompt_cache_key": CANARY, "prompt_cache_retention": "24h", "store": True,
+    "service_tier": "flex",
+}  # fmt: skip
+CALLER_HEADERS = {
+    "X-Forwarded-For": "203.0.113.77", "X-Real-IP": "203.0.113.77",
+    "Forwarded": "for=203.0.113.77", "User-Agent": f"agent-{CANARY}",
+    "Cookie": f"session={CANARY}", "OpenAI-Organization": CANARY, "OpenAI-Project": CANARY,
+}  # fmt: skip
+
+
+async def test_nothing_identifying_the_caller_goes_upstream(
+    stack: Stack, fake_openai: FakeOpenAI
+) -> None:
+    key = await stack.create_key("2.00")
+    messages = [{"role": "user", "content": "hello"}]
+    async with stack.client(key) as c:
+        for stream in (False, True):
+            r = await c.post(
+                "/v1/chat/completions", headers=CALLER_HEADERS,
+                json={"model": "fast-chat", "messages": messages, "stream": stream,
+                      **CALLER_FIELDS},
+            )  # fmt: skip
+            assert r.status_code == 200, r.text
+        r = await c.post(
+            "/v1/embeddings", headers=CALLER_HEADERS,
+            json={"model": "embed-small", "input": "hello", **CALLER_FIELDS},
+        )  # fmt: skip
+        assert r.status_code == 200, r.text
+    assert len(fake_openai.requests) == 3
+    for body, headers in zip(fake_openai.requests, fake_openai.headers, strict=True):
+        assert not set(CALLER_FIELDS) & set(body), body
+        assert CANARY not in str(body) and CANARY not in str(headers)
+        names = {name.lower() for name in headers}
+        assert not names & {name.lower() for name in CALLER_HEADERS}, headers
+
+
+VENDOR = "VENDOR-FIELD-3e9b"
+
+
+async def test_no_upstream_field_reaches_the_client(stack: Stack, fake_openai: FakeOpenAI) -> None:
+    """What an OpenAI-compatible upstream adds to its messages, deltas, tool calls and
+    embeddings (its own fields, as LiteLLM and OpenRouter do) is not relayed: it could show
+    which upstream served. OpenAI's own fields are."""
+    fake_openai.vendor_fields = {
+        "provider_specific_fields": {"upstream": VENDOR}, "reasoning_details": [VENDOR],
+    }  # fmt: skip
+    key = await stack.create_key("2.00")
+    answers = []
+    async with stack.client(key) as c:
+        for stream in (False, True):
+            for marker in ("", " [[tools]]"):
+                r = await c.post("/v1/chat/completions", json={
+                    "model": "fast-chat", "stream": stream,
+                    "messages": [{"role": "user", "content": "hello" + marker}],
+                })  # fmt: skip
+                assert r.status_code == 200, r.text
+                answers.append(r.text)
+        r = await c.post("/v1/embeddings", json={"model": "embed-small", "input": ["a", "b"]})
+        assert r.status_code == 200 and len(r.json()["data"]) == 2
+        answers.append(r.text)
+    for text in answers:
+        assert VENDOR not in text and "reasoning_details" not in text
+        assert "UPSTREAMID" not in text and "fp_upstream_secret" not in text
+    plain, tools = orjson.loads(answers[0]), orjson.loads(answers[1])
+    assert plain["choices"][0]["message"]["content"].startswith("Hello")
+    call = tools["choices"][0]["message"]["tool_calls"][0]
+    assert call["function"] == {"name": "get_weather", "arguments": '{"city":"Paris"}'}
+    assert set(call) == {"id", "type", "function"}
+    assert '"name":"get_weather"' in answers[3] and "Pa" in answers[3]
+    assert orjson.loads(answers[4])["data"][0]["embedding"] == [0.1, 0.2, 0.3]
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "ending"),
+    [
+        ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi [[malformed]]"}]},
+         '"type":"upstream_error"'),
+        ("/v1/messages", {"max_tokens": 50,
+                          "messages": [{"role": "user", "content": "hi [[malformed]]"}]},
+         "event: error"),
+        ("/v1/responses", {"input": "hi [[malformed]]"}, "event: response.failed"),
+    ],
+)  # fmt: skip
+async def test_an_unreadable_upstream_stream_ends_in_the_protocols_error(
+    stack: Stack, caplog: pytest.LogCaptureFixture, capfd: Any, path: str, body: Any, ending: str
+) -> None:
+    """A stream chunk the relay cannot read (a buggy upstream's) ends the stream with the
+    protocol's error event, billed for what was delivered, never as an unhandled exception
+    (a cut connection, and a traceback in the log)."""
+    caplog.set_level(logging.DEBUG)
+    key = await stack.create_key("1.00")
+    async with stack.client(key) as c:
+        r = await c.post(path, json={"model": "fast-chat", "stream": True, **body})
+        text = r.text  # read to its end: a cut stream would raise here
+    assert r.status_code == 200 and ending in text, text
+    assert '"Hello"' in text  # what came before the bad chunk was relayed
+    generation = text.split('"id":"', 1)[1].split('"', 1)[0]
+    generation = "gen-" + generation.split("gen-", 1)[1]
+    await stack.wait_metered([generation])
+    row = await stack.pool.fetchrow(
+        "SELECT amount_usd FROM ledger WHERE kind = 'usage' AND ref = $1", generation
+    )
+    assert row is not None and row["amount_usd"] < 0  # the delivered words are billed
+    out, err = capfd.readouterr()
+    for logged in (caplog.text, out, err):
+        assert "Exception in ASGI application" not in logged and "Traceback" not in logged
+    assert "unreadable stream data (TypeError)" in caplog.text
+
+
+@pytest.mark.parametrize(
+    ("path", "body"),
+    [
+        ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi [[malformed]]"}]}),
+        ("/v1/messages", {"max_tokens": 50,
+                          "messages": [{"role": "user", "content": "hi [[malformed]]"}]}),
+        ("/v1/responses", {"input": "hi [[malformed]]"}),
+    ],
+)  # fmt: skip
+async def test_an_answer_with_a_malformed_field_is_served_not_a_billed_500(
+    stack: Stack, path: str, body: Any
+) -> None:
+    """A non-streaming answer whose `tool_calls` is not an array: the text is served and
+    billed once, rather than a 500 for a request that was billed all the same."""
+    key = await stack.create_key("1.00")
+    async with stack.client(key) as c:
+        r = await c.post(path, json={"model": "fast-chat", **body})
+    assert r.status_code == 200, r.text
+    assert "Hello from the fake upstream model" in r.text
+    generation = "gen-" + r.json()["id"].split("gen-", 1)[1]
+    await stack.wait_metered([generation])
+    billed = await stack.pool.fetchval(
+        "SELECT count(*) FROM ledger WHERE kind = 'usage' AND ref = $1 AND amount_usd < 0",
+        generation,
+    )
+    assert billed == 1

@@ -104,6 +104,11 @@ class FakeAnthropic:
     count_tokens_base: int = 1000  # count_tokens answers this plus the messages' bytes / 4
     # When set, stream bytes are written in pieces of this size, so events straddle reads.
     fragment_size: int | None = None
+    # Sent in every stream right after message_start, as they are: events of a type added by
+    # a later API version (Anthropic: "we may occasionally add new event types").
+    extra_events: list[dict[str, Any]] = field(default_factory=list)
+    # Added to every content block event of a stream: fields a later version may add.
+    extra_block_fields: dict[str, Any] = field(default_factory=dict)
     requests: list[RecordedRequest] = field(default_factory=list)
     url: str = ""
 
@@ -369,8 +374,12 @@ class FakeAnthropic:
                         "type": "error",
                         "error": {"type": "overloaded_error", "message": "Overloaded"},
                     }
-            data = b"event: " + event["type"].encode() + b"\ndata: " + orjson.dumps(event)
-            await self._write(response, data + b"\n\n")
+            if event["type"].startswith("content_block_"):
+                event = {**event, **self.extra_block_fields}
+            later = self.extra_events if event["type"] == "message_start" else []
+            for sent in (event, *later):
+                data = b"event: " + sent["type"].encode() + b"\ndata: " + orjson.dumps(sent)
+                await self._write(response, data + b"\n\n")
             if event["type"] == "error":
                 break
         await response.write_eof()

@@ -5,7 +5,9 @@ SSE streams included.
 Behaviour is chosen per request by a marker in the last user message, or for every request
 by setting `server.behaviour`: "ok", "error:<status>", "slow:<seconds>", "broken" (the
 stream is cut after two chunks), "nousage" (a stream without a usage chunk), "tools",
-"gated" (a stream sends `gate_after` words, then waits for `gate` to be set); for
+"gated" (a stream sends `gate_after` words, then waits for `gate` to be set), "malformed"
+(a `tool_calls` that is not an array, as a buggy upstream might send: in the message, or in
+a stream's third chunk); for
 /v1/responses also "reasoning" (a reasoning item first) and "failed" (a response.failed
 event after response.in_progress). Its requests are in `responses_requests` (and `requests`).
 
@@ -32,7 +34,7 @@ from tests.fakes import openai_responses as wire
 
 REPLY = "Hello from the fake upstream model"
 _MARKER = re.compile(
-    r"\[\[(ok|error:\d+|slow:[\d.]+|broken|nousage|tools|gated|reasoning|failed)\]\]"
+    r"\[\[(ok|error:\d+|slow:[\d.]+|broken|malformed|nousage|tools|gated|reasoning|failed)\]\]"
 )
 
 
@@ -66,6 +68,10 @@ class FakeOpenAI:
     gate_after: int = 2
     retry_after: str | None = None  # sent with every error answer
     on_request: Callable[[dict[str, Any]], None] | None = None
+    # Added to every message, delta, tool call (and its function) and embedding item, as
+    # OpenAI-compatible upstreams and proxies add their own (LiteLLM's
+    # `provider_specific_fields`, OpenRouter's `reasoning_details`).
+    vendor_fields: dict[str, Any] = field(default_factory=dict)
     fail_status: int = 0
     fail_times: int = 0  # the next this many chat requests fail with fail_status
     url: str = ""
@@ -99,6 +105,17 @@ class FakeOpenAI:
     async def stop(self) -> None:
         if self._runner:
             await self._runner.cleanup()
+
+    def _vendor(self, message: dict[str, Any]) -> dict[str, Any]:
+        """`message` (or a delta) with `vendor_fields` on it, its tool calls and functions."""
+        if not self.vendor_fields or not message:
+            return message
+        calls = [
+            {**call, **self.vendor_fields,
+             "function": {**call.get("function", {}), **self.vendor_fields}}
+            for call in message.get("tool_calls") or ()
+        ]  # fmt: skip
+        return {**message, **self.vendor_fields, **({"tool_calls": calls} if calls else {})}
 
     def _upstream_headers(self) -> dict[str, str]:
         # Headers a real upstream sends; none of them may reach ApiFast's clients.
@@ -201,6 +218,9 @@ class FakeOpenAI:
                 ],
             }
             finish = "tool_calls"
+        if behaviour == "malformed":
+            message["tool_calls"] = 7  # not an array, as a buggy upstream might send
+        message = self._vendor(message)
         out = {
             "id": "chatcmpl-UPSTREAMID",
             "object": "chat.completion",
@@ -249,7 +269,7 @@ class FakeOpenAI:
                 "choices": [
                     {
                         "index": 0,
-                        "delta": delta,
+                        "delta": self._vendor(delta),
                         "logprobs": logprobs,
                         "finish_reason": finish_reason,
                     }
@@ -273,6 +293,8 @@ class FakeOpenAI:
                 # Cut the connection mid-stream, as a crashed upstream would.
                 request.transport.close()  # type: ignore[union-attr]
                 return resp
+            if behaviour == "malformed" and i == 2:
+                await resp.write(chunk({"tool_calls": 7}))
             if behaviour == "gated" and i == self.gate_after:
                 await self.gate.wait()
             piece = word if i == 0 else " " + word
@@ -386,8 +408,8 @@ class FakeOpenAI:
         out = {
             "object": "list",
             "model": body.get("model"),
-            "data": [{"object": "embedding", "index": i, "embedding": [0.1, 0.2, 0.3]}
-                     for i in range(len(inputs))],
+            "data": [{"object": "embedding", "index": i, "embedding": [0.1, 0.2, 0.3],
+                      **self.vendor_fields} for i in range(len(inputs))],
             "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
         }  # fmt: skip
         if self.usage_override is not None:
