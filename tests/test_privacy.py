@@ -256,7 +256,7 @@ async def test_sub_key_labels_and_alert_addresses_stay_with_the_holders_data(
 CALLER_FIELDS: dict[str, Any] = {
     "user": CANARY, "metadata": {"who": CANARY}, "safety_identifier": CANARY,
     "prompt_cache_key": CANARY, "prompt_cache_retention": "24h", "store": True,
-    "service_tier": "flex",
+    "service_tier": "auto",  # flex / priority are refused (test_protocol_conformance)
 }  # fmt: skip
 CALLER_HEADERS = {
     "X-Forwarded-For": "203.0.113.77", "X-Real-IP": "203.0.113.77",
