@@ -214,14 +214,12 @@ class EventPublisher:
         ack.set_result(isinstance(reply, dict) and "seq" in reply and "error" not in reply)
 
     def spool_age_s(self) -> float:
-        """Age of the oldest spooled event (its segment file), 0 when none."""
-        files = self.spool.pending_files()
-        if not files:
-            return 0.0
+        """Age of the oldest spooled event (when its segment was started), 0 when none."""
         try:
-            return max(0.0, time.time() - min(f.stat().st_mtime for f in files))
+            created = self.spool.oldest_created()
         except OSError:
             return 0.0
+        return 0.0 if created is None else max(0.0, time.time() - created)
 
     def _spool(self, items: list[Item]) -> None:
         if items and self.metrics is not None:
