@@ -1,4 +1,4 @@
-"""The `apifast` command: dev, serve, meter, migrate and keys."""
+"""The `apifast` command: dev, serve, meter, migrate, keys, reconcile, admin and receipts."""
 
 from __future__ import annotations
 

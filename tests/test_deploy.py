@@ -288,3 +288,28 @@ def test_the_production_install_carries_no_embedded_engine() -> None:
     assert not [line for line in pins if line.lower().startswith(engines)]
     dockerfile = (REPO / "Dockerfile").read_text()
     assert "pip install -r requirements.lock" in dockerfile
+
+
+def test_compose_requires_the_public_url() -> None:
+    """Payment processors post their webhooks to `<APIFAST_PUBLIC_URL>/v1/webhooks/...`, so
+    compose must not guess it: its old default, http://localhost:8080, was sent to the
+    processors as the callback and named no host they could reach (README, Production)."""
+    services = _compose()["services"]
+    for name in ("router", "admin", "meter", "migrate"):
+        value = services[name]["environment"]["APIFAST_PUBLIC_URL"]
+        assert re.fullmatch(r"\$\{APIFAST_PUBLIC_URL:\?[^}]+\}", value), (name, value)
+    readme = (REPO / "README.md").read_text()
+    production = readme.split("## Production", 1)[1].split("\n## ", 1)[0]
+    assert "export POSTGRES_PASSWORD=... CLICKHOUSE_PASSWORD=... APIFAST_PUBLIC_URL=" in production
+
+
+def test_the_operators_secret_files_are_kept_out_of_git_and_the_image() -> None:
+    """README, Production: the TLS key goes in deploy/certs/, the catalog in models.toml,
+    secrets in .env and apifast.env; none may be committed by a `git add -A`, nor sent to
+    the image build."""
+    ignored = (REPO / ".gitignore").read_text().split()
+    for entry in ("deploy/certs/", "/models.toml", ".env", "apifast.env"):
+        assert entry in ignored, entry
+    build_ignored = (REPO / ".dockerignore").read_text().split()
+    for entry in ("deploy/certs", "models.toml", ".env", "apifast.env"):
+        assert entry in build_ignored, entry
