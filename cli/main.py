@@ -17,10 +17,18 @@ from apifast.settings import Settings
 
 
 def cmd_serve(settings: Settings, args: argparse.Namespace) -> int:
+    from apifast.catalog.toml import CatalogError
     from apifast.server.app import create_app
     from apifast.server.serve import run_uvicorn
 
     require(settings, "database_url", "nats_url")
+    try:
+        # A broken catalog is one line naming the file, the entry and the problem (README),
+        # not a traceback; with several workers, before any starts, once.
+        app = create_app(settings)
+    except CatalogError as exc:
+        print(f"apifast: {exc}", file=sys.stderr)
+        return 2
     if settings.workers > 1:
         from apifast.metrics import workers_metrics
 
@@ -34,7 +42,7 @@ def cmd_serve(settings: Settings, args: argparse.Namespace) -> int:
                 "apifast.server.app:create_app", settings, factory=True, workers=settings.workers
             )
     else:
-        run_uvicorn(create_app(settings), settings)
+        run_uvicorn(app, settings)
     return 0
 
 

@@ -142,7 +142,7 @@ def create_app(
     extra_plugins: tuple[object, ...] = (),
 ) -> FastAPI:
     settings = settings or Settings()
-    pm = make_plugin_manager(extra_plugins=extra_plugins)
+    pm = make_plugin_manager(extra_plugins=extra_plugins, allowed_names=settings.plugins)
     types = provider_types(pm)
     # A broken catalog stops start-up here, before anything listens.
     catalog = load_configured_catalog(settings, set(types))
