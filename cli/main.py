@@ -37,10 +37,12 @@ def cmd_serve(settings: Settings, args: argparse.Namespace) -> int:
         # This process serves the metrics of every worker, which must not bind the port too.
         served = workers_metrics(settings.metrics_listen) if settings.metrics_listen else None
         with served or contextlib.nullcontext():
-            # Each worker process builds its own app (and pools) from the environment.
+            # Each worker process builds its own app (and pools, and logging) from the
+            # environment.
             run_uvicorn(
-                "apifast.server.app:create_app", settings, factory=True, workers=settings.workers
-            )
+                "apifast.cli.worker:create_worker_app", settings, factory=True,
+                workers=settings.workers,
+            )  # fmt: skip
     else:
         run_uvicorn(app, settings)
     return 0

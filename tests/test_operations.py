@@ -13,6 +13,7 @@ from typing import Any
 import asyncpg
 import httpx
 import orjson
+import pytest
 
 from apifast.key_admin import insert_key
 from apifast.server.migrations import migrate_database
@@ -47,9 +48,12 @@ async def test_not_ready_while_usage_events_cannot_be_kept(
         assert (await c.get("/healthz")).status_code == 200  # alive all the same
 
 
+@pytest.mark.parametrize("workers", ["1", "2"])
 async def test_json_logs_name_the_cause_of_a_failed_upstream(
-    database_factory: Callable[[str], str], nats_url: str, tmp_path: Path
+    database_factory: Callable[[str], str], nats_url: str, tmp_path: Path, workers: str
 ) -> None:
+    """Every line is JSON, the workers' own too (APIFAST_WORKERS > 1: fresh interpreters,
+    whose lines once bypassed the format as bare text)."""
     models = tmp_path / "models.toml"
     models.write_text(models_toml(f"http://127.0.0.1:{free_port()}/v1"))  # nothing listens
     settings = stack_settings(
@@ -63,7 +67,9 @@ async def test_json_logs_name_the_cause_of_a_failed_upstream(
             key, _, _ = await insert_key(conn, SECRET.encode(), Decimal("1.00"))
     finally:
         await conn.close()
-    router = RouterProcess(settings, tmp_path / "r", LOG_FORMAT="json")
+    router = RouterProcess(
+        settings, tmp_path / "r", LOG_FORMAT="json", LOG_LEVEL="INFO", WORKERS=workers
+    )
     router.start()
     try:
         await router.wait_ready()
@@ -80,6 +86,9 @@ async def test_json_logs_name_the_cause_of_a_failed_upstream(
     assert lines and all({"ts", "level", "logger", "message"} <= set(e) for e in lines)
     failed = [e for e in lines if "failed: status=None" in e["message"]]
     assert failed and "cause=refused" in failed[0]["message"]
+    assert failed[0]["level"] == "WARNING" and failed[0]["logger"] == "apifast.router"
+    started = [e for e in lines if e["message"] == "Application startup complete."]
+    assert len(started) == int(workers)  # each worker's INFO lines are kept
     text = router.log()
     assert "secret" not in text and key not in text  # no prompt, no key
 
