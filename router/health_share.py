@@ -33,6 +33,7 @@ import orjson
 from nats.aio.client import Client as NATS
 
 from apifast.catalog.toml import Model
+from apifast.metering.stream import nats_servers
 from apifast.router.route_book import RouteBook, fingerprint
 from apifast.router.route_choice import RouteEntry
 
@@ -86,8 +87,11 @@ class HealthShare:
         while True:
             try:
                 nc = await nats.connect(
-                    self.nats_url, name="apifast-route-health", max_reconnect_attempts=-1,
-                    reconnect_time_wait=0.5, connect_timeout=2, allow_reconnect=True,
+                    # Every node of a cluster (APIFAST_NATS_URL, comma-separated): nats-py
+                    # refuses the comma-joined string as one URL.
+                    nats_servers(self.nats_url), name="apifast-route-health",
+                    max_reconnect_attempts=-1, reconnect_time_wait=0.5, connect_timeout=2,
+                    allow_reconnect=True,
                     reconnected_cb=self._reconnected,
                 )  # fmt: skip
                 self._nc = nc
