@@ -313,3 +313,14 @@ def test_the_operators_secret_files_are_kept_out_of_git_and_the_image() -> None:
     build_ignored = (REPO / ".dockerignore").read_text().split()
     for entry in ("deploy/certs", "models.toml", ".env", "apifast.env"):
         assert entry in build_ignored, entry
+
+
+def test_every_router_keeps_its_data_dir_on_the_shared_volume() -> None:
+    """The admin profile's router is a router too: usage events it spools while NATS is
+    away must outlive its container (they are unbilled requests until replayed), and
+    without APIFAST_RECEIPT_KEYS it must sign with the key the public routers publish."""
+    services = _compose()["services"]
+    for name in ("router", "admin"):
+        assert "spool:/data" in services[name]["volumes"], name
+        assert services[name]["environment"].get("APIFAST_DATA_DIR", "/data") == "/data"
+    assert "ENV APIFAST_DATA_DIR=/data" in (REPO / "Dockerfile").read_text()
