@@ -4,6 +4,7 @@ logged with the class of their cause (never a text that could carry content)."""
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 from collections.abc import Callable
 from decimal import Decimal
@@ -296,3 +297,46 @@ async def test_metrics_with_two_workers_serve_them_both(
     assert "apifast_spool_events" in text and "apifast_leases" in text  # the gauges too
     assert "address already in use" not in router.log().lower()
     assert not directory.exists()  # removed when serve stops
+
+
+async def test_a_nats_outage_is_logged_once_a_minute_not_per_reconnect_attempt(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """nats-py logs an ERROR line (a traceback, in text logs) for every reconnect attempt
+    unless given an error callback: two a second per client for as long as NATS is down.
+    The router's clients (usage events, route health) say it once a minute per kind. A
+    private nats-server, killed; never the shared one."""
+    from apifast.router.health_share import HealthShare
+    from apifast.router.publisher import EventPublisher
+    from apifast.router.route_book import RouteBook
+    from apifast.router.route_health import BreakerPolicy
+    from tests.fault_tools import OwnNats
+
+    server = OwnNats(tmp_path / "nats")
+    await server.start()
+    publisher = EventPublisher(server.url, "OPS_LOGS", "ops.logs", tmp_path / "spool", 100)
+    share = HealthShare(RouteBook(BreakerPolicy()), server.url, "ops.health", lambda _: None)
+    await publisher.start()
+    await share.start()
+    try:
+        await asyncio.wait_for(share.wait_ready(), 20)
+        for _ in range(400):
+            if publisher.connected():
+                break
+            await asyncio.sleep(0.05)
+        assert publisher.connected()
+        caplog.set_level(logging.WARNING)
+        server.kill()
+        for _ in range(600):  # until both clients failed several reconnect attempts
+            if min(publisher.nats_errors.errors, share.nats_errors.errors) >= 6:
+                break
+            await asyncio.sleep(0.05)
+        assert min(publisher.nats_errors.errors, share.nats_errors.errors) >= 6
+    finally:
+        await share.close()
+        await publisher.close()
+        server.stop()
+    assert [r.getMessage() for r in caplog.records if r.name.startswith("nats")] == []
+    said = [r.getMessage() for r in caplog.records if r.name == "apifast.stream"]
+    kinds = {(m.split(")")[0], m.split(": ")[1].split(";")[0]) for m in said}
+    assert said and len(said) == len(kinds)  # once per client and kind of error
