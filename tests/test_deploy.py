@@ -196,7 +196,8 @@ def _local_config(prefix: Path, upstream: str, admin: str, ports: dict[int, int]
     text = text.replace("/etc/nginx/certs/", f"{prefix}/certs/")
     for inside, outside in ports.items():
         text = re.sub(rf"\blisten {inside}\b", f"listen 127.0.0.1:{outside}", text)
-    text = text.replace("events {}", f"pid {prefix}/nginx.pid;\nerror_log {prefix}/error.log;\n"
+    # Warnings too: nginx says so when it writes a request body to a temporary file.
+    text = text.replace("events {}", f"pid {prefix}/nginx.pid;\nerror_log {prefix}/error.log warn;\n"
                         "events {}", 1)  # fmt: skip
     conf = prefix / "nginx.conf"
     conf.write_text(text)
@@ -248,6 +249,14 @@ async def test_nginx_config_serves_tls_and_answers_in_the_api_shape(
                 json={"model": "upstream-model", "messages": [{"role": "user", "content": "hi"}]},
             )
             assert chat.status_code == 200  # proxied through to the (fake) router
+            # A long prompt (an agent's context) is not written to nginx's disk: its
+            # request-body buffer holds any body the limit lets in.
+            long = await c.post("/v1/chat/completions", json={
+                "model": "upstream-model",
+                "messages": [{"role": "user", "content": "canary " * 20_000}],
+            })  # fmt: skip
+            assert long.status_code == 200
+            assert "temporary file" not in (prefix / "error.log").read_text()
         # The panel's listener: its own refusals as pages, not nginx's.
         async with httpx.AsyncClient(
             base_url=f"https://127.0.0.1:{ports[8444]}", verify=tls, timeout=10
@@ -259,6 +268,10 @@ async def test_nginx_config_serves_tls_and_answers_in_the_api_shape(
             down = await panel.get("/admin/login")  # the admin profile is not running
             assert down.status_code == 503 and down.headers["retry-after"] == "5"
             assert "--profile admin" in down.text and "nginx" not in down.text
+            # A form (a password, a provider's key) is not written to disk either.
+            form = await panel.post("/admin/login", content=b"p=" + b"x" * 200_000)
+            assert form.status_code == 503
+            assert "temporary file" not in (prefix / "error.log").read_text()
         # Plain HTTP goes to the HTTPS port compose publishes (443:8443), so no port.
         lb_ports = _compose()["services"]["lb"]["ports"]
         assert "443:8443" in lb_ports and "80:8080" in lb_ports
