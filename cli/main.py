@@ -9,6 +9,8 @@ import json
 import sys
 from collections.abc import Sequence
 
+from pydantic import ValidationError
+
 from apifast.cli.admin import add_admin_parser, cmd_admin_set_password
 from apifast.cli.common import configure_logging, database_settings, require
 from apifast.cli.receipts import add_receipts_parser, cmd_receipts_verify
@@ -165,7 +167,16 @@ COMMANDS = {
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    settings = Settings()
+    try:
+        settings = Settings()
+    except ValidationError as exc:
+        # One line per bad setting, by the name the operator set, not a traceback. The
+        # value is not repeated: it may be a secret.
+        for error in exc.errors():
+            field = ".".join(str(part) for part in error["loc"])
+            name = f"APIFAST_{field.upper()}" if field else "settings"
+            print(f"apifast: {name}: {error['msg']}", file=sys.stderr)
+        return 2
     configure_logging(settings)
     handler = COMMANDS[(args.command, getattr(args, f"{args.command}_command", None))]
     return handler(settings, args)
