@@ -20,14 +20,19 @@ class PluginError(RuntimeError):
     pass
 
 
-def make_plugin_manager(*, extra_plugins: tuple[object, ...] = ()) -> pluggy.PluginManager:
+def make_plugin_manager(
+    *, extra_plugins: tuple[object, ...] = (), allowed_names: str | None = None
+) -> pluggy.PluginManager:
     """A fresh manager with every installed plugin loaded and checked.
 
-    `APIFAST_PLUGINS`, when set, is a comma-separated allow-list of entry-point names.
+    `allowed_names` (the `APIFAST_PLUGINS` setting; None: read from the environment), when
+    not empty, is a comma-separated allow-list of entry-point names.
     """
     pm = pluggy.PluginManager("apifast")
     pm.add_hookspecs(hookspecs)
-    allowed = {p.strip() for p in os.environ.get("APIFAST_PLUGINS", "").split(",") if p.strip()}
+    if allowed_names is None:
+        allowed_names = os.environ.get("APIFAST_PLUGINS", "")
+    allowed = {p.strip() for p in allowed_names.split(",") if p.strip()}
     for group in (PROVIDER_GROUP, PAYMENT_GROUP):
         if allowed:
             from importlib.metadata import entry_points

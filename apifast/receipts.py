@@ -22,6 +22,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import os
+import secrets
 from dataclasses import dataclass, field
 from decimal import Decimal
 from pathlib import Path
@@ -176,8 +177,10 @@ def _data_dir_seeds(path: Path) -> list[tuple[str, bytes]]:
         path.parent.mkdir(parents=True, exist_ok=True)
         key = Ed25519PrivateKey.generate()
         seed = key.private_bytes_raw()
-        tmp = path.with_name(f"keys.{os.getpid()}.tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        # Unique among processes sharing the directory: routers in containers sharing one
+        # volume all run as pid 1, and a shared name let one truncate another's key file.
+        tmp = path.with_name(f"keys.{os.getpid()}.{secrets.token_hex(8)}.tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         with os.fdopen(fd, "wb") as f:
             f.write(orjson.dumps([{"kid": kid_of(key.public_key()), "seed": _b64(seed)}]))
         try:

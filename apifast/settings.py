@@ -114,6 +114,9 @@ class Settings(BaseSettings):
     default_rpm_limit: int = Field(default=0, ge=0)
     default_tpm_limit: int = Field(default=0, ge=0)
 
+    # Comma-separated allow-list of plugin entry-point names; empty: every installed plugin.
+    plugins: str = ""
+
     log_level: str = "INFO"
     # Prometheus metrics on their own listener, "host:port" (e.g. 127.0.0.1:9464); empty: off.
     # Never on the public port.

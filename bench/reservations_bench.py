@@ -3,7 +3,9 @@ fake upstream and Postgres, once as shipped (each request holds its bound atomic
 plpgsql call: a row lock, an UPDATE and an INSERT) and once with that call swapped for a plain
 key lookup (a benchmark-only build; never run it for real: it holds no money). Both serve
 non-streaming chat at 32 connections from one key, the worst case for the key's row lock.
-Runs alternate (A B A B ...) and the medians are compared.
+Runs alternate (A B A B ...) and the medians are compared. Balance leases are off in both
+(`APIFAST_LEASE_SHARE=0`), so every request takes its own hold; `bench/leases_bench.py`
+measures the leases.
 
     python bench/reservations_bench.py [--rounds 5] [--seconds 6]
 
@@ -47,13 +49,13 @@ def install_plain_lookup() -> None:
     import asyncpg
 
     from apifast.errors import ApiError
-    from router import reservations
+    from apifast.router import reservations
 
     original = reservations.reserve
 
     async def lookup(
         pool: asyncpg.Pool, key_hash: bytes, generation_id: str, min_usd: Decimal,
-        max_usd: Decimal, ttl_s: int,
+        max_usd: Decimal, ttl_s: int, *_: object, **__: object,
     ) -> reservations.Hold:  # fmt: skip
         row = await pool.fetchrow(
             "SELECT id, balance_usd - reserved_usd AS available, rpm_limit, tpm_limit "
@@ -69,7 +71,7 @@ def install_plain_lookup() -> None:
 
     async def lookup_method(
         self: reservations.Reserver, key_hash: bytes, generation_id: str, min_usd: Decimal,
-        max_usd: Decimal,
+        max_usd: Decimal, *_: object,
     ) -> reservations.Hold:  # fmt: skip
         return await lookup(self.pool, key_hash, generation_id, min_usd, max_usd, self.ttl_s)
 
@@ -77,7 +79,7 @@ def install_plain_lookup() -> None:
     import apifast.server.app  # noqa: F401 - imports every module that may hold a reference
 
     for module in list(sys.modules.values()):
-        if getattr(module, "__name__", "").startswith("router"):
+        if getattr(module, "__name__", "").startswith("apifast.router"):
             for name, value in list(vars(module).items()):
                 if value is original:
                     setattr(module, name, lookup)
@@ -97,6 +99,11 @@ class BenchServer(ApiFastServer):
     def __init__(self, *args: object, mode: str) -> None:
         super().__init__(*args)  # type: ignore[arg-type]
         self.mode = mode
+
+    def env(self) -> dict[str, str]:
+        # Leases off: a key this busy would be served from its balance lease after its first
+        # 200 requests, and both builds would measure the lease instead of the hold.
+        return {**super().env(), "APIFAST_LEASE_SHARE": "0"}
 
     async def start(self) -> BenchServer:
         await self._prepare_database()

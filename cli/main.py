@@ -1,4 +1,4 @@
-"""The `apifast` command: dev, serve, meter, migrate and keys."""
+"""The `apifast` command: dev, serve, meter, migrate, keys, reconcile, admin and receipts."""
 
 from __future__ import annotations
 
@@ -9,6 +9,8 @@ import json
 import sys
 from collections.abc import Sequence
 
+from pydantic import ValidationError
+
 from apifast.cli.admin import add_admin_parser, cmd_admin_set_password
 from apifast.cli.common import configure_logging, database_settings, require
 from apifast.cli.receipts import add_receipts_parser, cmd_receipts_verify
@@ -17,10 +19,18 @@ from apifast.settings import Settings
 
 
 def cmd_serve(settings: Settings, args: argparse.Namespace) -> int:
+    from apifast.catalog.toml import CatalogError
     from apifast.server.app import create_app
     from apifast.server.serve import run_uvicorn
 
     require(settings, "database_url", "nats_url")
+    try:
+        # A broken catalog is one line naming the file, the entry and the problem (README),
+        # not a traceback; with several workers, before any starts, once.
+        app = create_app(settings)
+    except CatalogError as exc:
+        print(f"apifast: {exc}", file=sys.stderr)
+        return 2
     if settings.workers > 1:
         from apifast.metrics import workers_metrics
 
@@ -29,12 +39,14 @@ def cmd_serve(settings: Settings, args: argparse.Namespace) -> int:
         # This process serves the metrics of every worker, which must not bind the port too.
         served = workers_metrics(settings.metrics_listen) if settings.metrics_listen else None
         with served or contextlib.nullcontext():
-            # Each worker process builds its own app (and pools) from the environment.
+            # Each worker process builds its own app (and pools, and logging) from the
+            # environment.
             run_uvicorn(
-                "apifast.server.app:create_app", settings, factory=True, workers=settings.workers
-            )
+                "apifast.cli.worker:create_worker_app", settings, factory=True,
+                workers=settings.workers,
+            )  # fmt: skip
     else:
-        run_uvicorn(create_app(settings), settings)
+        run_uvicorn(app, settings)
     return 0
 
 
@@ -155,7 +167,16 @@ COMMANDS = {
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    settings = Settings()
+    try:
+        settings = Settings()
+    except ValidationError as exc:
+        # One line per bad setting, by the name the operator set, not a traceback. The
+        # value is not repeated: it may be a secret.
+        for error in exc.errors():
+            field = ".".join(str(part) for part in error["loc"])
+            name = f"APIFAST_{field.upper()}" if field else "settings"
+            print(f"apifast: {name}: {error['msg']}", file=sys.stderr)
+        return 2
     configure_logging(settings)
     handler = COMMANDS[(args.command, getattr(args, f"{args.command}_command", None))]
     return handler(settings, args)

@@ -41,7 +41,7 @@ from apifast.metering.ledger import (
     record_checkpoints,
     release_expired,
 )
-from apifast.metering.stream import ensure_usage_stream, nats_servers
+from apifast.metering.stream import NatsErrorLog, ensure_usage_stream, nats_servers
 from apifast.metrics import Metrics
 from apifast.tracing import Tracer
 
@@ -91,6 +91,7 @@ class Meter:
         self.processed = 0  # events newly counted, for tests and logs
         self.failures = 0  # batches that failed and were nak'ed
         self.overages = 0  # events debited whose upstream usage went beyond the hold
+        self.nats_errors = NatsErrorLog("apifast-meter")
         self._stop = asyncio.Event()
         self.idle = asyncio.Event()  # set whenever a fetch came back empty
         self.metrics: Metrics | None = None  # set by the composition root
@@ -163,6 +164,7 @@ class Meter:
         nc = await nats.connect(
             nats_servers(self.nats_url), name="apifast-meter", connect_timeout=2,
             max_reconnect_attempts=-1, reconnect_time_wait=0.5,
+            error_cb=self.nats_errors.report,
         )  # fmt: skip
         try:
             js = nc.jetstream()

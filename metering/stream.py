@@ -1,8 +1,11 @@
-"""The usage stream's JetStream configuration, shared by the router and the meter."""
+"""The usage stream's JetStream configuration, shared by the router and the meter, and how
+their NATS clients connect (the server list, the error log)."""
 
 from __future__ import annotations
 
 import logging
+import time
+from collections.abc import Callable
 
 from nats.js.api import DiscardPolicy, RetentionPolicy, StorageType, StreamConfig
 from nats.js.client import JetStreamContext
@@ -17,6 +20,33 @@ log = logging.getLogger("apifast.stream")
 # The dedupe costs the server about 150 bytes per event in the window: 30 minutes at 1,000
 # events/s is some 270 MB per replica (docs/scaling.md).
 DUPLICATE_WINDOW_S = 30 * 60
+
+
+class NatsErrorLog:
+    """A NATS client's `error_cb` (`report`; nats-py takes only a coroutine function): one
+    warning per kind of error a minute. nats-py's default logs an ERROR line (a whole
+    traceback in text logs) for every reconnect attempt, two a second per client for as long
+    as NATS is down, burying everything else. Named by the error's type only, like every
+    ApiFast log line."""
+
+    def __init__(self, client: str, every_s: float = 60.0,
+                 clock: Callable[[], float] = time.monotonic) -> None:  # fmt: skip
+        self.client = client
+        self.every_s = every_s
+        self.clock = clock
+        self.errors = 0  # every error seen, logged or not
+        self._last: dict[str, float] = {}
+
+    async def report(self, exc: Exception) -> None:
+        self.errors += 1
+        kind = type(exc).__name__
+        now = self.clock()
+        last = self._last.get(kind)
+        if last is not None and now - last < self.every_s:
+            return
+        self._last[kind] = now
+        log.warning("nats (%s): %s; reconnecting (at most one such line a minute)",
+                    self.client, kind)  # fmt: skip
 
 
 def nats_servers(url: str) -> list[str]:

@@ -33,6 +33,7 @@ import orjson
 from nats.aio.client import Client as NATS
 
 from apifast.catalog.toml import Model
+from apifast.metering.stream import NatsErrorLog, nats_servers
 from apifast.router.route_book import RouteBook, fingerprint
 from apifast.router.route_choice import RouteEntry
 
@@ -53,6 +54,7 @@ class HealthShare:
         self.subject = subject
         self.models = models
         self.router_id = os.urandom(8).hex()
+        self.nats_errors = NatsErrorLog("apifast-route-health")
         self.applied = 0  # reports from other routers applied (for tests and logs)
         self.snapshot_subject = f"{subject}.snapshot"
         self._inbox = ""  # where this router's snapshot requests are answered
@@ -86,9 +88,13 @@ class HealthShare:
         while True:
             try:
                 nc = await nats.connect(
-                    self.nats_url, name="apifast-route-health", max_reconnect_attempts=-1,
-                    reconnect_time_wait=0.5, connect_timeout=2, allow_reconnect=True,
+                    # Every node of a cluster (APIFAST_NATS_URL, comma-separated): nats-py
+                    # refuses the comma-joined string as one URL.
+                    nats_servers(self.nats_url), name="apifast-route-health",
+                    max_reconnect_attempts=-1, reconnect_time_wait=0.5, connect_timeout=2,
+                    allow_reconnect=True,
                     reconnected_cb=self._reconnected,
+                    error_cb=self.nats_errors.report,
                 )  # fmt: skip
                 self._nc = nc
                 await nc.subscribe(self.subject, cb=self._received)

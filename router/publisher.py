@@ -27,7 +27,7 @@ from nats.js.client import JetStreamContext
 
 from apifast.db import Queries
 from apifast.metering.event import UsageEvent, message_id
-from apifast.metering.stream import ensure_usage_stream, nats_servers
+from apifast.metering.stream import NatsErrorLog, ensure_usage_stream, nats_servers
 from apifast.metrics import Metrics
 from apifast.router.spool import Spool
 
@@ -62,6 +62,7 @@ class EventPublisher:
         self._queue: asyncio.Queue[Item] = asyncio.Queue()
         self._nc: NATS | None = None
         self._js: JetStreamContext | None = None
+        self.nats_errors = NatsErrorLog("apifast-router")
         self._task: asyncio.Task[None] | None = None
         self._connect_task: asyncio.Task[None] | None = None
         self._inflight: list[Item] = []  # taken off the queue, not yet published or spooled
@@ -116,6 +117,7 @@ class EventPublisher:
                     connect_timeout=2,
                     allow_reconnect=True,
                     disconnected_cb=self._on_disconnect,
+                    error_cb=self.nats_errors.report,
                 )
                 js = nc.jetstream(timeout=_PUBLISH_TIMEOUT_S)
                 await ensure_usage_stream(js, self.stream, self.subject, self.replicas)
@@ -214,14 +216,12 @@ class EventPublisher:
         ack.set_result(isinstance(reply, dict) and "seq" in reply and "error" not in reply)
 
     def spool_age_s(self) -> float:
-        """Age of the oldest spooled event (its segment file), 0 when none."""
-        files = self.spool.pending_files()
-        if not files:
-            return 0.0
+        """Age of the oldest spooled event (when its segment was started), 0 when none."""
         try:
-            return max(0.0, time.time() - min(f.stat().st_mtime for f in files))
+            created = self.spool.oldest_created()
         except OSError:
             return 0.0
+        return 0.0 if created is None else max(0.0, time.time() - created)
 
     def _spool(self, items: list[Item]) -> None:
         if items and self.metrics is not None:

@@ -92,6 +92,17 @@ class Spool:
             return []
         return sorted(self.directory.glob(_PATTERN))
 
+    def oldest_created(self) -> float | None:
+        """When the oldest pending segment was started (Unix seconds), None when there is
+        none. Read from its name, not its mtime: an outage appends to one active segment
+        all along, so its mtime is the newest event's, not the oldest's."""
+        oldest: float | None = None
+        for path in self.pending_files():
+            created = _created(path)
+            if created is not None and (oldest is None or created < oldest):
+                oldest = created
+        return oldest
+
     def rescan(self) -> None:
         """Recount the lines of every segment that is not this process's active one."""
         others = 0
@@ -180,6 +191,17 @@ def _try_lock(path: Path) -> Segment | None:
         os.close(fd)
         return None
     return Segment(path, fd)
+
+
+def _created(path: Path) -> float | None:
+    """A segment's start time from its name (`spool-<pid>-<ns>`); else its mtime."""
+    _, _, ns = path.stem.rpartition("-")
+    if ns.isdigit():
+        return int(ns) / 1e9
+    try:
+        return path.stat().st_mtime
+    except FileNotFoundError:
+        return None
 
 
 def _count_lines(path: Path) -> int:

@@ -111,3 +111,29 @@ def test_native_responses_is_a_provider_option(tmp_path):
     assert (
         "native_responses" not in load_catalog(write(tmp_path, EXAMPLE)).providers["local"].options
     )
+
+
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_serve_with_a_broken_catalog_stops_with_one_line(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
+    workers: str,
+) -> None:  # fmt: skip
+    """README: a broken catalog stops start-up with a message naming the file, the entry and
+    the problem. `apifast dev` printed it; `apifast serve`, what production runs, printed a
+    traceback (and with several workers, one per worker, after they started)."""
+    from apifast.cli.main import main
+
+    path = write(tmp_path, EXAMPLE.replace('provider = "local"', 'provider = "nowhere"'))
+    monkeypatch.setenv("APIFAST_MODELS_FILE", str(path))
+    monkeypatch.setenv("APIFAST_DATABASE_URL", "postgresql://postgres@127.0.0.1:9/none")
+    monkeypatch.setenv("APIFAST_NATS_URL", "nats://127.0.0.1:9")
+    monkeypatch.setenv("APIFAST_SECRET_KEY", "s" * 40)
+    monkeypatch.setenv("APIFAST_WORKERS", workers)
+    monkeypatch.delenv("APIFAST_CLICKHOUSE_URL", raising=False)
+    monkeypatch.chdir(tmp_path)  # no .env of the checkout
+    assert main(["serve"]) == 2
+    err = capsys.readouterr().err
+    assert (
+        err
+        == f"apifast: {path}: models[0] (id='fast-chat') routes[0]: unknown provider 'nowhere'\n"
+    )

@@ -196,7 +196,8 @@ def _local_config(prefix: Path, upstream: str, admin: str, ports: dict[int, int]
     text = text.replace("/etc/nginx/certs/", f"{prefix}/certs/")
     for inside, outside in ports.items():
         text = re.sub(rf"\blisten {inside}\b", f"listen 127.0.0.1:{outside}", text)
-    text = text.replace("events {}", f"pid {prefix}/nginx.pid;\nerror_log {prefix}/error.log;\n"
+    # Warnings too: nginx says so when it writes a request body to a temporary file.
+    text = text.replace("events {}", f"pid {prefix}/nginx.pid;\nerror_log {prefix}/error.log warn;\n"
                         "events {}", 1)  # fmt: skip
     conf = prefix / "nginx.conf"
     conf.write_text(text)
@@ -248,6 +249,14 @@ async def test_nginx_config_serves_tls_and_answers_in_the_api_shape(
                 json={"model": "upstream-model", "messages": [{"role": "user", "content": "hi"}]},
             )
             assert chat.status_code == 200  # proxied through to the (fake) router
+            # A long prompt (an agent's context) is not written to nginx's disk: its
+            # request-body buffer holds any body the limit lets in.
+            long = await c.post("/v1/chat/completions", json={
+                "model": "upstream-model",
+                "messages": [{"role": "user", "content": "canary " * 20_000}],
+            })  # fmt: skip
+            assert long.status_code == 200
+            assert "temporary file" not in (prefix / "error.log").read_text()
         # The panel's listener: its own refusals as pages, not nginx's.
         async with httpx.AsyncClient(
             base_url=f"https://127.0.0.1:{ports[8444]}", verify=tls, timeout=10
@@ -259,6 +268,10 @@ async def test_nginx_config_serves_tls_and_answers_in_the_api_shape(
             down = await panel.get("/admin/login")  # the admin profile is not running
             assert down.status_code == 503 and down.headers["retry-after"] == "5"
             assert "--profile admin" in down.text and "nginx" not in down.text
+            # A form (a password, a provider's key) is not written to disk either.
+            form = await panel.post("/admin/login", content=b"p=" + b"x" * 200_000)
+            assert form.status_code == 503
+            assert "temporary file" not in (prefix / "error.log").read_text()
         # Plain HTTP goes to the HTTPS port compose publishes (443:8443), so no port.
         lb_ports = _compose()["services"]["lb"]["ports"]
         assert "443:8443" in lb_ports and "80:8080" in lb_ports
@@ -288,3 +301,39 @@ def test_the_production_install_carries_no_embedded_engine() -> None:
     assert not [line for line in pins if line.lower().startswith(engines)]
     dockerfile = (REPO / "Dockerfile").read_text()
     assert "pip install -r requirements.lock" in dockerfile
+
+
+def test_compose_requires_the_public_url() -> None:
+    """Payment processors post their webhooks to `<APIFAST_PUBLIC_URL>/v1/webhooks/...`, so
+    compose must not guess it: its old default, http://localhost:8080, was sent to the
+    processors as the callback and named no host they could reach (README, Production)."""
+    services = _compose()["services"]
+    for name in ("router", "admin", "meter", "migrate"):
+        value = services[name]["environment"]["APIFAST_PUBLIC_URL"]
+        assert re.fullmatch(r"\$\{APIFAST_PUBLIC_URL:\?[^}]+\}", value), (name, value)
+    readme = (REPO / "README.md").read_text()
+    production = readme.split("## Production", 1)[1].split("\n## ", 1)[0]
+    assert "export POSTGRES_PASSWORD=... CLICKHOUSE_PASSWORD=... APIFAST_PUBLIC_URL=" in production
+
+
+def test_the_operators_secret_files_are_kept_out_of_git_and_the_image() -> None:
+    """README, Production: the TLS key goes in deploy/certs/, the catalog in models.toml,
+    secrets in .env and apifast.env; none may be committed by a `git add -A`, nor sent to
+    the image build."""
+    ignored = (REPO / ".gitignore").read_text().split()
+    for entry in ("deploy/certs/", "/models.toml", ".env", "apifast.env"):
+        assert entry in ignored, entry
+    build_ignored = (REPO / ".dockerignore").read_text().split()
+    for entry in ("deploy/certs", "models.toml", ".env", "apifast.env"):
+        assert entry in build_ignored, entry
+
+
+def test_every_router_keeps_its_data_dir_on_the_shared_volume() -> None:
+    """The admin profile's router is a router too: usage events it spools while NATS is
+    away must outlive its container (they are unbilled requests until replayed), and
+    without APIFAST_RECEIPT_KEYS it must sign with the key the public routers publish."""
+    services = _compose()["services"]
+    for name in ("router", "admin"):
+        assert "spool:/data" in services[name]["volumes"], name
+        assert services[name]["environment"].get("APIFAST_DATA_DIR", "/data") == "/data"
+    assert "ENV APIFAST_DATA_DIR=/data" in (REPO / "Dockerfile").read_text()

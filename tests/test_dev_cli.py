@@ -323,3 +323,23 @@ async def test_migrating_twice_is_harmless(database_factory):
     first = await migrate_database(url)
     assert first and first[0].startswith("0001_")
     assert await migrate_database(url) == []
+
+
+def test_a_bad_setting_is_one_line_by_its_name(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """An operator who writes APIFAST_METRICS_LISTEN=9464 gets the setting's name and the
+    problem, not a pydantic traceback naming `metrics_listen`; and never the value, which
+    could be a secret."""
+    from apifast.cli.main import main
+
+    monkeypatch.chdir(tmp_path)  # no .env of the checkout
+    monkeypatch.setenv("APIFAST_METRICS_LISTEN", "9464")
+    monkeypatch.setenv("APIFAST_PORT", "eighty")
+    assert main(["serve"]) == 2
+    lines = capsys.readouterr().err.splitlines()
+    assert [line.split(":")[1].strip() for line in lines] == [
+        "APIFAST_PORT", "APIFAST_METRICS_LISTEN"
+    ]  # fmt: skip
+    assert all(line.startswith("apifast: ") for line in lines)
+    assert "eighty" not in "".join(lines) and "Traceback" not in "".join(lines)

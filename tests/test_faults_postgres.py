@@ -47,6 +47,15 @@ async def test_router_answers_503_while_postgres_is_unreachable(
                         assert set(error) == {"message", "type", "code", "param"}
                         assert error["code"] == "database_unavailable"
                 assert len(fake_openai.requests) == calls  # nothing was served unbilled
+                async with stack.client() as c:
+                    # Alive all the same (a liveness probe must not restart the routers
+                    # for a database outage), but out of rotation.
+                    health = await c.get("/healthz")
+                    assert health.status_code == 200, health.text
+                    assert health.json()["postgres"] == "down"
+                    assert health.json()["status"] == "degraded"
+                    ready = await c.get("/readyz")
+                    assert ready.status_code == 503 and ready.json()["postgres"] == "down"
             finally:
                 await admin.execute(f'ALTER DATABASE "{name}_down" RENAME TO "{name}"')
             async with stack.client(key) as c:

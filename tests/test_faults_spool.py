@@ -7,6 +7,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import pytest
+
 from apifast.router.spool import Segment, Spool
 
 
@@ -64,3 +66,29 @@ def _claim_all(spool: Spool) -> list[Segment]:
     for segment in claimed:
         segment.release()
     return claimed
+
+
+def test_spool_age_is_the_oldest_events_all_through_an_outage(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`apifast_spool_age_seconds` (EventPublisher.spool_age_s) is how an operator alerts on
+    events stuck in the spool. During an outage a router appends to one active segment all
+    along, so its mtime is always the newest event's: the age must come from when the
+    segment was started, or it stays near 0 however long NATS has been gone."""
+    from apifast.router import publisher as publisher_module
+    from apifast.router import spool as spool_module
+    from apifast.router.publisher import EventPublisher
+
+    outage_began = 1_700_000_000  # Unix seconds, on a clock this test controls
+    monkeypatch.setattr(spool_module.time, "time_ns", lambda: outage_began * 10**9)
+    publisher = EventPublisher("nats://127.0.0.1:1", "S", "s", tmp_path, 100)
+    publisher.spool.open()
+    assert publisher.spool_age_s() == 0.0  # nothing spooled
+    publisher.spool.append([b'{"generation_id": "first"}'])
+    # Two minutes on, the same segment still takes events (NATS is still gone); the file's
+    # mtime is the real clock's now, and of this latest append.
+    monkeypatch.setattr(publisher_module.time, "time", lambda: outage_began + 120.0)
+    publisher.spool.append([b'{"generation_id": "latest"}'])
+    assert len(list(tmp_path.glob("spool-*.jsonl"))) == 1
+    assert publisher.spool_age_s() == 120.0
+    publisher.spool.close()

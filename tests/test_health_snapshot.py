@@ -20,7 +20,7 @@ from apifast.router.route_book import RouteBook
 from apifast.router.route_health import CLOSED, OPEN, BreakerPolicy
 from tests.fakes.openai_upstream import FakeOpenAI
 from tests.fault_tools import OwnNats
-from tests.harness import running_stack
+from tests.harness import free_port, running_stack
 from tests.test_smart_routing import assert_nothing_named, catalog, chat
 
 
@@ -163,3 +163,31 @@ async def test_a_router_started_late_skips_a_route_its_peer_found_broken(
 
 async def _applied(stack: Any) -> int:
     return int(stack.state.health.applied)
+
+
+async def test_routers_on_a_nats_cluster_share_breakers(nats_url: str) -> None:
+    """APIFAST_NATS_URL names every node of a cluster, comma-separated (docs/scaling.md,
+    deploy/scale.env). The route-health share passed that string to nats-py as one URL,
+    which it refuses: on a cluster the routers never shared a breaker. Here the "cluster" is
+    a node that is down and the shared server."""
+    down = f"nats://127.0.0.1:{free_port()}"
+    cluster = f"{down},{nats_url}"
+    subject = f"t{os.urandom(6).hex()}.route_health"
+    models = _models({"m": ["a"]})
+    clock = Clock(1000.0)
+    a_book = RouteBook(BreakerPolicy(failures=1), clock=clock)
+    b_book = RouteBook(BreakerPolicy(failures=1), clock=clock)
+    first = HealthShare(a_book, cluster, subject, models.get)
+    second = HealthShare(b_book, cluster, subject, models.get)
+    try:
+        for share in (first, second):
+            await share.start()
+            await asyncio.wait_for(share.wait_ready(), 20)
+        entry = a_book.entries(models["m"])[0]
+        assert a_book.admit(entry)
+        a_book.failed("m", entry, UpstreamError(500))
+        await _until(lambda: second.applied, 1)
+        assert b_book.entries(models["m"])[0].breaker.state == OPEN
+    finally:
+        await second.close()
+        await first.close()

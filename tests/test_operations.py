@@ -4,6 +4,7 @@ logged with the class of their cause (never a text that could carry content)."""
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 from collections.abc import Callable
 from decimal import Decimal
@@ -13,6 +14,7 @@ from typing import Any
 import asyncpg
 import httpx
 import orjson
+import pytest
 
 from apifast.key_admin import insert_key
 from apifast.server.migrations import migrate_database
@@ -47,9 +49,12 @@ async def test_not_ready_while_usage_events_cannot_be_kept(
         assert (await c.get("/healthz")).status_code == 200  # alive all the same
 
 
+@pytest.mark.parametrize("workers", ["1", "2"])
 async def test_json_logs_name_the_cause_of_a_failed_upstream(
-    database_factory: Callable[[str], str], nats_url: str, tmp_path: Path
+    database_factory: Callable[[str], str], nats_url: str, tmp_path: Path, workers: str
 ) -> None:
+    """Every line is JSON, the workers' own too (APIFAST_WORKERS > 1: fresh interpreters,
+    whose lines once bypassed the format as bare text)."""
     models = tmp_path / "models.toml"
     models.write_text(models_toml(f"http://127.0.0.1:{free_port()}/v1"))  # nothing listens
     settings = stack_settings(
@@ -63,7 +68,9 @@ async def test_json_logs_name_the_cause_of_a_failed_upstream(
             key, _, _ = await insert_key(conn, SECRET.encode(), Decimal("1.00"))
     finally:
         await conn.close()
-    router = RouterProcess(settings, tmp_path / "r", LOG_FORMAT="json")
+    router = RouterProcess(
+        settings, tmp_path / "r", LOG_FORMAT="json", LOG_LEVEL="INFO", WORKERS=workers
+    )
     router.start()
     try:
         await router.wait_ready()
@@ -80,6 +87,9 @@ async def test_json_logs_name_the_cause_of_a_failed_upstream(
     assert lines and all({"ts", "level", "logger", "message"} <= set(e) for e in lines)
     failed = [e for e in lines if "failed: status=None" in e["message"]]
     assert failed and "cause=refused" in failed[0]["message"]
+    assert failed[0]["level"] == "WARNING" and failed[0]["logger"] == "apifast.router"
+    started = [e for e in lines if e["message"] == "Application startup complete."]
+    assert len(started) == int(workers)  # each worker's INFO lines are kept
     text = router.log()
     assert "secret" not in text and key not in text  # no prompt, no key
 
@@ -287,3 +297,46 @@ async def test_metrics_with_two_workers_serve_them_both(
     assert "apifast_spool_events" in text and "apifast_leases" in text  # the gauges too
     assert "address already in use" not in router.log().lower()
     assert not directory.exists()  # removed when serve stops
+
+
+async def test_a_nats_outage_is_logged_once_a_minute_not_per_reconnect_attempt(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """nats-py logs an ERROR line (a traceback, in text logs) for every reconnect attempt
+    unless given an error callback: two a second per client for as long as NATS is down.
+    The router's clients (usage events, route health) say it once a minute per kind. A
+    private nats-server, killed; never the shared one."""
+    from apifast.router.health_share import HealthShare
+    from apifast.router.publisher import EventPublisher
+    from apifast.router.route_book import RouteBook
+    from apifast.router.route_health import BreakerPolicy
+    from tests.fault_tools import OwnNats
+
+    server = OwnNats(tmp_path / "nats")
+    await server.start()
+    publisher = EventPublisher(server.url, "OPS_LOGS", "ops.logs", tmp_path / "spool", 100)
+    share = HealthShare(RouteBook(BreakerPolicy()), server.url, "ops.health", lambda _: None)
+    await publisher.start()
+    await share.start()
+    try:
+        await asyncio.wait_for(share.wait_ready(), 20)
+        for _ in range(400):
+            if publisher.connected():
+                break
+            await asyncio.sleep(0.05)
+        assert publisher.connected()
+        caplog.set_level(logging.WARNING)
+        server.kill()
+        for _ in range(600):  # until both clients failed several reconnect attempts
+            if min(publisher.nats_errors.errors, share.nats_errors.errors) >= 6:
+                break
+            await asyncio.sleep(0.05)
+        assert min(publisher.nats_errors.errors, share.nats_errors.errors) >= 6
+    finally:
+        await share.close()
+        await publisher.close()
+        server.stop()
+    assert [r.getMessage() for r in caplog.records if r.name.startswith("nats")] == []
+    said = [r.getMessage() for r in caplog.records if r.name == "apifast.stream"]
+    kinds = {(m.split(")")[0], m.split(": ")[1].split(";")[0]) for m in said}
+    assert said and len(said) == len(kinds)  # once per client and kind of error

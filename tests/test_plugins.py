@@ -137,3 +137,28 @@ async def test_third_party_plugin_serves_a_model(installed_echo, stack_settings_
         assert resp.choices[0].message.content == "echo: 2 messages"
         assert resp.usage is not None and resp.usage.prompt_tokens == 20
         await stack.wait_metered([resp.id])
+
+
+def test_the_plugin_allow_list_is_read_from_dotenv_like_every_setting(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """README, Settings: every APIFAST_* setting is also read from `.env`. APIFAST_PLUGINS
+    was read from the process environment only, so an allow-list in `.env` (or compose's
+    apifast.env) was ignored and every installed plugin loaded."""
+    from apifast.server.app import create_app
+    from apifast.settings import Settings
+
+    for name in ("APIFAST_PLUGINS", "APIFAST_MODELS_FILE", "APIFAST_SECRET_KEY"):
+        monkeypatch.delenv(name, raising=False)
+    models = tmp_path / "models.toml"
+    models.write_text(
+        '[providers.claude]\ntype = "anthropic"\nbase_url = "http://127.0.0.1:9"\n\n'
+        '[[models]]\nid = "m"\ninput_usd_per_mtok = "1"\noutput_usd_per_mtok = "1"\n'
+        'routes = [ { provider = "claude", model = "x" } ]\n'
+    )
+    dotenv = tmp_path / ".env"
+    dotenv.write_text(f"APIFAST_SECRET_KEY={'s' * 40}\nAPIFAST_MODELS_FILE={models}\n")
+    create_app(Settings(_env_file=dotenv))  # type: ignore[call-arg]  # anthropic is installed
+    dotenv.write_text(dotenv.read_text() + "APIFAST_PLUGINS=openai,demo\n")
+    with pytest.raises(Exception, match="anthropic"):  # allowed out: the catalog names it
+        create_app(Settings(_env_file=dotenv))  # type: ignore[call-arg]

@@ -159,3 +159,26 @@ def test_libsodium_signs_the_same_bytes_as_cryptography() -> None:
         signature = base64.urlsafe_b64decode(receipt.split(".")[1] + "==")
         assert signature == reference.sign(payload)
         assert verify(receipt, signer.published)["id"] == fields["id"]
+
+
+def test_routers_sharing_a_data_dir_never_write_into_each_others_key_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """compose's routers share one /data volume and, in their containers, all run as pid 1.
+    Making the receipt key, one must not truncate, take over or delete the temporary file
+    another is still writing: that one would then sign with a key the file does not keep."""
+    import os
+
+    from apifast import receipts
+
+    monkeypatch.setattr(receipts.os, "getpid", lambda: 1)
+    keys_dir = tmp_path / "receipts"
+    keys_dir.mkdir()
+    # Another router (pid 1 in its own container) is midway through writing its key.
+    theirs = keys_dir / "keys.1.tmp"
+    theirs.write_bytes(b"another router's key, not yet linked")
+    signer = ReceiptSigner.from_settings("", tmp_path)
+    assert theirs.read_bytes() == b"another router's key, not yet linked"
+    stored = orjson.loads((keys_dir / "keys.json").read_bytes())
+    assert [entry["kid"] for entry in stored] == list(signer.published)
+    assert sorted(os.listdir(keys_dir)) == ["keys.1.tmp", "keys.json"]
