@@ -20,8 +20,10 @@ from apifast.router.framework_reply import framework_response
 from apifast.router.openai_shape import (
     DONE,
     chunk_bytes,
+    clean_choices,
     completion_body,
     error_event_bytes,
+    plain_choices,
     usage_chunk_bytes,
 )
 from apifast.router.prompt_bound import prompt_token_bound
@@ -90,13 +92,14 @@ class ChatRenderer:
 
     def chunk(self, chunk: dict[str, Any]) -> bytes:
         choices = chunk.get("choices")
-        # Only a chunk with tool calls pays for the renaming (a text chunk: a lookup per
-        # choice, usually one).
-        if type(choices) is list and any(map(_has_calls, choices)):
-            if self._calls is None:
-                self._calls = {}
-            own_chat_call_ids(choices, "delta", self._calls, self.generation_id)
-        return chunk_bytes(chunk, self.generation_id, self.model, self.created)
+        # The usual text chunk goes as it is; only another can have tool calls to rename.
+        if type(choices) is not list or not plain_choices(choices):
+            if type(choices) is list and any(map(_has_calls, choices)):
+                if self._calls is None:
+                    self._calls = {}
+                own_chat_call_ids(choices, "delta", self._calls, self.generation_id)
+            choices = clean_choices(choices)
+        return chunk_bytes(choices, self.generation_id, self.model, self.created)
 
     def stream_end(self, usage: Usage, cost: Decimal) -> bytes:
         if not self.include_usage:

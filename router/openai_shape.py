@@ -19,6 +19,10 @@ _MESSAGE_KEYS = frozenset({
     "role", "content", "refusal", "tool_calls", "function_call", "audio", "annotations",
     "reasoning_content", "reasoning",
 })  # fmt: skip
+# A stream chunk's choice with only these keys, and a delta with only these, is relayed as it
+# is: nothing in it to clean (a delta's tool calls are, and get ApiFast's ids).
+_CHUNK_CHOICE_KEYS = frozenset({"index", "delta", "finish_reason", "logprobs"})
+_PLAIN_DELTA_KEYS = _MESSAGE_KEYS - {"tool_calls"}
 _TOOL_CALL_KEYS = frozenset({"index", "id", "type", "function"})
 _FUNCTION_KEYS = frozenset({"name", "arguments"})
 _EMBEDDING_KEYS = ("object", "index", "embedding")
@@ -72,7 +76,7 @@ def _clean_choice(choice: Any) -> Any:
     return out
 
 
-def _clean_choices(choices: Any) -> list[Any]:
+def clean_choices(choices: Any) -> list[Any]:
     if not isinstance(choices, list):
         return []
     return [_clean_choice(c) for c in choices]
@@ -86,18 +90,32 @@ def completion_body(
     chunks have it): nothing of the upstream's envelope."""
     out: dict[str, Any] = {
         "id": generation_id, "model": model, "object": "chat.completion", "created": created,
-        "choices": _clean_choices(upstream.get("choices")), "usage": usage_json(usage, cost),
+        "choices": clean_choices(upstream.get("choices")), "usage": usage_json(usage, cost),
     }  # fmt: skip
     return orjson.dumps(out)
 
 
-def chunk_bytes(chunk: dict[str, Any], generation_id: str, model: str, created: int) -> bytes:
+def plain_choices(choices: list[Any]) -> bool:
+    """Whether a stream chunk's choices are relayed as they are (the usual text chunk): the
+    check costs less than the copy it saves."""
+    for choice in choices:
+        if type(choice) is not dict or not choice.keys() <= _CHUNK_CHOICE_KEYS:
+            return False
+        delta = choice.get("delta")
+        if delta is not None and (type(delta) is not dict or not delta.keys() <= _PLAIN_DELTA_KEYS):
+            return False
+    return True
+
+
+def chunk_bytes(choices: list[Any], generation_id: str, model: str, created: int) -> bytes:
+    """A stream chunk under ApiFast's id, of choices that `plain_choices` passed or that
+    `clean_choices` made."""
     out = {
         "id": generation_id,
         "object": "chat.completion.chunk",
         "created": created,
         "model": model,
-        "choices": _clean_choices(chunk.get("choices")),
+        "choices": choices,
     }
     return b"data: " + orjson.dumps(out) + b"\n\n"
 
