@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 from apifast.errors import ApiError, bad
+from apifast.router.validation import check_service_tier
 
 _STATELESS = (
     "ApiFast never stores prompts or responses, so it cannot continue a stored "
@@ -366,17 +367,5 @@ def native_only_fields(body: dict[str, Any]) -> tuple[tuple[str, str], ...]:
         or max_tool_calls < 1
     ):  # fmt: skip
         raise bad("max_tool_calls", "must be a positive integer")
-    tier = body.get("service_tier")
-    if tier in ("flex", "priority", "scale"):  # as chat answers them (router/validation.py)
-        raise ApiError(
-            400,
-            f"service_tier: {tier!r} is not offered: ApiFast serves every request at its "
-            "catalog price (send auto or default, or leave it out)",
-            param="service_tier", code="unsupported_parameter",
-        )  # fmt: skip
-    if tier not in (None, "auto", "default"):
-        raise bad(
-            "service_tier",
-            "must be auto or default: ApiFast serves every request at its catalog price",
-        )
+    check_service_tier(body.get("service_tier"))  # as chat answers it
     return tuple(out)

@@ -84,7 +84,7 @@ def validate_chat(body: dict[str, Any]) -> tuple[bool, bool, int | None, int]:
     tools = body.get("tools")
     if tools is not None and not isinstance(tools, list):
         raise bad("tools", "must be an array")
-    _check_service_tier(body.get("service_tier"))
+    check_service_tier(body.get("service_tier"))
     if body.get("web_search_options") is not None:
         # The upstream runs the searches and bills each one beside the tokens, which the
         # catalog price does not cover; and its user_location says where the caller is.
@@ -105,7 +105,9 @@ _SERVICE_TIERS = (None, "auto", "default")
 _OTHER_TIERS = ("flex", "priority", "scale")
 
 
-def _check_service_tier(tier: Any) -> None:
+def check_service_tier(tier: Any) -> None:
+    """Chat's and Responses' `service_tier`: the catalog price's values pass, the others are
+    refused by name."""
     if tier in _SERVICE_TIERS:
         return
     if tier in _OTHER_TIERS:
