@@ -302,3 +302,30 @@ async def test_rotation_is_bounded(stack: Stack) -> None:
         refused = await c.post("/v1/key/rotate")
         assert refused.status_code == 409 and refused.json()["error"]["code"] == "rotation_limit"
         assert (await c.post("/v1/chat/completions", json=BODY)).status_code == 200  # unchanged
+
+
+async def test_an_event_metered_after_the_rotation_is_billed_to_the_new_key(stack: Stack) -> None:
+    """A usage event of the old key that reaches the meter only after the rotation (a spool
+    replayed late, a reconcile repair) is paid from the balance that moved: the new key's.
+    On the old key it would take an emptied, disabled key below zero, and go unpaid."""
+    from tests.fault_tools import publish_events, usage_events
+
+    old = await stack.create_key("2.00")
+    old_id = (await _row(stack, old))["id"]
+    async with stack.client(old) as c:
+        r = await c.post("/v1/key/rotate")
+    assert r.status_code == 201, r.text
+    new = r.json()["key"]
+    [(gid, payload, cost)] = usage_events([hash_key(SECRET.encode(), old)], 1, seed=23)
+    await publish_events(stack.settings, [(gid, payload, cost)])
+    await stack.wait_metered([gid])
+    old_row, new_row = await _row(stack, old), await _row(stack, new)
+    assert old_row["balance_usd"] == 0 and old_row["disabled"] is True
+    assert new_row["balance_usd"] == Decimal("2.00") - cost
+    billed = await stack.pool.fetchval(
+        "SELECT key_id FROM ledger WHERE kind = 'usage' AND ref = $1", gid
+    )
+    assert billed == new_row["id"] != old_id
+    async with stack.client(new) as c:  # the new key's history shows it, at its cost
+        usage = (await c.get(f"/v1/generation/{gid}"))
+        assert usage.status_code == 200, usage.text

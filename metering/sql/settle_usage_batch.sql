@@ -8,7 +8,8 @@
 -- toward this minute's tpm.
 -- A sub-key's event is debited to its parent (the ledger row names the child in
 -- sub_key_id) and added to the child's spent_usd and its UTC day in sub_key_daily, once:
--- only for the ledger rows this statement inserted.
+-- only for the ledger rows this statement inserted. A rotated key's event is billed to its
+-- successor.
 -- $1 generation ids, $2 key hashes, $3 costs (already capped), $4 overages, $5 models,
 -- $6 lease ids, $7 tokens (input + output).
 -- Returns the generation ids newly counted.
@@ -17,9 +18,14 @@ WITH ev AS (
                          $6::text[], $7::bigint[])
         AS e(generation_id, key_hash, cost, overage, model, lease_id, tokens)
 ), evk AS (
-    SELECT ev.*, k.id AS own_id, coalesce(k.parent_id, k.id) AS bill_id,
+    -- An event of a key rotated since (a spool replayed late, a reconcile repair) is billed
+    -- to the key it was rotated to: the balance that paid for it moved there. Sub-keys are
+    -- never rotated; their parent's rotation re-parents them.
+    SELECT ev.*, coalesce(s.key_id, k.id) AS own_id,
+           coalesce(k.parent_id, s.key_id, k.id) AS bill_id,
            CASE WHEN k.parent_id IS NULL THEN NULL ELSE k.id END AS sub_id
     FROM ev JOIN api_keys k ON k.key_hash = ev.key_hash
+    LEFT JOIN key_predecessors s ON s.predecessor_id = k.id
 ), ins AS (
     INSERT INTO ledger (key_id, kind, ref, amount_usd, sub_key_id)
     SELECT evk.bill_id, 'usage', evk.generation_id, -evk.cost, evk.sub_id
