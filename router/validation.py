@@ -94,7 +94,27 @@ def validate_chat(body: dict[str, Any]) -> tuple[bool, bool, int | None, int]:
             "provider per search, outside the catalog price; declare a function tool instead",
             param="web_search_options", code="unsupported_parameter",
         )  # fmt: skip
+    _check_text_output(body)
     return stream, include_usage, max_tokens, n
+
+
+def _check_text_output(body: dict[str, Any]) -> None:
+    """Spoken answers (`audio`, or "audio" in `modalities`) are refused by name: the upstream
+    bills audio output at its own, higher rate, which the catalog's per-token price does not
+    follow, so the hold could not be the bound it promises."""
+    modalities = body.get("modalities")
+    if modalities is not None and (
+        not isinstance(modalities, list) or not all(isinstance(m, str) for m in modalities)
+    ):
+        raise bad("modalities", "must be an array of strings")
+    if body.get("audio") is not None or any(m != "text" for m in modalities or ()):
+        param = "audio" if body.get("audio") is not None else "modalities"
+        raise ApiError(
+            400,
+            f"{param}: not supported: ApiFast answers in text only (send modalities "
+            '["text"], or leave modalities and audio out)',
+            param=param, code="unsupported_parameter",
+        )  # fmt: skip
 
 
 # service_tier values served as asked: every request is served at its catalog price, which

@@ -327,5 +327,5 @@ async def test_an_event_metered_after_the_rotation_is_billed_to_the_new_key(stac
     )
     assert billed == new_row["id"] != old_id
     async with stack.client(new) as c:  # the new key's history shows it, at its cost
-        usage = (await c.get(f"/v1/generation/{gid}"))
+        usage = await c.get(f"/v1/generation/{gid}")
         assert usage.status_code == 200, usage.text

@@ -395,6 +395,40 @@ async def test_chat_web_search_options_are_refused(cstack: Stack, fake_openai: F
     assert await cstack.pool.fetchval("SELECT count(*) FROM reservations") == 0
 
 
+@pytest.mark.parametrize(
+    ("fields", "param"),
+    [
+        ({"modalities": ["text", "audio"], "audio": {"voice": "alloy", "format": "wav"}}, "audio"),
+        ({"modalities": ["text", "audio"]}, "modalities"),
+        ({"audio": {"voice": "alloy", "format": "mp3"}}, "audio"),
+    ],
+)
+async def test_chat_audio_output_is_refused(
+    cstack: Stack, fake_openai: FakeOpenAI, fields: dict[str, Any], param: str
+) -> None:
+    """Spoken answers are billed upstream at an audio rate the catalog price does not
+    follow: a 400 naming the field, before anything is held or sent. Text only passes."""
+    key = await cstack.create_key("1.00")
+    async with cstack.client(key) as c:
+        r = await c.post("/v1/chat/completions",
+                         json={"model": "fast-chat", "messages": HI, **fields})  # fmt: skip
+        assert r.status_code == 400, r.text
+        error = r.json()["error"]
+        assert error["param"] == param and error["code"] == "unsupported_parameter"
+        assert fake_openai.requests == []
+        assert await cstack.pool.fetchval("SELECT count(*) FROM reservations") == 0
+        text = await c.post(
+            "/v1/chat/completions",
+            json={"model": "fast-chat", "messages": HI, "modalities": ["text"]},
+        )
+        assert text.status_code == 200, text.text
+        wrong = await c.post(
+            "/v1/chat/completions",
+            json={"model": "fast-chat", "messages": HI, "modalities": "audio"},
+        )
+        assert wrong.status_code == 400 and wrong.json()["error"]["param"] == "modalities"
+
+
 # --- bad input is a 400 naming the field, before anything is held or sent ---------------------
 
 
