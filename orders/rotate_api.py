@@ -13,7 +13,9 @@ any number of rotations up to MAX_ROTATIONS.
 Money in flight is never lost: the old key is disabled first (every router stops serving it
 within a second: NOTIFY, and their leases on it are given back), then the rotation waits for
 its holds to settle, up to APIFAST_ROTATE_WAIT_S. If they do not, the old key is enabled again
-and the answer is 409 with Retry-After; nothing has moved.
+and the answer is 409 with Retry-After; nothing has moved. A debit of the old key that comes
+later still (a spooled event replayed after its hold expired, a reconcile repair) is billed by
+the meter to the key it was rotated to (metering/sql/settle_usage_batch.sql).
 """
 
 from __future__ import annotations

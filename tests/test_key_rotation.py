@@ -329,3 +329,13 @@ async def test_an_event_metered_after_the_rotation_is_billed_to_the_new_key(stac
     async with stack.client(new) as c:  # the new key's history shows it, at its cost
         usage = await c.get(f"/v1/generation/{gid}")
         assert usage.status_code == 200, usage.text
+    # The ledger and ClickHouse still agree: the row is the old key's, the debit the new's.
+    from datetime import UTC, datetime, timedelta
+
+    from apifast.metering.reconcile import reconcile
+
+    now = datetime.now(UTC)
+    report = await reconcile(stack.settings, now - timedelta(hours=1), now + timedelta(hours=1))
+    found = [*report.missing_in_clickhouse, *report.missing_in_ledger,
+             *(m.generation_id for m in report.mismatched)]  # fmt: skip
+    assert gid not in found, report.to_text()
