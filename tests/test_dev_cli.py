@@ -343,3 +343,20 @@ def test_a_bad_setting_is_one_line_by_its_name(
     ]  # fmt: skip
     assert all(line.startswith("apifast: ") for line in lines)
     assert "eighty" not in "".join(lines) and "Traceback" not in "".join(lines)
+
+
+async def test_a_log_level_is_a_standard_name_in_any_case(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """APIFAST_LOG_LEVEL=trace (uvicorn's name, not logging's) once stopped start-up with a
+    traceback from logging; now it is the one line of any bad setting. Any case is taken."""
+    from apifast.settings import Settings
+
+    env = {**cli_env(tmp_path / "data", free_port(), None), "APIFAST_LOG_LEVEL": "trace"}
+    bad = await run_cli(env, "serve")
+    assert bad.returncode == 2, bad.stderr
+    (line,) = bad.stderr.splitlines()
+    assert line.startswith("apifast: APIFAST_LOG_LEVEL: ") and "DEBUG" in line, line
+    for given, kept in (("debug", "DEBUG"), ("Warning", "WARNING"), ("warn", "WARNING")):
+        monkeypatch.setenv("APIFAST_LOG_LEVEL", given)
+        assert Settings(_env_file=None).log_level == kept  # type: ignore[call-arg]
