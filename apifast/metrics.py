@@ -114,6 +114,14 @@ class Metrics:
             "apifast_meter_pending", "Usage events in the stream not yet taken by a meter",
             registry=r, multiprocess_mode="livemax",
         )  # fmt: skip
+        # Apart from the pending ones, as JetStream counts them: taken but not yet acked is
+        # another state (a slow store, a meter that died holding a batch) than not taken.
+        self.meter_in_flight = Gauge(
+            "apifast_meter_in_flight",
+            "Usage events taken by a meter and not yet acked (being metered, or to be "
+            "redelivered)",
+            registry=r, multiprocess_mode="livemax",
+        )  # fmt: skip
         self.store_errors = Counter(
             "apifast_meter_store_errors", "Meter batches that failed, by store", ["store"],
             registry=r,

@@ -6,12 +6,16 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 # The shortest order and ledger retention: longer than the stream keeps an event (7 days) and
 # than any spool replay, so a redelivered event still meets its ledger row.
 ORDER_RETENTION_MIN_DAYS = 30
+# APIFAST_LOG_LEVEL's names, any case: the ones both logging and uvicorn know (uvicorn has no
+# NOTSET, logging no TRACE), and logging's aliases for two of them.
+LOG_LEVELS = ("CRITICAL", "ERROR", "WARNING", "INFO", "DEBUG")
+_LOG_LEVEL_ALIASES = {"WARN": "WARNING", "FATAL": "CRITICAL"}
 
 
 class Settings(BaseSettings):
@@ -117,6 +121,7 @@ class Settings(BaseSettings):
     # Comma-separated allow-list of plugin entry-point names; empty: every installed plugin.
     plugins: str = ""
 
+    # One of LOG_LEVELS, any case; kept upper-case.
     log_level: str = "INFO"
     # Prometheus metrics on their own listener, "host:port" (e.g. 127.0.0.1:9464); empty: off.
     # Never on the public port.
@@ -195,6 +200,17 @@ class Settings(BaseSettings):
     # also poll for a change this often in case a notification was missed.
     catalog_poll_s: float = Field(default=5.0, gt=0)
     # --- end of admin block ------------------------------------------------------------------
+
+    @field_validator("log_level")
+    @classmethod
+    def _standard_log_level(cls, value: str) -> str:
+        # Checked here, so that a bad level is the CLI's one line naming the setting, not a
+        # traceback from logging or uvicorn at start-up.
+        level = value.strip().upper()
+        level = _LOG_LEVEL_ALIASES.get(level, level)
+        if level not in LOG_LEVELS:
+            raise ValueError(f"not a log level; use one of {', '.join(LOG_LEVELS)} (any case)")
+        return level
 
     def resolved_route_health_subject(self) -> str:
         return self.route_health_subject or f"{self.nats_subject}.route_health"

@@ -31,22 +31,33 @@ def run_dev(settings: Settings) -> int:
             except CatalogError as exc:
                 print(f"apifast: {exc}", file=sys.stderr)
                 return 2
-            url = f"http://{resolved.host}:{resolved.port}"
-            models = (
-                "the offline demo model 'apifast-demo'"
-                if resolved.models_file is None
-                else (f"the models in {resolved.models_file}")
-            )
-            print(
-                f"ApiFast dev stack on {url} serving {models}.\n"
-                f"  data:     {resolved.data_dir}\n"
-                f"  new key:  apifast keys create --credit 5.00\n"
-                f"  try:      curl {url}/v1/models",
-                file=sys.stderr,
-                flush=True,
-            )
+            announce(resolved)
             run_uvicorn(app, resolved)
     except EmbeddedError as exc:
         print(f"apifast: {exc}", file=sys.stderr)
         return 1
     return 0
+
+
+def announce(settings: Settings) -> None:
+    """Where the dev stack serves and what to try: a banner for a terminal, or one log
+    line when the logs are JSON (a collector reading them takes every line as JSON)."""
+    url = f"http://{settings.host}:{settings.port}"
+    models = (
+        "the offline demo model 'apifast-demo'"
+        if settings.models_file is None
+        else f"the models in {settings.models_file}"
+    )
+    if settings.log_format == "json":
+        log.info("ApiFast dev stack on %s serving %s; data: %s; new key: apifast keys create "
+                 "--credit 5.00; try: curl %s/v1/models", url, models, settings.data_dir,
+                 url)  # fmt: skip
+        return
+    print(
+        f"ApiFast dev stack on {url} serving {models}.\n"
+        f"  data:     {settings.data_dir}\n"
+        f"  new key:  apifast keys create --credit 5.00\n"
+        f"  try:      curl {url}/v1/models",
+        file=sys.stderr,
+        flush=True,
+    )

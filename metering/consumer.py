@@ -20,7 +20,6 @@ import asyncio
 import contextlib
 import logging
 import math
-import time
 from collections.abc import Awaitable
 from decimal import Decimal
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -30,6 +29,7 @@ import nats
 import orjson
 from nats.aio.msg import Msg
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
+from nats.js.client import JetStreamContext
 
 from apifast.metering.clickhouse import ClickHouseStore
 from apifast.metering.event import event_problem
@@ -58,7 +58,7 @@ _MAX_BACKOFF_S = 10.0
 # it missing and insert it. The lock makes check-and-insert one step across meters; Postgres
 # debits still run in parallel. A dead meter's lock goes with its connection.
 CLICKHOUSE_WRITE_LOCK = 0x61665F63
-_LAG_EVERY_S = 5.0  # how often the stream's pending count is read for /metrics
+_LAG_EVERY_S = 5.0  # how often the consumer's backlog is read for /metrics
 
 
 class Meter:
@@ -120,6 +120,9 @@ class Meter:
 
     async def run(self) -> None:
         """Consume until `stop()`; reconnects and retries on every failure."""
+        # Names and sizes only: the URLs may carry passwords.
+        log.info("meter: started on stream %s (subject %s) as consumer %s, batches of up to "
+                 "%d events", self.stream, self.subject, self.durable, self.batch_size)  # fmt: skip
         housekeeping = asyncio.create_task(self._release_expired_forever())
         try:
             while not self._stop.is_set():
@@ -130,6 +133,8 @@ class Meter:
                 except Exception as exc:  # retried after a pause
                     log.warning("meter: %s; retrying", type(exc).__name__)
                     await self._sleep(1.0)
+            log.info("meter: stopped; %d events metered, %d batches retried",
+                     self.processed, self.failures)  # fmt: skip
         finally:
             housekeeping.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -182,32 +187,49 @@ class Meter:
             )
             info = await sub.consumer_info()
             ack_wait = info.config.ack_wait or self.ack_wait_s
-            backoff = 0.0
-            next_lag = 0.0
-            while not self._stop.is_set():
-                if self.metrics is not None and time.monotonic() >= next_lag:
-                    next_lag = time.monotonic() + _LAG_EVERY_S
-                    with contextlib.suppress(Exception):
-                        pending = (await sub.consumer_info()).num_pending
-                        self.metrics.meter_lag.set(pending or 0)
-                try:
-                    msgs = await sub.fetch(self.batch_size, timeout=self.batch_wait_s)
-                except TimeoutError:
-                    self.idle.set()
-                    continue
-                if not msgs:
-                    self.idle.set()
-                    continue
-                self.idle.clear()
-                if await self._handle(msgs, ack_wait):
-                    backoff = 0.0
-                    continue
-                # A store is down: nothing was acked. Wait, then take the batch again.
-                backoff = min(_MAX_BACKOFF_S, max(0.5, backoff * 2))
-                await self._sleep(backoff)
+            lag = None if self.metrics is None else asyncio.create_task(self._read_lag(sub))
+            try:
+                await self._fetch_until_stopped(sub, ack_wait)
+            finally:
+                if lag is not None:
+                    lag.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await lag
         finally:
             with contextlib.suppress(Exception):
                 await nc.close()
+
+    async def _read_lag(self, sub: JetStreamContext.PullSubscription) -> None:
+        """Export the consumer's backlog every few seconds, until cancelled. Beside the loop
+        that fetches, not in it: a batch held up in a store shows as in flight while it is."""
+        assert self.metrics is not None
+        while True:
+            with contextlib.suppress(Exception):
+                info = await sub.consumer_info()
+                self.metrics.meter_lag.set(info.num_pending or 0)
+                self.metrics.meter_in_flight.set(info.num_ack_pending or 0)
+            await asyncio.sleep(_LAG_EVERY_S)
+
+    async def _fetch_until_stopped(
+        self, sub: JetStreamContext.PullSubscription, ack_wait: float
+    ) -> None:
+        backoff = 0.0
+        while not self._stop.is_set():
+            try:
+                msgs = await sub.fetch(self.batch_size, timeout=self.batch_wait_s)
+            except TimeoutError:
+                self.idle.set()
+                continue
+            if not msgs:
+                self.idle.set()
+                continue
+            self.idle.clear()
+            if await self._handle(msgs, ack_wait):
+                backoff = 0.0
+                continue
+            # A store is down: nothing was acked. Wait, then take the batch again.
+            backoff = min(_MAX_BACKOFF_S, max(0.5, backoff * 2))
+            await self._sleep(backoff)
 
     async def _handle(self, msgs: list[Msg], ack_wait: float) -> bool:
         """Store a batch and ack it; False (and every message nak'ed) when a store failed."""

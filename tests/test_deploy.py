@@ -6,10 +6,13 @@ from __future__ import annotations
 
 import asyncio
 import datetime
+import os
 import re
 import shutil
 import ssl
 import subprocess
+import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +29,7 @@ from apifast.embedded.nats import nats_server_binary
 from apifast.metering.stream import nats_servers
 from apifast.settings import Settings
 from tests.fakes.openai_upstream import FakeOpenAI
-from tests.harness import free_port
+from tests.harness import free_port, models_toml, running_stack
 
 REPO = Path(__file__).resolve().parent.parent
 PINNED = re.compile(r"^[\w./-]+:\d+(\.\d+){1,3}(-[\w.]+)?$")  # no floating tag
@@ -59,6 +62,43 @@ def test_compose_pins_images_and_refuses_a_missing_catalog() -> None:
     assert not any(str(p).endswith(":8000") for p in ports)  # routers never published
     certs = [m for m in services["lb"]["volumes"] if m["source"] == "./deploy/certs"]
     assert certs and certs[0]["bind"]["create_host_path"] is False
+
+
+async def _healthcheck_exit(test: list[str], port: int) -> int:
+    """A compose healthcheck's `CMD` run here, as Docker runs it in the container: the
+    image's `python` is this interpreter, and APIFAST_PORT the one the image sets."""
+    assert test[0] == "CMD" and test[1] == "python"
+    env = {"PATH": os.environ.get("PATH", ""), "APIFAST_PORT": str(port),
+           "http_proxy": "http://127.0.0.1:9", "HTTP_PROXY": "http://127.0.0.1:9"}  # fmt: skip
+    done = await asyncio.to_thread(
+        subprocess.run, [sys.executable, *test[2:]], env=env, capture_output=True, timeout=30
+    )
+    return done.returncode
+
+
+async def test_compose_routers_are_healthy_when_ready_and_the_proxy_waits_for_them(
+    stack_settings_factory: Callable[..., Any], fake_openai: FakeOpenAI
+) -> None:
+    """Every router's compose healthcheck asks /readyz with what the image has (python; no
+    curl), and nginx starts only once the routers are healthy. The check itself, run against
+    a real router: it passes when the router is ready, fails when it is not (its spool holds
+    nothing, so paid requests are refused), and ignores a proxy set for the upstreams."""
+    services = _compose()["services"]
+    dockerfile = (REPO / "Dockerfile").read_text()
+    assert "FROM python:" in dockerfile and "ENV APIFAST_DATA_DIR=/data APIFAST_HOST=0.0.0.0 " \
+        "APIFAST_PORT=8000" in dockerfile  # fmt: skip
+    checks = {name: services[name]["healthcheck"] for name in ("router", "admin")}
+    assert checks["router"] == checks["admin"]
+    test = checks["router"]["test"]
+    assert "/readyz" in test[-1] and "curl" not in " ".join(test)
+    assert services["lb"]["depends_on"] == {"router": {"condition": "service_healthy"}}
+    ready = stack_settings_factory(models_toml(fake_openai.url))
+    async with running_stack(ready):
+        assert await _healthcheck_exit(test, ready.port) == 0
+    spool_full = stack_settings_factory(models_toml(fake_openai.url), spool_max_events=0)
+    async with running_stack(spool_full) as stack, stack.client() as c:
+        assert (await c.get("/readyz")).status_code == 503
+        assert await _healthcheck_exit(test, spool_full.port) != 0
 
 
 def test_the_dockerfile_pins_its_base_images() -> None:

@@ -309,6 +309,29 @@ async def test_openai_sdk_responses_on_both_upstreams(dev: Dev) -> None:
     assert await dev.balance_after(key, list(costs)) == Decimal("1.00") - sum(costs.values())
 
 
+async def test_dev_in_json_log_mode_writes_only_json_lines(tmp_path: Path) -> None:
+    """With APIFAST_LOG_FORMAT=json every line `apifast dev` writes is a JSON object, its
+    start-up banner too (it was plain text, which a log collector cannot read)."""
+    port = free_port()
+    env = {**cli_env(tmp_path / "data", port, None), "APIFAST_LOG_FORMAT": "json"}
+    log_path = tmp_path / "dev.log"
+    with log_path.open("wb") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "apifast.cli", "dev"], env=env,  # noqa: ASYNC220
+                                cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT)  # fmt: skip
+    try:
+        await wait_healthy(f"http://127.0.0.1:{port}", proc)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        await asyncio.to_thread(proc.wait, 60)
+    text = log_path.read_text()
+    assert proc.returncode == 0, text[-2000:]
+    lines = [orjson.loads(line) for line in text.splitlines()]  # each one JSON, or this fails
+    banner = [e for e in lines if e["message"].startswith("ApiFast dev stack on ")]
+    assert len(banner) == 1 and banner[0]["logger"] == "apifast.dev", lines
+    assert f"http://127.0.0.1:{port}" in banner[0]["message"]
+    assert "apifast keys create --credit 5.00" in banner[0]["message"]
+
+
 async def test_keys_create_without_a_running_dev_server(tmp_path: Path):
     env = cli_env(tmp_path / "data", free_port(), None)
     made = await run_cli(env, "keys", "create", "--credit", "1.50", "--json", "--rpm-limit", "5")
@@ -343,3 +366,20 @@ def test_a_bad_setting_is_one_line_by_its_name(
     ]  # fmt: skip
     assert all(line.startswith("apifast: ") for line in lines)
     assert "eighty" not in "".join(lines) and "Traceback" not in "".join(lines)
+
+
+async def test_a_log_level_is_a_standard_name_in_any_case(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """APIFAST_LOG_LEVEL=trace (uvicorn's name, not logging's) once stopped start-up with a
+    traceback from logging; now it is the one line of any bad setting. Any case is taken."""
+    from apifast.settings import Settings
+
+    env = {**cli_env(tmp_path / "data", free_port(), None), "APIFAST_LOG_LEVEL": "trace"}
+    bad = await run_cli(env, "serve")
+    assert bad.returncode == 2, bad.stderr
+    (line,) = bad.stderr.splitlines()
+    assert line.startswith("apifast: APIFAST_LOG_LEVEL: ") and "DEBUG" in line, line
+    for given, kept in (("debug", "DEBUG"), ("Warning", "WARNING"), ("warn", "WARNING")):
+        monkeypatch.setenv("APIFAST_LOG_LEVEL", given)
+        assert Settings(_env_file=None).log_level == kept  # type: ignore[call-arg]

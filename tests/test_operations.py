@@ -139,7 +139,8 @@ async def test_metrics_on_their_own_listener_without_identifying_labels(
                  "apifast_spool_events", "apifast_spool_age_seconds", "apifast_leases",
                  "apifast_lease_growths_total", "apifast_upstream_errors_total",
                  "apifast_publish_failures_total", "apifast_meter_events_total",
-                 "apifast_meter_pending", "apifast_meter_store_errors_total"):  # fmt: skip
+                 "apifast_meter_pending", "apifast_meter_in_flight",
+                 "apifast_meter_store_errors_total"):  # fmt: skip
         assert name in series, name
     # Upstream errors by route (the public model and the provider of the route) and cause.
     assert (
