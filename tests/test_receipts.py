@@ -91,6 +91,28 @@ def test_verify_without_keys_fails_and_makes_none(
     assert orjson.loads(capsys.readouterr().out)["id"] == "gen-x"
 
 
+def test_verify_with_a_keys_file_it_cannot_use_exits_2(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """README: exit 1 when the receipt does not verify, 2 when there are no keys to verify
+    with. A --keys file that is missing, not JSON or lists no keys is the second (it said
+    `invalid:` and exited 1, as if the receipt were forged); another server's keys, the first."""
+    receipt = ReceiptSigner.from_settings("", tmp_path / "signer").sign({"v": 1, "id": "gen-x"})
+    monkeypatch.delenv("APIFAST_RECEIPT_KEYS", raising=False)
+    monkeypatch.setenv("APIFAST_DATA_DIR", str(tmp_path / "data"))
+    (tmp_path / "not.json").write_text("<html>")
+    (tmp_path / "empty.json").write_text('{"keys": []}')
+    for name in ("missing.json", "not.json", "empty.json"):
+        assert cli(["receipts", "verify", receipt, "--keys", str(tmp_path / name)]) == 2
+        err = capsys.readouterr().err
+        assert "no receipt keys to verify with" in err and name in err, err
+    other = ReceiptSigner.from_settings("", tmp_path / "other")
+    saved = tmp_path / "other.json"
+    saved.write_bytes(orjson.dumps(other.public_document()))
+    assert cli(["receipts", "verify", receipt, "--keys", str(saved)]) == 1
+    assert "invalid: unknown signing key" in capsys.readouterr().err
+
+
 async def test_receipts_for_a_date_range_as_json_lines(stack: Stack) -> None:
     key = await stack.create_key("1.00")
     other = await stack.create_key("1.00")
