@@ -44,7 +44,9 @@ def cmd_receipts_verify(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
-def _keys_to_verify_with(settings: Settings, path: Path | None) -> dict[str, Ed25519PublicKey] | None:
+def _keys_to_verify_with(
+    settings: Settings, path: Path | None
+) -> dict[str, Ed25519PublicKey] | None:
     """The public keys, or None (said on stderr) when there are none to verify with: exit 2,
     apart from exit 1 (the receipt does not verify), so a script can tell a forged receipt
     from a check that could not be made."""
