@@ -94,12 +94,27 @@ async def usage(request: Request, start: str | None = None, end: str | None = No
     return Response(orjson.dumps(body), media_type="application/json")
 
 
+# The Messages and Responses APIs answer with their own prefix on the generation id
+# (`msg_gen-...`, `resp_gen-...`): the id a client has is the one it may look up.
+_PROTOCOL_PREFIXES = ("msg_", "resp_")
+
+
+def stored_generation_id(answered_id: str) -> str:
+    """The generation id as usage_events keeps it, from the `id` of any protocol's answer."""
+    for prefix in _PROTOCOL_PREFIXES:
+        rest = answered_id.removeprefix(prefix)
+        if rest != answered_id and rest.startswith("gen-"):
+            return rest
+    return answered_id
+
+
 @api.get("/v1/generation/{generation_id}")
 async def generation(generation_id: str, request: Request) -> Response:
     state: RouterState = request.app.state.apifast
     hashes = await history_hashes(request, state.pool, state.secret)
     rows = await _store(state).query(
-        _GENERATION_SQL, {"key_hashes": hex_list(hashes), "generation_id": generation_id}
+        _GENERATION_SQL,
+        {"key_hashes": hex_list(hashes), "generation_id": stored_generation_id(generation_id)},
     )
     if not rows:
         raise ApiError(404, f"No generation '{generation_id}' for this key (metering may take "

@@ -1,0 +1,92 @@
+"""A newcomer's walk through the README on what `scripts/dev` serves with no models file (the
+demo catalog): the examples, as the README writes them, give what it shows."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import AsyncIterator, Callable
+from decimal import Decimal
+from pathlib import Path
+
+import orjson
+import pytest
+
+from tests.harness import Stack, running_stack
+
+README = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+
+
+def _section(title: str) -> str:
+    return README.split(f"\n## {title}\n", 1)[1].split("\n## ", 1)[0]
+
+
+def _bodies(section: str) -> list[dict[str, object]]:
+    """The JSON bodies of the section's curl examples (`-d '{...}'`), in order."""
+    return [orjson.loads(b) for b in re.findall(r"-d '(\{.*?\})'", section, re.DOTALL)]
+
+
+@pytest.fixture
+async def demo(stack_settings_factory: Callable[..., object]) -> AsyncIterator[Stack]:
+    async with running_stack(stack_settings_factory(None)) as running:  # type: ignore[arg-type]
+        yield running
+
+
+async def test_try_it_costs_what_the_readme_shows(demo: Stack) -> None:
+    """Try it: a 5.00 key, the chat request as written, then GET /v1/key shows the balance
+    and spend of the README's comment (it showed 0.000054; the demo's answer costs 0.000053)."""
+    section = _section("Try it")
+    shown = re.search(r'# \{"balance_usd":"([0-9.]+)".*"spent_usd":"([0-9.]+)"', section)
+    assert shown, "README's Try it lost its GET /v1/key output"
+    (body,) = _bodies(section)
+    key = await demo.create_key("5.00")
+    async with demo.client(key) as c:
+        r = await c.post("/v1/chat/completions", json=body)
+        assert r.status_code == 200, r.text
+        await demo.wait_metered([r.json()["id"]])
+        account = (await c.get("/v1/key")).json()
+    assert (account["balance_usd"], account["spent_usd"]) == shown.groups()
+    assert Decimal(shown[1]) + Decimal(shown[2]) == Decimal("5.00")
+
+
+async def test_generation_takes_the_id_each_protocol_answers_with(demo: Stack) -> None:
+    """`GET /v1/generation/{id}` with "the `id` of a response": the Messages API answers
+    `msg_gen-...` and the Responses API `resp_gen-...`; each id, as answered, finds its
+    generation (they got 404, found only without the prefix)."""
+    key = await demo.create_key("1.00")
+    async with demo.client(key) as c:
+        chat = await c.post("/v1/chat/completions", json={
+            "model": "apifast-demo", "messages": [{"role": "user", "content": "Hello"}]})  # fmt: skip
+        message = await c.post("/v1/messages", json={
+            "model": "apifast-demo", "max_tokens": 64,
+            "messages": [{"role": "user", "content": "Hello"}]})  # fmt: skip
+        response = await c.post("/v1/responses", json={"model": "apifast-demo", "input": "Hi"})
+        answered = [chat.json()["id"], message.json()["id"], response.json()["id"]]
+        assert [i.split("gen-")[0] for i in answered] == ["", "msg_", "resp_"], answered
+        stored = ["gen-" + i.split("gen-", 1)[1] for i in answered]
+        await demo.wait_metered(stored)
+        for answered_id, generation_id in zip(answered, stored, strict=True):
+            r = await c.get(f"/v1/generation/{answered_id}")
+            assert r.status_code == 200, r.text
+            assert r.json()["id"] == generation_id and r.json()["cost_usd"] != "0.00"
+        missing = await c.get("/v1/generation/msg_gen-000000000000000000000000")
+        assert missing.status_code == 404
+        assert "msg_gen-000000000000000000000000" in missing.json()["error"]["message"]
+
+
+async def test_the_sub_key_example_works_on_the_demo_catalog(demo: Stack) -> None:
+    """Sub-keys: the README's body, sent as written, makes a sub-key (its `allowed_models`
+    named `fast-chat`, which the demo catalog has not: a 400), and the sub-key can call it."""
+    create, disable = _bodies(_section("Sub-keys"))
+    key = await demo.create_key("5.00")
+    async with demo.client(key) as c:
+        made = await c.post("/v1/keys", json=create)
+        assert made.status_code == 201, made.text
+        sub = made.json()
+        allowed = create["allowed_models"]
+        assert isinstance(allowed, list)
+        async with demo.client(sub["key"]) as s:
+            r = await s.post("/v1/chat/completions", json={
+                "model": allowed[0], "messages": [{"role": "user", "content": "Hi"}]})  # fmt: skip
+            assert r.status_code == 200, r.text
+        off = await c.patch(f"/v1/keys/{sub['id']}", json=disable)
+        assert off.status_code == 200 and off.json()["disabled"] is True
