@@ -90,3 +90,21 @@ async def test_the_sub_key_example_works_on_the_demo_catalog(demo: Stack) -> Non
             assert r.status_code == 200, r.text
         off = await c.patch(f"/v1/keys/{sub['id']}", json=disable)
         assert off.status_code == 200 and off.json()["disabled"] is True
+
+
+async def test_buying_and_alerts_on_a_server_with_no_processor_and_no_mail(demo: Stack) -> None:
+    """Buying credit and Low-balance alerts, on a plain `apifast dev` (no processor, no SMTP):
+    the README's order and alert bodies get the answers it says they get there."""
+    order = _bodies(_section("Buying credit"))[0]
+    (alert,) = _bodies(_section("Low-balance alerts"))
+    key = await demo.create_key("1.00")
+    async with demo.client() as anonymous, demo.client(key) as c:
+        options = (await anonymous.get("/v1/payments/options")).json()
+        assert options["processors"] == []
+        refused = await anonymous.post("/v1/orders", json=order)
+        assert refused.status_code == 400, refused.text
+        error = refused.json()["error"]
+        assert (error["code"], error["param"]) == ("invalid_value", "processor")
+        assert "no payment processor is configured on this server" in error["message"]
+        no_mail = await c.post("/v1/key/alerts", json=alert)
+        assert no_mail.status_code == 400 and no_mail.json()["error"]["code"] == "email_unavailable"
