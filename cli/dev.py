@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import shutil
 import sys
+from pathlib import Path
 
 from apifast.settings import Settings
 
@@ -48,16 +50,29 @@ def announce(settings: Settings) -> None:
         if settings.models_file is None
         else f"the models in {settings.models_file}"
     )
+    new_key = f"{apifast_command()} keys create --credit 5.00"
     if settings.log_format == "json":
-        log.info("ApiFast dev stack on %s serving %s; data: %s; new key: apifast keys create "
-                 "--credit 5.00; try: curl %s/v1/models", url, models, settings.data_dir,
-                 url)  # fmt: skip
+        log.info("ApiFast dev stack on %s serving %s; data: %s; new key: %s; try: curl "
+                 "%s/v1/models", url, models, settings.data_dir, new_key, url)  # fmt: skip
         return
     print(
         f"ApiFast dev stack on {url} serving {models}.\n"
         f"  data:     {settings.data_dir}\n"
-        f"  new key:  apifast keys create --credit 5.00\n"
+        f"  new key:  {new_key}\n"
         f"  try:      curl {url}/v1/models",
         file=sys.stderr,
         flush=True,
     )
+
+
+def apifast_command() -> str:
+    """How the user's shell reaches this `apifast`: `apifast` when it is on PATH, else its
+    path in the venv (`.venv/bin/apifast` for `scripts/dev`, whose venv is not activated)."""
+    here = Path(sys.executable).parent / "apifast"
+    found = shutil.which("apifast")
+    if not here.exists() or (found is not None and Path(found).resolve() == here.resolve()):
+        return "apifast"
+    try:
+        return str(here.relative_to(Path.cwd()))  # has a slash, so the shell runs it as a path
+    except ValueError:
+        return str(here)

@@ -383,3 +383,27 @@ async def test_a_log_level_is_a_standard_name_in_any_case(
     for given, kept in (("debug", "DEBUG"), ("Warning", "WARNING"), ("warn", "WARNING")):
         monkeypatch.setenv("APIFAST_LOG_LEVEL", given)
         assert Settings(_env_file=None).log_level == kept  # type: ignore[call-arg]
+
+
+def test_the_dev_banner_names_an_apifast_the_shell_can_run(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`scripts/dev` runs the venv's apifast without activating the venv, so the banner's
+    `apifast keys create` was "command not found" in the second terminal the README opens;
+    it names the venv's apifast then (`.venv/bin/apifast` from the checkout), and plain
+    `apifast` when that is the one on PATH."""
+    from apifast.cli.dev import announce
+    from apifast.settings import Settings
+
+    venv_bin = Path(sys.executable).parent
+    if not (venv_bin / "apifast").exists():
+        pytest.skip("the tests do not run from an installed venv")
+    settings = Settings(_env_file=None, data_dir=tmp_path)  # type: ignore[call-arg]
+    monkeypatch.chdir(venv_bin.parent.parent)
+    monkeypatch.setenv("PATH", "/usr/bin:/bin")
+    announce(settings)
+    relative = (venv_bin / "apifast").relative_to(venv_bin.parent.parent)
+    assert f"  new key:  {relative} keys create --credit 5.00\n" in capsys.readouterr().err
+    monkeypatch.setenv("PATH", f"{venv_bin}:/usr/bin:/bin")
+    announce(settings)
+    assert "  new key:  apifast keys create --credit 5.00\n" in capsys.readouterr().err
