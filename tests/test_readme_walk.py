@@ -108,3 +108,7 @@ async def test_buying_and_alerts_on_a_server_with_no_processor_and_no_mail(demo:
         assert "no payment processor is configured on this server" in error["message"]
         no_mail = await c.post("/v1/key/alerts", json=alert)
         assert no_mail.status_code == 400 and no_mail.json()["error"]["code"] == "email_unavailable"
+        # docs/buying.md: recovery answers its 202 all the same (it said 503), mailing nothing.
+        assert options["email_recovery"] is False
+        recover = await anonymous.post("/v1/recover", json={"email": order["email"]})
+        assert recover.status_code == 202 and recover.json()["status"] == "accepted"
