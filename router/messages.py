@@ -60,16 +60,20 @@ _MESSAGES_SCHEMA = {
 }
 
 
-def authorization(request: Request) -> str | None:
+def authorization(request: Request) -> str:
     """`x-api-key: af-...` (what the anthropic SDK sends) or `Authorization: Bearer af-...`."""
     return authorization_from(
         request.headers.get("x-api-key"), request.headers.get("authorization")
     )
 
 
-def authorization_from(x_api_key: str | None, authorization: str | None) -> str | None:
+def authorization_from(x_api_key: str | None, authorization: str | None) -> str:
     if x_api_key is not None:
         return f"Bearer {x_api_key.strip()}"
+    if authorization is None:
+        # Name the header an Anthropic client sends, not only the OpenAI one.
+        raise ApiError(401, "Missing API key: send 'x-api-key: af-...' (or 'Authorization: "
+                       "Bearer af-...').", code="missing_api_key")  # fmt: skip
     return authorization
 
 

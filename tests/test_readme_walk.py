@@ -112,3 +112,22 @@ async def test_buying_and_alerts_on_a_server_with_no_processor_and_no_mail(demo:
         assert options["email_recovery"] is False
         recover = await anonymous.post("/v1/recover", json={"email": order["email"]})
         assert recover.status_code == 202 and recover.json()["status"] == "accepted"
+
+
+async def test_messages_without_a_key_names_the_anthropic_header(demo: Stack) -> None:
+    """The API table: `/v1/messages` takes `x-api-key` or `Authorization: Bearer`. Sent
+    neither, it told an Anthropic client only of the Bearer header; now of its own first."""
+    body = {
+        "model": "apifast-demo",
+        "max_tokens": 16,
+        "messages": [{"role": "user", "content": "Hi"}],
+    }
+    async with demo.client() as c:
+        for path in ("/v1/messages", "/v1/messages/count_tokens"):
+            r = await c.post(path, json=body)
+            assert r.status_code == 401, r.text
+            error = r.json()
+            assert error["type"] == "error" and error["error"]["type"] == "authentication_error"
+            assert "x-api-key: af-..." in error["error"]["message"], error
+        chat = await c.post("/v1/chat/completions", json=body)
+        assert "Authorization: Bearer af-..." in chat.json()["error"]["message"]
