@@ -117,7 +117,8 @@ async def count_tokens(request: Request) -> Response:
         key_hash = authenticate(state, authorization(request))
         row = await key_row(state.pool, key_hash)
         if row["disabled"]:
-            raise ApiError(403, "This API key is disabled.", code="key_disabled")
+            # 401, as /v1/messages answers the same key (a disabled key cannot authenticate).
+            raise ApiError(401, "This API key has been disabled.", code="key_disabled")
         raw = await read_body(request, settings.max_body_bytes, settings.body_read_timeout_s)
         body = parse_json_object(raw)
         model = resolve(state, model_name(body), "chat")

@@ -131,3 +131,24 @@ async def test_messages_without_a_key_names_the_anthropic_header(demo: Stack) ->
             assert "x-api-key: af-..." in error["error"]["message"], error
         chat = await c.post("/v1/chat/completions", json=body)
         assert "Authorization: Bearer af-..." in chat.json()["error"]["message"]
+
+
+async def test_count_tokens_refuses_a_disabled_key_as_messages_does(demo: Stack) -> None:
+    """README: a disabled sub-key gets 401, and a rotated-away key is disabled (401 from then
+    on). `/v1/messages/count_tokens` answered those 403 `permission_error`, where
+    `/v1/messages` itself answers 401 `authentication_error`: now the same."""
+    count = {"model": "apifast-demo", "messages": [{"role": "user", "content": "Hi"}]}
+    message = {**count, "max_tokens": 16}
+    key = await demo.create_key("1.00")
+    async with demo.client(key) as c:
+        sub = (await c.post("/v1/keys", json={"label": "x"})).json()
+        assert (await c.patch(f"/v1/keys/{sub['id']}", json={"disabled": True})).status_code == 200
+        assert (await c.post("/v1/key/rotate")).status_code == 201
+    for disabled in (sub["key"], key):
+        async with demo.client() as c:
+            headers = {"x-api-key": disabled}
+            counted = await c.post("/v1/messages/count_tokens", json=count, headers=headers)
+            sent = await c.post("/v1/messages", json=message, headers=headers)
+        for r in (counted, sent):
+            assert r.status_code == 401, r.text
+            assert r.json()["error"]["type"] == "authentication_error"
