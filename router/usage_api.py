@@ -175,4 +175,6 @@ def generation_json(r: dict[str, Any]) -> dict[str, Any]:
         out["cache_write_tokens"] = int(r["cache_write_tokens"])
     if "usage_estimated" in r:
         out["usage_estimated"] = bool(r["usage_estimated"])
+    if "api" in r:  # the client protocol: chat, messages or responses (endpoint is the kind)
+        out["api"] = r["api"]
     return out

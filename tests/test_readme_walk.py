@@ -64,10 +64,14 @@ async def test_generation_takes_the_id_each_protocol_answers_with(demo: Stack) -
         assert [i.split("gen-")[0] for i in answered] == ["", "msg_", "resp_"], answered
         stored = ["gen-" + i.split("gen-", 1)[1] for i in answered]
         await demo.wait_metered(stored)
-        for answered_id, generation_id in zip(answered, stored, strict=True):
+        apis = ["chat", "messages", "responses"]
+        for answered_id, generation_id, api in zip(answered, stored, apis, strict=True):
             r = await c.get(f"/v1/generation/{answered_id}")
             assert r.status_code == 200, r.text
             assert r.json()["id"] == generation_id and r.json()["cost_usd"] != "0.00"
+            assert r.json()["api"] == api and r.json()["endpoint"] == "chat"
+        listed = (await c.get("/v1/generations?limit=10")).json()["data"]
+        assert sorted(g["api"] for g in listed) == apis
         missing = await c.get("/v1/generation/msg_gen-000000000000000000000000")
         assert missing.status_code == 404
         assert "msg_gen-000000000000000000000000" in missing.json()["error"]["message"]

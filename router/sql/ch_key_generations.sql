@@ -3,7 +3,7 @@
 SELECT *
 FROM (
     SELECT generation_id, model, endpoint, stream, input_tokens, output_tokens, cached_tokens,
-           reasoning_tokens, cost_usd, latency_ms, ttft_ms, status, outcome, ts
+           reasoning_tokens, cost_usd, latency_ms, ttft_ms, status, outcome, ts, api
     FROM usage_events
     WHERE key_hash IN {key_hashes:Array(String)}
     ORDER BY ts DESC
