@@ -45,6 +45,8 @@ def _text(block: dict[str, Any], where: str) -> str:
     text = block.get("text")
     if not isinstance(text, str):
         raise bad(f"{where}.text", "required, a string")
+    if not text:  # Anthropic's API refuses an empty text block anywhere (messages, system)
+        raise bad(f"{where}.text", "text content blocks must be non-empty")
     return text
 
 
@@ -109,13 +111,17 @@ def _passed_through(block: dict[str, Any]) -> dict[str, Any]:
     return {"type": "passed_through", "block": block}
 
 
-def _message(message: Any, i: int, native_only: NativeOnly) -> list[dict[str, Any]]:
+def _message(message: Any, i: int, last: bool, native_only: NativeOnly) -> list[dict[str, Any]]:
     """One Anthropic turn as chat messages (a user turn's tool results become tool messages,
     and the images in them a user message after them)."""
     where = f"messages[{i}]"
     if not isinstance(message, dict) or message.get("role") not in _ROLES:
         raise bad(f"{where}.role", "must be 'user' or 'assistant'")
     role, content = message["role"], message.get("content")
+    if content in ("", []) and not (last and role == "assistant"):
+        # As Anthropic's API answers it; only a final assistant turn (a prefill) may be empty.
+        raise bad(f"{where}.content", "all messages must have non-empty content except for "
+                  "the optional final assistant message")  # fmt: skip
     if isinstance(content, str):
         return [{"role": role, "content": content}]
     if not isinstance(content, list):
@@ -178,7 +184,10 @@ def _tools(tools: Any) -> list[dict[str, Any]]:
             raise bad(f"tools[{i}]", "needs a name")
         if tool.get("type") not in (None, "custom"):
             raise bad(f"tools[{i}]", f"server tool {tool.get('type')!r} is not supported")
-        fn: dict[str, Any] = {"name": tool["name"], "parameters": tool.get("input_schema") or {}}
+        if not isinstance(tool.get("input_schema"), dict):
+            # Anthropic's API requires it of a custom tool; a chat upstream would get `{}`.
+            raise bad(f"tools[{i}].input_schema", "required, an object (the tool's JSON Schema)")
+        fn: dict[str, Any] = {"name": tool["name"], "parameters": tool["input_schema"]}
         if isinstance(tool.get("description"), str):
             fn["description"] = tool["description"]
         out.append({"type": "function", "function": fn})
@@ -268,7 +277,7 @@ def translate(body: dict[str, Any]) -> tuple[dict[str, Any], int, tuple[tuple[st
     if body.get("system") is not None:
         chat.append({"role": "system", "content": _text_of(body["system"], "system")})
     for i, message in enumerate(messages):
-        chat.extend(_message(message, i, native_only))
+        chat.extend(_message(message, i, i == len(messages) - 1, native_only))
     out: dict[str, Any] = {"messages": chat, "max_tokens": max_tokens}
     for name in ("temperature", "top_p"):
         value = body.get(name)
