@@ -228,6 +228,24 @@ def _effort(thinking: Any, native_only: NativeOnly) -> str | None:
     return "low" if budget < 4096 else "medium" if budget < 16384 else "high"
 
 
+def _output_format(config: Any) -> dict[str, Any] | None:
+    """`output_config.format` (structured outputs, what the SDK's `messages.parse` sends) as
+    chat's `response_format`. `effort` is a hint of how much to spend, billed by the tokens
+    used either way: a native route takes it, a translating one does without."""
+    if not isinstance(config, dict):
+        raise bad("output_config", "must be an object")
+    fmt = config.get("format")
+    if fmt is None:
+        return None
+    if not isinstance(fmt, dict) or fmt.get("type") != "json_schema":
+        raise bad("output_config.format", "must be {type: json_schema, schema}")
+    if not isinstance(fmt.get("schema"), dict):
+        raise bad("output_config.format.schema", "required, an object (a JSON Schema)")
+    # Not `strict`: OpenAI's strict mode refuses schemas Anthropic's accepts (a property
+    # left out of `required`); without it the upstream still answers JSON to the schema.
+    return {"type": "json_schema", "json_schema": {"name": "output", "schema": fmt["schema"]}}
+
+
 # Fields Anthropic's API takes that ApiFast refuses on every route, and why.
 _REFUSED = {
     "mcp_servers": "remote MCP servers are run by the model provider; ApiFast does not "
@@ -241,7 +259,8 @@ _SERVICE_TIERS = ("auto", "standard_only")
 # What a native (Anthropic) route receives of the client's body: `metadata` (its user_id
 # identifies the caller) and `service_tier` (it changes the upstream's price) never.
 _NATIVE_FIELDS = ("max_tokens", "messages", "system", "stop_sequences", "temperature",
-                  "top_p", "top_k", "tools", "tool_choice", "thinking")  # fmt: skip
+                  "top_p", "top_k", "tools", "tool_choice", "thinking",
+                  "output_config")  # fmt: skip
 
 
 def native_body(body: dict[str, Any]) -> dict[str, Any]:
@@ -296,6 +315,10 @@ def translate(body: dict[str, Any]) -> tuple[dict[str, Any], int, tuple[tuple[st
         effort = _effort(body["thinking"], native_only)
         if effort is not None:
             out["reasoning_effort"] = effort
+    if body.get("output_config") is not None:
+        response_format = _output_format(body["output_config"])
+        if response_format is not None:
+            out["response_format"] = response_format
     if body.get("stop_sequences") is not None:
         stops = body["stop_sequences"]
         if not isinstance(stops, list) or not all(isinstance(s, str) for s in stops):

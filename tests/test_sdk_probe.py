@@ -1,6 +1,8 @@
 """What a probe with the official `openai` and `anthropic` SDKs against a running stack found:
 embeddings refuse chat's `stream` by name; /v1/messages refuses, on every route, the empty
-turns, empty text blocks and schema-less tools Anthropic's API refuses."""
+turns, empty text blocks and schema-less tools Anthropic's API refuses; and structured outputs
+(`output_config.format`, the SDK's `messages.parse`) reach the upstream instead of being
+dropped."""
 
 from __future__ import annotations
 
@@ -9,10 +11,11 @@ from typing import Any
 
 import anthropic
 import openai
+import pydantic
 import pytest
 
 from tests.fakes.anthropic_upstream import FakeAnthropic
-from tests.fakes.openai_upstream import FakeOpenAI
+from tests.fakes.openai_upstream import REPLY_JSON, FakeOpenAI
 from tests.harness import Stack, models_toml, running_stack
 
 CLAUDE = """
@@ -165,3 +168,62 @@ async def test_messages_final_assistant_turn_may_be_empty(
     else:
         last = fake_claude.last_request.body["messages"][-1]
         assert last == {"role": "assistant", "content": ""}
+
+
+# --- /v1/messages: structured outputs (output_config.format) ----------------------------------
+
+
+class Weather(pydantic.BaseModel):
+    city: str
+
+
+@pytest.mark.parametrize("model", ["fast-chat", "claude-chat"])
+@pytest.mark.parametrize("stream", [False, True])
+async def test_messages_parse_gets_its_structured_output(
+    sstack: Stack, fake_openai: FakeOpenAI, fake_claude: FakeAnthropic, model: str, stream: bool
+) -> None:
+    """The SDK's `messages.parse(output_format=...)` sends `output_config.format`: a native
+    route gets it as sent, a translating one as chat's `response_format` json_schema. It was
+    dropped, and the answer came back unconstrained, which the SDK cannot parse."""
+    fake_claude.reply_text = REPLY_JSON
+    key = await sstack.create_key("1.00")
+    client = anthropic_sdk(sstack, key)
+    ask: Any = [{"role": "user", "content": "weather? [[json]]"}]
+    if stream:
+        async with client.messages.stream(
+            model=model, max_tokens=100, messages=ask, output_format=Weather
+        ) as events:
+            message = await events.get_final_message()
+    else:
+        message = await client.messages.parse(
+            model=model, max_tokens=100, messages=ask, output_format=Weather
+        )
+    assert message.parsed_output == Weather(city="Paris")
+    if model == "fast-chat":
+        sent = fake_openai.requests[-1]["response_format"]
+        assert sent["type"] == "json_schema"
+        assert sent["json_schema"]["schema"]["properties"]["city"]["type"] == "string"
+    else:
+        sent = fake_claude.last_request.body["output_config"]["format"]
+        assert sent["type"] == "json_schema" and "city" in sent["schema"]["properties"]
+
+
+@pytest.mark.parametrize(
+    ("config", "field"),
+    [
+        ("json", "output_config"),
+        ({"format": {"type": "text"}}, "output_config.format"),
+        ({"format": {"type": "json_schema"}}, "output_config.format.schema"),
+    ],
+)
+async def test_messages_malformed_output_config_is_named(
+    sstack: Stack, fake_openai: FakeOpenAI, fake_claude: FakeAnthropic, config: Any, field: str
+) -> None:
+    key = await sstack.create_key("1.00")
+    with pytest.raises(anthropic.BadRequestError) as caught:
+        await anthropic_sdk(sstack, key).messages.create(
+            model="claude-chat", max_tokens=50, messages=HI, output_config=config
+        )
+    error = caught.value.body
+    assert isinstance(error, dict) and error["error"]["message"].startswith(f"{field}:")
+    await _nothing_held_or_sent(sstack, fake_openai, fake_claude)
