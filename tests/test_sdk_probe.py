@@ -2,7 +2,7 @@
 embeddings refuse chat's `stream` by name; /v1/messages refuses, on every route, the empty
 turns, empty text blocks and schema-less tools Anthropic's API refuses; and structured outputs
 (`output_config.format`, the SDK's `messages.parse`) reach the upstream instead of being
-dropped."""
+dropped; and `POST /v1/responses/input_tokens` counts, as `/v1/messages/count_tokens` does."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from typing import Any
 
 import anthropic
 import openai
+import orjson
 import pydantic
 import pytest
 
@@ -227,3 +228,46 @@ async def test_messages_malformed_output_config_is_named(
     error = caught.value.body
     assert isinstance(error, dict) and error["error"]["message"].startswith(f"{field}:")
     await _nothing_held_or_sent(sstack, fake_openai, fake_claude)
+
+
+# --- POST /v1/responses/input_tokens ---------------------------------------------------------
+
+
+async def test_responses_input_tokens_are_counted_free(
+    sstack: Stack, fake_openai: FakeOpenAI, fake_claude: FakeAnthropic
+) -> None:
+    """The SDK's `responses.input_tokens.count` (OpenAI's POST /v1/responses/input_tokens)
+    got a 405: the path matched only `GET /v1/responses/{id}`."""
+    key = await sstack.create_key("1.00")
+    client = openai_sdk(sstack, key)
+    tools: Any = [{"type": "function", "name": "get_weather", "parameters": SCHEMA}]
+    counted = await client.responses.input_tokens.count(
+        model="claude-chat", input="how many tokens is this?", instructions="Be brief.",
+        tools=tools,
+    )  # fmt: skip
+    # The Anthropic route's own count, of the prompt as that route gets it.
+    sent = fake_claude.last_request
+    assert sent.path == "/v1/messages/count_tokens" and sent.body["system"] == "Be brief."
+    assert sent.body["tools"][0]["name"] == "get_weather"
+    assert counted.object == "response.input_tokens"
+    assert counted.input_tokens == 1000 + len(orjson.dumps(sent.body["messages"])) // 4
+    # An OpenAI-shaped route: ApiFast's estimate, the body's bytes / 4.
+    body = orjson.dumps({"model": "fast-chat", "input": "how many tokens is this?"})
+    async with sstack.client(key) as c:
+        r = await c.post("/v1/responses/input_tokens", content=body)
+    assert r.status_code == 200
+    assert r.json() == {"object": "response.input_tokens", "input_tokens": -(-len(body) // 4)}
+    with pytest.raises(openai.NotFoundError):
+        await client.responses.input_tokens.count(model="no-such-model", input="hi")
+    with pytest.raises(openai.BadRequestError) as caught:
+        await client.responses.input_tokens.count(model="fast-chat", input="hi",
+                                                  extra_body={"max_tokens": 5})  # fmt: skip
+    assert caught.value.code == "unknown_parameter"
+    with pytest.raises(openai.AuthenticationError):
+        await openai_sdk(sstack, "af-not-a-key").responses.input_tokens.count(
+            model="fast-chat", input="hi"
+        )
+    # Never metered: nothing held, nothing asked of the OpenAI-shaped upstream.
+    assert fake_openai.requests == []
+    assert await sstack.pool.fetchval("SELECT count(*) FROM reservations") == 0
+    assert await sstack.pool.fetchval("SELECT count(*) FROM ledger WHERE kind = 'usage'") == 0
