@@ -111,6 +111,18 @@ def _passed_through(block: dict[str, Any]) -> dict[str, Any]:
     return {"type": "passed_through", "block": block}
 
 
+def _check_prefill(content: Any, where: str) -> None:
+    """A final assistant turn is a prefill, the start of the answer: Anthropic's API refuses
+    one that ends with whitespace (a chat upstream would take it and answer oddly)."""
+    at, text = f"{where}.content", content
+    if isinstance(content, list) and content and isinstance(content[-1], dict):
+        at, text = f"{where}.content[{len(content) - 1}].text", content[-1].get("text")
+        if content[-1].get("type") != "text":
+            return
+    if isinstance(text, str) and text != text.rstrip():
+        raise bad(at, "final assistant content cannot end with trailing whitespace")
+
+
 def _message(message: Any, i: int, last: bool, native_only: NativeOnly) -> list[dict[str, Any]]:
     """One Anthropic turn as chat messages (a user turn's tool results become tool messages,
     and the images in them a user message after them)."""
@@ -122,6 +134,8 @@ def _message(message: Any, i: int, last: bool, native_only: NativeOnly) -> list[
         # As Anthropic's API answers it; only a final assistant turn (a prefill) may be empty.
         raise bad(f"{where}.content", "all messages must have non-empty content except for "
                   "the optional final assistant message")  # fmt: skip
+    if last and role == "assistant":
+        _check_prefill(content, where)
     if isinstance(content, str):
         return [{"role": role, "content": content}]
     if not isinstance(content, list):

@@ -122,6 +122,10 @@ async def test_embeddings_pass_other_fields_on(sstack: Stack, fake_openai: FakeO
             {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "toolu_1",
                                           "content": [{"type": "text", "text": ""}]}]}]},
          "messages[2].content[0].content[0].text"),
+        ({"messages": [*HI, {"role": "assistant", "content": "The answer is "}]},
+         "messages[1].content"),
+        ({"messages": [*HI, {"role": "assistant", "content": [
+            {"type": "text", "text": "Sure.\n"}]}]}, "messages[1].content[0].text"),
         ({"system": [{"type": "text", "text": ""}]}, "system[0].text"),
         ({"tools": [{"name": "get_weather", "description": "weather"}]},
          "tools[0].input_schema"),
@@ -155,7 +159,8 @@ async def test_messages_refuse_what_anthropic_refuses_before_the_hold(
 async def test_messages_final_assistant_turn_may_be_empty(
     sstack: Stack, fake_openai: FakeOpenAI, fake_claude: FakeAnthropic, model: str
 ) -> None:
-    """Anthropic's one exception (a prefill left empty), and a tool with its schema."""
+    """Anthropic's one exception (a prefill left empty), and a tool with its schema; a
+    prefill with text (without trailing whitespace) passes too."""
     key = await sstack.create_key("1.00")
     tools: Any = [{"name": "get_weather", "input_schema": SCHEMA}]
     message = await anthropic_sdk(sstack, key).messages.create(
@@ -169,6 +174,10 @@ async def test_messages_final_assistant_turn_may_be_empty(
     else:
         last = fake_claude.last_request.body["messages"][-1]
         assert last == {"role": "assistant", "content": ""}
+    prefill: Any = [{"type": "text", "text": "The answer is:"}]
+    await anthropic_sdk(sstack, key).messages.create(
+        model=model, max_tokens=50, messages=[*HI, {"role": "assistant", "content": prefill}]
+    )
 
 
 # --- /v1/messages: structured outputs (output_config.format) ----------------------------------
