@@ -491,7 +491,10 @@ class MessagesRenderer:
             thinking = delta.get("reasoning_content")
             if isinstance(thinking, str) and thinking:
                 if self._block != "thinking":
-                    out += self._open("thinking", {"type": "thinking", "thinking": ""})
+                    # signature "" as Anthropic's block starts (and as the answer above has
+                    # it): the SDK's accumulator would leave None in a field typed str.
+                    block = {"type": "thinking", "thinking": "", "signature": ""}
+                    out += self._open("thinking", block)
                 out += _event("content_block_delta", {"index": self._index, "delta": {
                     "type": "thinking_delta", "thinking": thinking}})  # fmt: skip
             text = delta.get("content")

@@ -2,7 +2,8 @@
 embeddings refuse chat's `stream` by name; /v1/messages refuses, on every route, the empty
 turns, empty text blocks and schema-less tools Anthropic's API refuses; and structured outputs
 (`output_config.format`, the SDK's `messages.parse`) reach the upstream instead of being
-dropped; and `POST /v1/responses/input_tokens` counts, as `/v1/messages/count_tokens` does."""
+dropped; `POST /v1/responses/input_tokens` counts, as `/v1/messages/count_tokens` does; and
+a streamed thinking block from a chat upstream carries a string signature, as unstreamed."""
 
 from __future__ import annotations
 
@@ -280,3 +281,26 @@ async def test_responses_input_tokens_are_counted_free(
     assert fake_openai.requests == []
     assert await sstack.pool.fetchval("SELECT count(*) FROM reservations") == 0
     assert await sstack.pool.fetchval("SELECT count(*) FROM ledger WHERE kind = 'usage'") == 0
+
+
+# --- /v1/messages: a chat upstream's reasoning, as thinking blocks ----------------------------
+
+
+@pytest.mark.parametrize("stream", [False, True])
+async def test_translated_thinking_block_has_a_string_signature(
+    sstack: Stack, fake_openai: FakeOpenAI, stream: bool
+) -> None:
+    """A chat upstream's `reasoning_content` is a thinking block with signature "" (there is
+    none to give), streamed or not: the streamed block started without one, and the SDK's
+    accumulated message had `signature=None` in a field its types say is a string."""
+    fake_openai.vendor_fields = {"reasoning_content": "Thinking."}  # on every message/delta
+    key = await sstack.create_key("1.00")
+    client = anthropic_sdk(sstack, key)
+    if stream:
+        async with client.messages.stream(model="fast-chat", max_tokens=50, messages=HI) as events:
+            message = await events.get_final_message()
+    else:
+        message = await client.messages.create(model="fast-chat", max_tokens=50, messages=HI)
+    thinking = [block for block in message.content if block.type == "thinking"]
+    assert thinking and all(block.signature == "" for block in thinking)
+    assert thinking[0].thinking.startswith("Thinking.")
