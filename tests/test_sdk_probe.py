@@ -1,9 +1,10 @@
 """What a probe with the official `openai` and `anthropic` SDKs against a running stack found:
 embeddings refuse chat's `stream` by name; /v1/messages refuses, on every route, the empty
-turns, empty text blocks and schema-less tools Anthropic's API refuses; and structured outputs
-(`output_config.format`, the SDK's `messages.parse`) reach the upstream instead of being
-dropped; `POST /v1/responses/input_tokens` counts, as `/v1/messages/count_tokens` does; and
-a streamed thinking block from a chat upstream carries a string signature, as unstreamed."""
+turns, empty text blocks, whitespace-ended prefills and schema-less tools Anthropic's API
+refuses; structured outputs (`output_config.format`, the SDK's `messages.parse`) reach the
+upstream instead of being dropped; `POST /v1/responses/input_tokens` counts, as
+`/v1/messages/count_tokens` does; and a streamed thinking block from a chat upstream carries
+a string signature, as an unstreamed one does."""
 
 from __future__ import annotations
 
