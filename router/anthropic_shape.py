@@ -45,6 +45,8 @@ def _text(block: dict[str, Any], where: str) -> str:
     text = block.get("text")
     if not isinstance(text, str):
         raise bad(f"{where}.text", "required, a string")
+    if not text:  # Anthropic's API refuses an empty text block anywhere (messages, system)
+        raise bad(f"{where}.text", "text content blocks must be non-empty")
     return text
 
 
@@ -109,13 +111,31 @@ def _passed_through(block: dict[str, Any]) -> dict[str, Any]:
     return {"type": "passed_through", "block": block}
 
 
-def _message(message: Any, i: int, native_only: NativeOnly) -> list[dict[str, Any]]:
+def _check_prefill(content: Any, where: str) -> None:
+    """A final assistant turn is a prefill, the start of the answer: Anthropic's API refuses
+    one that ends with whitespace (a chat upstream would take it and answer oddly)."""
+    at, text = f"{where}.content", content
+    if isinstance(content, list) and content and isinstance(content[-1], dict):
+        at, text = f"{where}.content[{len(content) - 1}].text", content[-1].get("text")
+        if content[-1].get("type") != "text":
+            return
+    if isinstance(text, str) and text != text.rstrip():
+        raise bad(at, "final assistant content cannot end with trailing whitespace")
+
+
+def _message(message: Any, i: int, last: bool, native_only: NativeOnly) -> list[dict[str, Any]]:
     """One Anthropic turn as chat messages (a user turn's tool results become tool messages,
     and the images in them a user message after them)."""
     where = f"messages[{i}]"
     if not isinstance(message, dict) or message.get("role") not in _ROLES:
         raise bad(f"{where}.role", "must be 'user' or 'assistant'")
     role, content = message["role"], message.get("content")
+    if content in ("", []) and not (last and role == "assistant"):
+        # As Anthropic's API answers it; only a final assistant turn (a prefill) may be empty.
+        raise bad(f"{where}.content", "all messages must have non-empty content except for "
+                  "the optional final assistant message")  # fmt: skip
+    if last and role == "assistant":
+        _check_prefill(content, where)
     if isinstance(content, str):
         return [{"role": role, "content": content}]
     if not isinstance(content, list):
@@ -178,7 +198,10 @@ def _tools(tools: Any) -> list[dict[str, Any]]:
             raise bad(f"tools[{i}]", "needs a name")
         if tool.get("type") not in (None, "custom"):
             raise bad(f"tools[{i}]", f"server tool {tool.get('type')!r} is not supported")
-        fn: dict[str, Any] = {"name": tool["name"], "parameters": tool.get("input_schema") or {}}
+        if not isinstance(tool.get("input_schema"), dict):
+            # Anthropic's API requires it of a custom tool; a chat upstream would get `{}`.
+            raise bad(f"tools[{i}].input_schema", "required, an object (the tool's JSON Schema)")
+        fn: dict[str, Any] = {"name": tool["name"], "parameters": tool["input_schema"]}
         if isinstance(tool.get("description"), str):
             fn["description"] = tool["description"]
         out.append({"type": "function", "function": fn})
@@ -219,6 +242,24 @@ def _effort(thinking: Any, native_only: NativeOnly) -> str | None:
     return "low" if budget < 4096 else "medium" if budget < 16384 else "high"
 
 
+def _output_format(config: Any) -> dict[str, Any] | None:
+    """`output_config.format` (structured outputs, what the SDK's `messages.parse` sends) as
+    chat's `response_format`. `effort` is a hint of how much to spend, billed by the tokens
+    used either way: a native route takes it, a translating one does without."""
+    if not isinstance(config, dict):
+        raise bad("output_config", "must be an object")
+    fmt = config.get("format")
+    if fmt is None:
+        return None
+    if not isinstance(fmt, dict) or fmt.get("type") != "json_schema":
+        raise bad("output_config.format", "must be {type: json_schema, schema}")
+    if not isinstance(fmt.get("schema"), dict):
+        raise bad("output_config.format.schema", "required, an object (a JSON Schema)")
+    # Not `strict`: OpenAI's strict mode refuses schemas Anthropic's accepts (a property
+    # left out of `required`); without it the upstream still answers JSON to the schema.
+    return {"type": "json_schema", "json_schema": {"name": "output", "schema": fmt["schema"]}}
+
+
 # Fields Anthropic's API takes that ApiFast refuses on every route, and why.
 _REFUSED = {
     "mcp_servers": "remote MCP servers are run by the model provider; ApiFast does not "
@@ -232,7 +273,8 @@ _SERVICE_TIERS = ("auto", "standard_only")
 # What a native (Anthropic) route receives of the client's body: `metadata` (its user_id
 # identifies the caller) and `service_tier` (it changes the upstream's price) never.
 _NATIVE_FIELDS = ("max_tokens", "messages", "system", "stop_sequences", "temperature",
-                  "top_p", "top_k", "tools", "tool_choice", "thinking")  # fmt: skip
+                  "top_p", "top_k", "tools", "tool_choice", "thinking",
+                  "output_config")  # fmt: skip
 
 
 def native_body(body: dict[str, Any]) -> dict[str, Any]:
@@ -268,7 +310,7 @@ def translate(body: dict[str, Any]) -> tuple[dict[str, Any], int, tuple[tuple[st
     if body.get("system") is not None:
         chat.append({"role": "system", "content": _text_of(body["system"], "system")})
     for i, message in enumerate(messages):
-        chat.extend(_message(message, i, native_only))
+        chat.extend(_message(message, i, i == len(messages) - 1, native_only))
     out: dict[str, Any] = {"messages": chat, "max_tokens": max_tokens}
     for name in ("temperature", "top_p"):
         value = body.get(name)
@@ -287,6 +329,10 @@ def translate(body: dict[str, Any]) -> tuple[dict[str, Any], int, tuple[tuple[st
         effort = _effort(body["thinking"], native_only)
         if effort is not None:
             out["reasoning_effort"] = effort
+    if body.get("output_config") is not None:
+        response_format = _output_format(body["output_config"])
+        if response_format is not None:
+            out["response_format"] = response_format
     if body.get("stop_sequences") is not None:
         stops = body["stop_sequences"]
         if not isinstance(stops, list) or not all(isinstance(s, str) for s in stops):
@@ -445,7 +491,10 @@ class MessagesRenderer:
             thinking = delta.get("reasoning_content")
             if isinstance(thinking, str) and thinking:
                 if self._block != "thinking":
-                    out += self._open("thinking", {"type": "thinking", "thinking": ""})
+                    # signature "" as Anthropic's block starts (and as the answer above has
+                    # it): the SDK's accumulator would leave None in a field typed str.
+                    block = {"type": "thinking", "thinking": "", "signature": ""}
+                    out += self._open("thinking", block)
                 out += _event("content_block_delta", {"index": self._index, "delta": {
                     "type": "thinking_delta", "thinking": thinking}})  # fmt: skip
             text = delta.get("content")

@@ -5,36 +5,29 @@ Anthropic's shape: {"type": "error", "error": {"type", "message"}}."""
 
 from __future__ import annotations
 
-import logging
-import math
 import time
-from typing import Any
 
 import orjson
 from fastapi import APIRouter
 from starlette.requests import Request
 from starlette.responses import Response
 
-from apifast.auth import key_row
-from apifast.catalog.toml import Route
 from apifast.errors import ApiError
-from apifast.providers import ChatRequest, UpstreamError
 from apifast.request_body import parse_json_object, read_body
 from apifast.router.anthropic_shape import MessagesRenderer, chat_body, native_body, translate
 from apifast.router.core import authenticate, generate, resolve
 from apifast.router.core_types import Generation, Reply
 from apifast.router.framework_reply import framework_response
-from apifast.router.media import media_token_bound
 from apifast.router.route_prefs import (
     OPENAPI_MODEL_REQUIRED,
     OPENAPI_PROPERTIES,
     resolve_request,
 )
 from apifast.router.state import RouterState
+from apifast.router.token_count import ensure_key_usable, input_token_count
 from apifast.router.validation import model_name
 
 api = APIRouter(tags=["messages"])
-log = logging.getLogger("apifast.router")
 
 _MESSAGES_SCHEMA = {
     "requestBody": {
@@ -109,41 +102,18 @@ async def handle_message(state: RouterState, key_hash: bytes, raw: bytes, starte
 @api.post("/v1/messages/count_tokens")
 async def count_tokens(request: Request) -> Response:
     """{"input_tokens": N}: the first route's upstream count where its provider has one,
-    else ApiFast's estimate (the body's bytes / 4, plus the model's per-part bound for each
-    image, audio or file part). Free: no hold, no usage event."""
+    else ApiFast's estimate (router/token_count.py). Free: no hold, no usage event."""
     state: RouterState = request.app.state.apifast
     settings = state.settings
     try:
         key_hash = authenticate(state, authorization(request))
-        row = await key_row(state.pool, key_hash)
-        if row["disabled"]:
-            # 401, as /v1/messages answers the same key (a disabled key cannot authenticate).
-            raise ApiError(401, "This API key has been disabled.", code="key_disabled")
+        await ensure_key_usable(state, key_hash)
         raw = await read_body(request, settings.max_body_bytes, settings.body_read_timeout_s)
         body = parse_json_object(raw)
         model = resolve(state, model_name(body), "chat")
         body.setdefault("max_tokens", 1)  # not part of a count request
         chat, _ = chat_body({**body, "stream": False})
-        count = await _upstream_count(state, model.routes, chat)
-        if count is None:
-            count = math.ceil(len(raw) / 4) + media_token_bound(model, chat["messages"])
+        count = await input_token_count(state, model, chat, len(raw))
     except ApiError as exc:
         return exc.response(anthropic=True)
     return Response(orjson.dumps({"input_tokens": count}), media_type="application/json")
-
-
-async def _upstream_count(
-    state: RouterState, routes: tuple[Route, ...], chat: dict[str, Any]
-) -> int | None:
-    for route in routes:
-        provider = state.providers.get(route.provider)
-        if provider is None:
-            continue
-        try:
-            return await provider.count_tokens(
-                ChatRequest(body={**chat, "model": route.model}, model=route.model)
-            )
-        except UpstreamError as exc:  # the estimate instead; status only, as for chat
-            log.warning("count_tokens on %s failed: status=%s", route.provider, exc.status)
-            return None
-    return None

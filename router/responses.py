@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import time
 
+import orjson
 from fastapi import APIRouter
 from starlette.requests import Request
 from starlette.responses import Response
 
 from apifast.errors import ApiError
 from apifast.request_body import parse_json_object, read_body
-from apifast.router.core import authenticate, generate
+from apifast.router.core import authenticate, generate, resolve
 from apifast.router.core_types import Generation, Reply
 from apifast.router.framework_reply import framework_response
 from apifast.router.responses_input import chat_body, native_only_fields
@@ -27,6 +28,8 @@ from apifast.router.route_prefs import (
     resolve_request,
 )
 from apifast.router.state import RouterState
+from apifast.router.token_count import ensure_key_usable, input_token_count
+from apifast.router.validation import model_name
 
 api = APIRouter(tags=["responses"])
 
@@ -84,6 +87,24 @@ async def handle_response(state: RouterState, key_hash: bytes, raw: bytes, start
     )
     renderer = ResponsesRenderer(model.id, started, request_echo(body))
     return await generate(state, key_hash, model, gen, renderer, started, choice)
+
+
+@api.post("/v1/responses/input_tokens")
+async def count_input_tokens(request: Request) -> Response:
+    """{"object": "response.input_tokens", "input_tokens": N}, as OpenAI's endpoint of that
+    name answers: the first route's upstream count where its provider has one, else
+    ApiFast's estimate (router/token_count.py). Free: no hold, no usage event."""
+    state: RouterState = request.app.state.apifast
+    settings = state.settings
+    key_hash = authenticate(state, request.headers.get("authorization"))
+    await ensure_key_usable(state, key_hash)
+    raw = await read_body(request, settings.max_body_bytes, settings.body_read_timeout_s)
+    body = parse_json_object(raw)
+    model = resolve(state, model_name(body), "chat")
+    chat, _ = chat_body({**body, "stream": False})  # the same 400s as a request would get
+    count = await input_token_count(state, model, chat, len(raw))
+    out = {"object": "response.input_tokens", "input_tokens": count}
+    return Response(orjson.dumps(out), media_type="application/json")
 
 
 @api.get("/v1/responses/{response_id}")

@@ -140,7 +140,18 @@ def check_service_tier(tier: Any) -> None:
     raise bad("service_tier", "must be auto, default, flex, priority or scale")
 
 
+# Chat's fields that OpenAI's embeddings API does not have. Other unknown fields pass to the
+# upstream as on chat, but these ask for an answer ApiFast would not give (an SSE stream):
+# refused by name as OpenAI refuses them, not left to an upstream that ignores them or
+# rejects them with a 400 that cannot name the field.
+_NOT_EMBEDDINGS = ("stream", "stream_options")
+
+
 def validate_embeddings(body: dict[str, Any]) -> None:
+    for name in _NOT_EMBEDDINGS:
+        if name in body:
+            raise ApiError(400, f"Unknown parameter: '{name}' (embeddings are not streamed).",
+                           param=name, code="unknown_parameter")  # fmt: skip
     value = body.get("input")
     if isinstance(value, str):
         return

@@ -7,7 +7,7 @@ by setting `server.behaviour`: "ok", "error:<status>", "slow:<seconds>", "broken
 stream is cut after two chunks), "nousage" (a stream without a usage chunk), "tools",
 "gated" (a stream sends `gate_after` words, then waits for `gate` to be set), "malformed"
 (a `tool_calls` that is not an array, as a buggy upstream might send: in the message, or in
-a stream's third chunk); for
+a stream's third chunk), "json" (chat answers `REPLY_JSON`, as to a `response_format`); for
 /v1/responses also "reasoning" (a reasoning item first) and "failed" (a response.failed
 event after response.in_progress). Its requests are in `responses_requests` (and `requests`).
 
@@ -33,8 +33,10 @@ from aiohttp import web
 from tests.fakes import openai_responses as wire
 
 REPLY = "Hello from the fake upstream model"
+REPLY_JSON = '{"city": "Paris"}'  # the "json" behaviour's answer (a stream: word by word)
 _MARKER = re.compile(
-    r"\[\[(ok|error:\d+|slow:[\d.]+|broken|malformed|nousage|tools|gated|reasoning|failed)\]\]"
+    r"\[\[(ok|error:\d+|slow:[\d.]+|broken|malformed|nousage|tools|gated|reasoning|failed"
+    r"|json)\]\]"
 )
 
 
@@ -179,6 +181,8 @@ class FakeOpenAI:
         }
 
     def _words(self, body: dict[str, Any]) -> list[str]:
+        if self._behaviour(body) == "json":
+            return REPLY_JSON.split(" ")
         words = REPLY.split(" ")
         limit = body.get("max_completion_tokens") or body.get("max_tokens")
         return words[:limit] if isinstance(limit, int) else words
@@ -201,7 +205,8 @@ class FakeOpenAI:
         if behaviour.startswith("slow:"):
             await asyncio.sleep(float(behaviour.split(":")[1]))
         words = self._words(body)
-        finish = "length" if len(words) < len(REPLY.split(" ")) else "stop"
+        full = REPLY_JSON if behaviour == "json" else REPLY
+        finish = "length" if len(words) < len(full.split(" ")) else "stop"
         if body.get("stream"):
             return await self._stream(request, body, behaviour, words, finish)
         message: dict[str, Any] = {"role": "assistant", "content": " ".join(words), "refusal": None}
