@@ -107,12 +107,13 @@ async def count_tokens(request: Request) -> Response:
     settings = state.settings
     try:
         key_hash = authenticate(state, authorization(request))
-        await ensure_key_usable(state, key_hash)
         raw = await read_body(request, settings.max_body_bytes, settings.body_read_timeout_s)
         body = parse_json_object(raw)
         model = resolve(state, model_name(body), "chat")
         body.setdefault("max_tokens", 1)  # not part of a count request
         chat, _ = chat_body({**body, "stream": False})
+        # The key's refusals where the request's hold would give them: after the body's.
+        await ensure_key_usable(state, key_hash, model.id)
         count = await input_token_count(state, model, chat, len(raw))
     except ApiError as exc:
         return exc.response(anthropic=True)
