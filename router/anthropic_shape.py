@@ -50,6 +50,23 @@ def _text(block: dict[str, Any], where: str) -> str:
     return text
 
 
+def _check_not_blank(content: Any, where: str) -> None:
+    """Anthropic's API refuses a turn or a system prompt whose only content is whitespace
+    text ("text content blocks must contain non-whitespace text"), but takes whitespace text
+    beside other text, an image or a tool call, and in a tool_result; an empty string is
+    the callers' own check. A translating route's upstream would take it and answer oddly."""
+    blocks = [{"type": "text", "text": content}] if isinstance(content, str) else content
+    if content == "" or not isinstance(blocks, list) or not blocks:
+        return
+    for block in blocks:
+        if not isinstance(block, dict) or block.get("type") != "text":
+            return
+        text = block.get("text")
+        if not isinstance(text, str) or text.strip():
+            return
+    raise bad(where, "text content blocks must contain non-whitespace text")
+
+
 def _string(block: dict[str, Any], name: str, where: str) -> str:
     value = block.get(name)
     if not isinstance(value, str) or not value:
@@ -137,6 +154,7 @@ def _message(message: Any, i: int, last: bool, native_only: NativeOnly) -> list[
     if last and role == "assistant":
         _check_prefill(content, where)
     if isinstance(content, str):
+        _check_not_blank(content, f"{where}.content")
         return [{"role": role, "content": content}]
     if not isinstance(content, list):
         raise bad(f"{where}.content", "must be a string or an array of content blocks")
@@ -174,6 +192,7 @@ def _message(message: Any, i: int, last: bool, native_only: NativeOnly) -> list[
             # document, search_result, ...: passed through on a native route only.
             native_only.append((f"{at}.type", f"{kind!r} {_NATIVE_ONLY}"))
             parts.append(_passed_through(block))
+    _check_not_blank(content, f"{where}.content")  # after each block's own checks
     out: list[dict[str, Any]] = list(results)
     if role == "assistant":
         text = "".join(p["text"] for p in parts if p["type"] == "text")
@@ -309,6 +328,7 @@ def translate(body: dict[str, Any]) -> tuple[dict[str, Any], int, tuple[tuple[st
     chat: list[dict[str, Any]] = []
     if body.get("system") is not None:
         chat.append({"role": "system", "content": _text_of(body["system"], "system")})
+        _check_not_blank(body["system"], "system")
     for i, message in enumerate(messages):
         chat.extend(_message(message, i, i == len(messages) - 1, native_only))
     out: dict[str, Any] = {"messages": chat, "max_tokens": max_tokens}

@@ -1,7 +1,8 @@
 """What a probe with the official `openai` and `anthropic` SDKs against a running stack found:
 embeddings refuse chat's `stream` by name; /v1/messages refuses, on every route, the empty
-turns, empty text blocks, whitespace-ended prefills and schema-less tools Anthropic's API
-refuses; structured outputs (`output_config.format`, the SDK's `messages.parse`) reach the
+turns, empty text blocks, whitespace-only turns and system prompts, whitespace-ended
+prefills and schema-less tools Anthropic's API refuses (and takes whitespace text where it
+does); structured outputs (`output_config.format`, the SDK's `messages.parse`) reach the
 upstream instead of being dropped; `POST /v1/responses/input_tokens` counts, as
 `/v1/messages/count_tokens` does; and a streamed thinking block from a chat upstream carries
 a string signature, as an unstreamed one does."""
@@ -129,6 +130,15 @@ async def test_embeddings_pass_other_fields_on(sstack: Stack, fake_openai: FakeO
         ({"messages": [*HI, {"role": "assistant", "content": [
             {"type": "text", "text": "Sure.\n"}]}]}, "messages[1].content[0].text"),
         ({"system": [{"type": "text", "text": ""}]}, "system[0].text"),
+        # Whitespace alone, as Anthropic's API refuses it: a turn, its blocks, the system.
+        ({"messages": [{"role": "user", "content": " \n"}]}, "messages[0].content"),
+        ({"messages": [{"role": "user", "content": [{"type": "text", "text": "\t"},
+                                                    {"type": "text", "text": " "}]}]},
+         "messages[0].content"),
+        ({"messages": [*HI, {"role": "assistant", "content": [{"type": "text", "text": " "}]},
+                       *HI]}, "messages[1].content"),
+        ({"system": "  "}, "system"),
+        ({"system": [{"type": "text", "text": "\n\n"}]}, "system"),
         ({"tools": [{"name": "get_weather", "description": "weather"}]},
          "tools[0].input_schema"),
         ({"tools": [{"type": "custom", "name": "get_weather", "input_schema": "none"}]},
@@ -180,6 +190,31 @@ async def test_messages_final_assistant_turn_may_be_empty(
     await anthropic_sdk(sstack, key).messages.create(
         model=model, max_tokens=50, messages=[*HI, {"role": "assistant", "content": prefill}]
     )
+
+
+@pytest.mark.parametrize("model", ["fast-chat", "claude-chat"])
+async def test_messages_take_whitespace_text_where_anthropic_does(
+    sstack: Stack, fake_openai: FakeOpenAI, fake_claude: FakeAnthropic, model: str
+) -> None:
+    """Whitespace text is refused only alone: beside other text or a tool call, and as a
+    tool_result's content, Anthropic's API takes it, and so does ApiFast."""
+    key = await sstack.create_key("1.00")
+    call: Any = {"type": "tool_use", "id": "toolu_1", "name": "get_weather", "input": {}}
+    messages: Any = [
+        {"role": "user", "content": [{"type": "text", "text": " "},
+                                     {"type": "text", "text": "weather?"}]},
+        {"role": "assistant", "content": [{"type": "text", "text": "\n\n"}, call]},
+        {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "toolu_1",
+                                      "content": " "}]},
+    ]  # fmt: skip
+    tools: Any = [{"name": "get_weather", "input_schema": SCHEMA}]
+    message = await anthropic_sdk(sstack, key).messages.create(
+        model=model, max_tokens=50, tools=tools, messages=messages,
+        system=[{"type": "text", "text": " "}, {"type": "text", "text": "Be brief."}],
+    )  # fmt: skip
+    assert message.content
+    sent = fake_openai.requests if model == "fast-chat" else fake_claude.requests
+    assert len(sent) == 1
 
 
 # --- /v1/messages: structured outputs (output_config.format) ----------------------------------
