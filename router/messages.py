@@ -1,7 +1,8 @@
 """POST /v1/messages: Anthropic's Messages API, an adapter over the request core. Any route
-serves it: the request is read into the chat-completions body the providers speak, and the
-answer written back in Anthropic's shape (router/anthropic_shape.py). Errors too are in
-Anthropic's shape: {"type": "error", "error": {"type", "message"}}."""
+serves it: the request is read into the chat-completions body the providers speak
+(router/anthropic_request.py), and the answer written back in Anthropic's shape
+(router/anthropic_answer.py). Errors too are in Anthropic's shape:
+{"type": "error", "error": {"type", "message"}}."""
 
 from __future__ import annotations
 
@@ -14,7 +15,8 @@ from starlette.responses import Response
 
 from apifast.errors import ApiError
 from apifast.request_body import parse_json_object, read_body
-from apifast.router.anthropic_shape import MessagesRenderer, chat_body, native_body, translate
+from apifast.router.anthropic_answer import MessagesRenderer
+from apifast.router.anthropic_request import chat_body, native_body, translate
 from apifast.router.core import authenticate, generate, resolve
 from apifast.router.core_types import Generation, Reply
 from apifast.router.framework_reply import framework_response
