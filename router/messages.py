@@ -1,7 +1,8 @@
 """POST /v1/messages: Anthropic's Messages API, an adapter over the request core. Any route
-serves it: the request is read into the chat-completions body the providers speak, and the
-answer written back in Anthropic's shape (router/anthropic_shape.py). Errors too are in
-Anthropic's shape: {"type": "error", "error": {"type", "message"}}."""
+serves it: the request is read into the chat-completions body the providers speak
+(router/anthropic_request.py), and the answer written back in Anthropic's shape
+(router/anthropic_answer.py). Errors too are in Anthropic's shape:
+{"type": "error", "error": {"type", "message"}}."""
 
 from __future__ import annotations
 
@@ -14,7 +15,8 @@ from starlette.responses import Response
 
 from apifast.errors import ApiError
 from apifast.request_body import parse_json_object, read_body
-from apifast.router.anthropic_shape import MessagesRenderer, chat_body, native_body, translate
+from apifast.router.anthropic_answer import MessagesRenderer
+from apifast.router.anthropic_request import chat_body, native_body, translate
 from apifast.router.core import authenticate, generate, resolve
 from apifast.router.core_types import Generation, Reply
 from apifast.router.framework_reply import framework_response
@@ -107,12 +109,13 @@ async def count_tokens(request: Request) -> Response:
     settings = state.settings
     try:
         key_hash = authenticate(state, authorization(request))
-        await ensure_key_usable(state, key_hash)
         raw = await read_body(request, settings.max_body_bytes, settings.body_read_timeout_s)
         body = parse_json_object(raw)
         model = resolve(state, model_name(body), "chat")
         body.setdefault("max_tokens", 1)  # not part of a count request
         chat, _ = chat_body({**body, "stream": False})
+        # The key's refusals where the request's hold would give them: after the body's.
+        await ensure_key_usable(state, key_hash, model.id)
         count = await input_token_count(state, model, chat, len(raw))
     except ApiError as exc:
         return exc.response(anthropic=True)

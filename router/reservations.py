@@ -79,7 +79,7 @@ def rate_limited(wait_s: float) -> ApiError:
     )
 
 
-def _unavailable() -> ApiError:
+def database_unavailable() -> ApiError:
     # No hold, no service: a paid request is never served unbilled.
     return ApiError(
         503,
@@ -98,6 +98,25 @@ _SUB_KEY_REFUSALS = {
         "model_not_allowed",
     ),
 }
+
+
+def key_refusal(status: str) -> ApiError | None:
+    """The refusal of a hold's status that is about the key, not money or limits (unknown,
+    disabled, a sub-key's expiry, allowed models, disabled parent); None for any other.
+    Also what the free counting endpoints answer (router/token_count.py)."""
+    if status == "unknown":
+        return ApiError(401, "Invalid API key.", code="invalid_api_key")
+    if status == "disabled":
+        return ApiError(401, "This API key has been disabled.", code="key_disabled")
+    if status == "model_not_allowed":
+        code_status, message, code = _SUB_KEY_REFUSALS[status]
+        return ModelNotAllowed(code_status, message, code=code, param="model")
+    if status in _SUB_KEY_REFUSALS:
+        code_status, message, code = _SUB_KEY_REFUSALS[status]
+        return ApiError(code_status, message, code=code)
+    return None
+
+
 _CAPS = {"spend_cap": "total spend cap", "daily_cap": "daily spend cap"}
 
 
@@ -112,18 +131,11 @@ def _hold_or_refuse(row: Any, min_usd: Decimal) -> Hold:
             tpm_limit=row["tpm_limit"],
             parent_id=row["parent_id"],
         )
-    if status == "unknown":
-        raise ApiError(401, "Invalid API key.", code="invalid_api_key")
-    if status == "disabled":
-        raise ApiError(401, "This API key has been disabled.", code="key_disabled")
+    refusal = key_refusal(status)
+    if refusal is not None:
+        raise refusal
     if status == "rate_limited":
         raise rate_limited(60 - time.time() % 60)  # the window is the database's minute
-    if status == "model_not_allowed":
-        code_status, message, code = _SUB_KEY_REFUSALS[status]
-        raise ModelNotAllowed(code_status, message, code=code, param="model")
-    if status in _SUB_KEY_REFUSALS:
-        code_status, message, code = _SUB_KEY_REFUSALS[status]
-        raise ApiError(code_status, message, code=code)
     available = row["available_usd"]
     in_flight = row["reserved_usd"]
     refused: Refused
@@ -187,7 +199,7 @@ async def reserve(
             default_tpm, model, count,
         )  # fmt: skip
     except DATABASE_DOWN:
-        raise _unavailable() from None
+        raise database_unavailable() from None
     assert row is not None
     return _hold_or_refuse(row, min_usd)
 
@@ -246,7 +258,7 @@ class Reserver:
         try:
             row = await future
         except DATABASE_DOWN:
-            raise _unavailable() from None
+            raise database_unavailable() from None
         return _hold_or_refuse(row, min_usd)
 
     async def _flush(self) -> None:

@@ -97,11 +97,12 @@ async def count_input_tokens(request: Request) -> Response:
     state: RouterState = request.app.state.apifast
     settings = state.settings
     key_hash = authenticate(state, request.headers.get("authorization"))
-    await ensure_key_usable(state, key_hash)
     raw = await read_body(request, settings.max_body_bytes, settings.body_read_timeout_s)
     body = parse_json_object(raw)
     model = resolve(state, model_name(body), "chat")
     chat, _ = chat_body({**body, "stream": False})  # the same 400s as a request would get
+    # The key's refusals where the request's hold would give them: after the body's.
+    await ensure_key_usable(state, key_hash, model.id)
     count = await input_token_count(state, model, chat, len(raw))
     out = {"object": "response.input_tokens", "input_tokens": count}
     return Response(orjson.dumps(out), media_type="application/json")

@@ -9,22 +9,28 @@ import logging
 import math
 from typing import Any
 
-from apifast.auth import key_row
 from apifast.catalog.toml import Model, Route
-from apifast.errors import ApiError
+from apifast.db import Queries
 from apifast.providers import ChatRequest, UpstreamError
 from apifast.router.media import media_token_bound
+from apifast.router.reservations import DATABASE_DOWN, database_unavailable, key_refusal
 from apifast.router.state import RouterState
 
 log = logging.getLogger("apifast.router")
+Q = Queries("apifast.router")
 
 
-async def ensure_key_usable(state: RouterState, key_hash: bytes) -> None:
-    """A count is free, but only for a key that could make the request: 401 for a disabled
-    (or rotated-away) key, as the request itself answers it."""
-    row = await key_row(state.pool, key_hash)
-    if row["disabled"]:
-        raise ApiError(401, "This API key has been disabled.", code="key_disabled")
+async def ensure_key_usable(state: RouterState, key_hash: bytes, model: str) -> None:
+    """A count is free, but only for a key that could make the request on `model` (the
+    public id): the refusals its hold would give, with nothing held. 401 for an unknown, a
+    disabled (or rotated-away) or an expired key, 403 for a model a sub-key may not use."""
+    try:
+        status = await state.pool.fetchval(Q.key_request_status, key_hash, model)
+    except DATABASE_DOWN:
+        raise database_unavailable() from None
+    refusal = key_refusal(status or "unknown")
+    if refusal is not None:
+        raise refusal
 
 
 async def input_token_count(

@@ -1,7 +1,8 @@
 """What a probe with the official `openai` and `anthropic` SDKs against a running stack found:
-embeddings refuse chat's `stream` by name; /v1/messages refuses, on every route, the empty
-turns, empty text blocks, whitespace-ended prefills and schema-less tools Anthropic's API
-refuses; structured outputs (`output_config.format`, the SDK's `messages.parse`) reach the
+embeddings refuse chat's `stream` by name, and check the model before the body as chat does;
+/v1/messages refuses, on every route, the empty turns, empty text blocks, whitespace-only
+turns and system prompts, whitespace-ended prefills and schema-less tools Anthropic's API
+refuses (and takes whitespace text where it does); structured outputs (`output_config.format`, the SDK's `messages.parse`) reach the
 upstream instead of being dropped; `POST /v1/responses/input_tokens` counts, as
 `/v1/messages/count_tokens` does; and a streamed thinking block from a chat upstream carries
 a string signature, as an unstreamed one does."""
@@ -101,6 +102,35 @@ async def test_embeddings_pass_other_fields_on(sstack: Stack, fake_openai: FakeO
     assert len(done.data) == 1 and fake_openai.requests[-1]["dimensions"] == 3
 
 
+@pytest.mark.parametrize(
+    ("model", "status", "code"),
+    [("no-such-model", 404, "model_not_found"), ("fast-chat", 400, "wrong_model_type")],
+)
+async def test_embeddings_check_the_model_before_the_body_as_chat_does(
+    sstack: Stack,
+    fake_openai: FakeOpenAI,
+    fake_claude: FakeAnthropic,
+    model: str,
+    status: int,
+    code: str,
+) -> None:
+    """The order of checks is chat's: the model (404 unknown, 400 of the wrong kind) before
+    the body's 400, so a bad body with a bad model gets the model's answer on both."""
+    key = await sstack.create_key("1.00")
+    chat_model = "embed-small" if model == "fast-chat" else model
+    async with sstack.client(key) as c:
+        embedded = await c.post("/v1/embeddings", json={"model": model, "input": []})
+        chatted = await c.post("/v1/chat/completions", json={"model": chat_model, "messages": []})
+        for r in (embedded, chatted):
+            assert r.status_code == status and r.json()["error"]["code"] == code, r.text
+        # With the model right, the body's own 400, on both.
+        embedded = await c.post("/v1/embeddings", json={"model": "embed-small", "input": []})
+        chatted = await c.post("/v1/chat/completions", json={"model": "fast-chat", "messages": []})
+    assert embedded.status_code == 400 and embedded.json()["error"]["param"] == "input"
+    assert chatted.status_code == 400 and chatted.json()["error"]["param"] == "messages"
+    await _nothing_held_or_sent(sstack, fake_openai, fake_claude)
+
+
 # --- /v1/messages: what Anthropic's API refuses, refused on every route ----------------------
 
 
@@ -129,6 +159,15 @@ async def test_embeddings_pass_other_fields_on(sstack: Stack, fake_openai: FakeO
         ({"messages": [*HI, {"role": "assistant", "content": [
             {"type": "text", "text": "Sure.\n"}]}]}, "messages[1].content[0].text"),
         ({"system": [{"type": "text", "text": ""}]}, "system[0].text"),
+        # Whitespace alone, as Anthropic's API refuses it: a turn, its blocks, the system.
+        ({"messages": [{"role": "user", "content": " \n"}]}, "messages[0].content"),
+        ({"messages": [{"role": "user", "content": [{"type": "text", "text": "\t"},
+                                                    {"type": "text", "text": " "}]}]},
+         "messages[0].content"),
+        ({"messages": [*HI, {"role": "assistant", "content": [{"type": "text", "text": " "}]},
+                       *HI]}, "messages[1].content"),
+        ({"system": "  "}, "system"),
+        ({"system": [{"type": "text", "text": "\n\n"}]}, "system"),
         ({"tools": [{"name": "get_weather", "description": "weather"}]},
          "tools[0].input_schema"),
         ({"tools": [{"type": "custom", "name": "get_weather", "input_schema": "none"}]},
@@ -180,6 +219,31 @@ async def test_messages_final_assistant_turn_may_be_empty(
     await anthropic_sdk(sstack, key).messages.create(
         model=model, max_tokens=50, messages=[*HI, {"role": "assistant", "content": prefill}]
     )
+
+
+@pytest.mark.parametrize("model", ["fast-chat", "claude-chat"])
+async def test_messages_take_whitespace_text_where_anthropic_does(
+    sstack: Stack, fake_openai: FakeOpenAI, fake_claude: FakeAnthropic, model: str
+) -> None:
+    """Whitespace text is refused only alone: beside other text or a tool call, and as a
+    tool_result's content, Anthropic's API takes it, and so does ApiFast."""
+    key = await sstack.create_key("1.00")
+    call: Any = {"type": "tool_use", "id": "toolu_1", "name": "get_weather", "input": {}}
+    messages: Any = [
+        {"role": "user", "content": [{"type": "text", "text": " "},
+                                     {"type": "text", "text": "weather?"}]},
+        {"role": "assistant", "content": [{"type": "text", "text": "\n\n"}, call]},
+        {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "toolu_1",
+                                      "content": " "}]},
+    ]  # fmt: skip
+    tools: Any = [{"name": "get_weather", "input_schema": SCHEMA}]
+    message = await anthropic_sdk(sstack, key).messages.create(
+        model=model, max_tokens=50, tools=tools, messages=messages,
+        system=[{"type": "text", "text": " "}, {"type": "text", "text": "Be brief."}],
+    )  # fmt: skip
+    assert message.content
+    sent = fake_openai.requests if model == "fast-chat" else fake_claude.requests
+    assert len(sent) == 1
 
 
 # --- /v1/messages: structured outputs (output_config.format) ----------------------------------

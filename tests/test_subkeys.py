@@ -10,6 +10,7 @@ from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from typing import Any
 
+import httpx
 import pytest
 
 from apifast.keys import hash_key
@@ -540,3 +541,44 @@ async def test_a_child_refused_for_its_parents_balance_takes_back_the_parents_le
             r = await c.post("/v1/chat/completions", json=big)
         assert r.status_code == 200, r.text
         assert not stack.state.leases._live  # the parent's lease went back for it
+
+
+async def test_counting_endpoints_refuse_what_the_hold_would(
+    sstack: Stack, fake_openai: FakeOpenAI
+) -> None:
+    """`/v1/messages/count_tokens` and `/v1/responses/input_tokens` are free, but a sub-key
+    limited to one model counted on any, and an expired one counted on: now the refusals
+    the request's hold gives (403 `model_not_allowed`, 401 `key_expired`), each in its
+    protocol's shape, with nothing held or sent upstream; an allowed model still counts."""
+    parent = await sstack.create_key("5.00")
+    limited = await _child(sstack, parent, allowed_models=["embed-small"])
+    allowed = await _child(sstack, parent, allowed_models=["fast-chat"])
+    expired = await _child(sstack, parent)
+    await sstack.pool.execute(
+        "UPDATE api_keys SET expires_at = now() - interval '1 second' WHERE public_id = $1",
+        expired["id"],
+    )
+    count = {"model": "fast-chat", "messages": [{"role": "user", "content": "hi"}]}
+    inputs = {"model": "fast-chat", "input": "hi"}
+
+    async def counted(key: str) -> tuple[httpx.Response, httpx.Response]:
+        async with sstack.client(key) as c:
+            m = await c.post("/v1/messages/count_tokens", json=count,
+                             headers={"x-api-key": key})  # fmt: skip
+            r = await c.post("/v1/responses/input_tokens", json=inputs)
+        return m, r
+
+    before = len(fake_openai.requests)
+    for key, status, code, kind in (
+        (limited["key"], 403, "model_not_allowed", "permission_error"),
+        (expired["key"], 401, "key_expired", "authentication_error"),
+    ):
+        m, r = await counted(key)
+        assert m.status_code == status and r.status_code == status, (m.text, r.text)
+        assert m.json()["type"] == "error" and m.json()["error"]["type"] == kind, m.text
+        assert r.json()["error"]["code"] == code, r.text
+    m, r = await counted(allowed["key"])
+    assert m.status_code == 200 and m.json()["input_tokens"] > 0, m.text
+    assert r.status_code == 200 and r.json()["input_tokens"] > 0, r.text
+    assert len(fake_openai.requests) == before  # nothing went upstream
+    assert await sstack.pool.fetchval("SELECT count(*) FROM reservations") == 0
