@@ -247,6 +247,13 @@ class Provider:
         when it has no such endpoint (ApiFast then answers with its documented estimate)."""
         return None
 
+    async def count_tokens_native(self, request: NativeRequest) -> int | None:
+        """The upstream's count for a request in a protocol it speaks natively (one of
+        `native_protocols`), the client's body as `native` would get it, so that what no
+        translation carries (for messages: thinking, cache_control) counts too. None: ApiFast
+        counts the translated body with `count_tokens` instead."""
+        return None
+
     async def embeddings(self, request: EmbeddingsRequest) -> EmbeddingsResponse:
         raise UpstreamError(400, f"{self.type} does not support embeddings", retryable=False)
 

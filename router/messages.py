@@ -116,7 +116,8 @@ async def count_tokens(request: Request) -> Response:
         chat, _ = chat_body({**body, "stream": False})
         # The key's refusals where the request's hold would give them: after the body's.
         await ensure_key_usable(state, key_hash, model.id)
-        count = await input_token_count(state, model, chat, len(raw))
+        native = ("messages", native_body(body))
+        count = await input_token_count(state, model, chat, len(raw), native)
     except ApiError as exc:
         return exc.response(anthropic=True)
     return Response(orjson.dumps({"input_tokens": count}), media_type="application/json")

@@ -103,7 +103,8 @@ async def count_input_tokens(request: Request) -> Response:
     chat, _ = chat_body({**body, "stream": False})  # the same 400s as a request would get
     # The key's refusals where the request's hold would give them: after the body's.
     await ensure_key_usable(state, key_hash, model.id)
-    count = await input_token_count(state, model, chat, len(raw))
+    native = ("responses", native_body(body))
+    count = await input_token_count(state, model, chat, len(raw), native)
     out = {"object": "response.input_tokens", "input_tokens": count}
     return Response(orjson.dumps(out), media_type="application/json")
 

@@ -11,7 +11,7 @@ from typing import Any
 
 from apifast.catalog.toml import Model, Route
 from apifast.db import Queries
-from apifast.providers import ChatRequest, UpstreamError
+from apifast.providers import ChatRequest, NativeRequest, UpstreamError
 from apifast.router.media import media_token_bound
 from apifast.router.reservations import DATABASE_DOWN, database_unavailable, key_refusal
 from apifast.router.state import RouterState
@@ -34,24 +34,37 @@ async def ensure_key_usable(state: RouterState, key_hash: bytes, model: str) -> 
 
 
 async def input_token_count(
-    state: RouterState, model: Model, chat: dict[str, Any], body_bytes: int
+    state: RouterState,
+    model: Model,
+    chat: dict[str, Any],
+    body_bytes: int,
+    native: tuple[str, dict[str, Any]] | None = None,
 ) -> int:
     """The upstream's count, else the estimate: the body's bytes / 4, plus the model's
-    per-part bound for each image, audio or file part."""
-    count = await _upstream_count(state, model.routes, chat)
+    per-part bound for each image, audio or file part. `native` (protocol, the client's body
+    as a native route gets it): a route speaking that protocol counts the body as sent."""
+    count = await _upstream_count(state, model.routes, chat, native)
     if count is None:
         count = math.ceil(body_bytes / 4) + media_token_bound(model, chat["messages"])
     return count
 
 
 async def _upstream_count(
-    state: RouterState, routes: tuple[Route, ...], chat: dict[str, Any]
+    state: RouterState,
+    routes: tuple[Route, ...],
+    chat: dict[str, Any],
+    native: tuple[str, dict[str, Any]] | None,
 ) -> int | None:
     for route in routes:
         provider = state.providers.get(route.provider)
         if provider is None:
             continue
         try:
+            if native is not None and native[0] in provider.native_protocols:
+                request = NativeRequest(native[0], {**native[1], "model": route.model}, route.model)
+                count = await provider.count_tokens_native(request)
+                if count is not None:
+                    return count
             return await provider.count_tokens(
                 ChatRequest(body={**chat, "model": route.model}, model=route.model)
             )

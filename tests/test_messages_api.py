@@ -256,6 +256,37 @@ async def test_count_tokens_is_free(mstack: Stack, fake_claude: FakeAnthropic) -
     assert await mstack.pool.fetchval("SELECT count(*) FROM reservations") == 0
 
 
+async def test_count_tokens_on_a_native_route_counts_the_body_as_sent(
+    mstack: Stack, fake_claude: FakeAnthropic
+) -> None:
+    """On an Anthropic route the count is of the client's own body, as `/v1/messages` would
+    pass it through: thinking, cache_control and tool definitions count; metadata (it
+    identifies the caller) and the sampling fields count_tokens refuses are left out."""
+    key = await mstack.create_key("1.00")
+    system: Any = [{"type": "text", "text": "Be brief.", "cache_control": {"type": "ephemeral"}}]
+    tools: Any = [{"name": "get_weather", "description": "Weather for a city.",
+                   "input_schema": {"type": "object", "properties": {"city": {"type": "string"}}}}]  # fmt: skip
+    body = {
+        "model": "claude-chat", "max_tokens": 64, "system": system, "tools": tools,
+        "thinking": {"type": "enabled", "budget_tokens": 1024}, "top_k": 5,
+        "metadata": {"user_id": "caller-42"},
+        "messages": [{"role": "user", "content": [
+            {"type": "text", "text": "how many tokens?", "cache_control": {"type": "ephemeral"}},
+        ]}],
+    }  # fmt: skip
+    async with httpx.AsyncClient(base_url=mstack.base_url, timeout=30) as c:
+        r = await c.post("/v1/messages/count_tokens", json=body, headers={"x-api-key": key})
+    assert r.status_code == 200, r.text
+    sent = fake_claude.last_request
+    assert sent.path == "/v1/messages/count_tokens"
+    assert sent.body == {
+        "model": "claude-upstream-model", "system": system, "tools": tools,
+        "thinking": body["thinking"], "messages": body["messages"],
+    }  # fmt: skip
+    assert r.json() == {"input_tokens": 1000 + len(orjson.dumps(body["messages"])) // 4}
+    assert await mstack.pool.fetchval("SELECT count(*) FROM reservations") == 0
+
+
 async def test_models_in_anthropic_shape_when_asked(mstack: Stack) -> None:
     key = await mstack.create_key("1.00")
     client = sdk(mstack, key)

@@ -61,7 +61,8 @@ DOCUMENTED_PROTOCOLS = {"messages", "responses"}
 async def test_native_protocol_contract_is_documented_and_kept():
     text = (ROOT / "docs" / "plugins.md").read_text()
     for member in ("`native_protocols`", "`async native(request) -> ChatResponse`",
-                   "`stream_native(request)`"):  # fmt: skip
+                   "`stream_native(request)`",
+                   "`async count_tokens_native(request) -> int \\| None`"):  # fmt: skip
         assert member in text, f"docs/plugins.md lacks {member}"
     for protocol in DOCUMENTED_PROTOCOLS:
         assert f'`"{protocol}"`' in text, f"docs/plugins.md does not document {protocol!r}"
@@ -76,6 +77,8 @@ async def test_native_protocol_contract_is_documented_and_kept():
     assert refused.value.retryable is False
     with pytest.raises(UpstreamError):
         base.stream_native(NativeRequest("responses", {}, "m", True))
+    # No native count by default: the translated body is counted instead.
+    assert await base.count_tokens_native(NativeRequest("messages", {}, "m")) is None
     # Every bundled provider declares only documented protocols, and implements both
     # methods for what it declares; the openai type only with native_responses = true.
     for name, cls in provider_types(make_plugin_manager()).items():

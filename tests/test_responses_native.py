@@ -400,3 +400,41 @@ async def test_native_usage_not_believed_is_estimated(
         {"g": generation},
     )
     assert [bool(r["usage_estimated"]) for r in rows] == [True]
+
+
+async def test_input_tokens_on_a_native_route_are_the_upstreams_count(
+    nstack: Stack, fake_openai: FakeOpenAI
+) -> None:
+    """`responses.input_tokens.count` on a route speaking the Responses API natively asks
+    that upstream's own POST /v1/responses/input_tokens, with the client's prompt fields as
+    sent (reasoning and text.format count), nothing of the caller's and none of the sampling
+    fields that endpoint refuses. Free: nothing held, nothing metered."""
+    key = await nstack.create_key("1.00")
+    items: Any = [{"role": "user", "content": [{"type": "input_text", "text": "count me"}]}]
+    text: Any = {"format": {"type": "json_object"}}
+    counted = await sdk(nstack, key).responses.input_tokens.count(
+        model="native-chat", input=items, instructions="Be brief.", tools=TOOLS,
+        reasoning={"effort": "low"}, text=text, extra_body={**CALLER, "max_output_tokens": 50,
+                                                           "temperature": 0.2},
+    )  # fmt: skip
+    [sent] = fake_openai.count_requests
+    assert sent == {"model": "upstream-native-model", "input": items,
+                    "instructions": "Be brief.", "tools": TOOLS,
+                    "reasoning": {"effort": "low"}, "text": text}  # fmt: skip
+    assert counted.input_tokens == 500 + len(orjson.dumps(items)) // 4
+    assert await nstack.pool.fetchval("SELECT count(*) FROM reservations") == 0
+    assert not fake_openai.responses_requests
+
+
+async def test_input_tokens_fall_back_to_the_estimate_when_the_upstream_cannot_count(
+    nstack: Stack, fake_openai: FakeOpenAI
+) -> None:
+    """An upstream that fails the count (an OpenAI-compatible server without the endpoint,
+    or one that is down) leaves ApiFast's documented estimate, never its error."""
+    key = await nstack.create_key("1.00")
+    fake_openai.api_key = "another-key"  # every upstream call now answers 401
+    body = orjson.dumps({"model": "native-chat", "input": "how many tokens is this?"})
+    async with nstack.client(key) as c:
+        r = await c.post("/v1/responses/input_tokens", content=body)
+    assert r.status_code == 200, r.text
+    assert r.json() == {"object": "response.input_tokens", "input_tokens": -(-len(body) // 4)}

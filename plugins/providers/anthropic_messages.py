@@ -751,7 +751,14 @@ class AnthropicProvider(Provider):
             raise UpstreamError(502, "anthropic sent a malformed response") from None
 
     async def count_tokens(self, request: ChatRequest) -> int | None:
-        payload = orjson.loads(self._payload(request, stream=False))
+        return await self._count(orjson.loads(self._payload(request, stream=False)))
+
+    async def count_tokens_native(self, request: NativeRequest) -> int | None:
+        if request.protocol != "messages":
+            return None
+        return await self._count({**request.body, "model": request.model})
+
+    async def _count(self, payload: dict[str, Any]) -> int:
         # count_tokens takes the prompt's fields only.
         for name in _NOT_COUNTED:
             payload.pop(name, None)

@@ -43,6 +43,10 @@ from apifast.providers import (
     token_count,
 )
 
+# What /v1/responses/input_tokens takes: the prompt's fields, none of the sampling ones.
+_COUNTED = ("input", "instructions", "tools", "tool_choice", "parallel_tool_calls", "reasoning",
+            "text", "truncation")  # fmt: skip
+
 
 def _details(usage: dict[str, Any], name: str) -> dict[str, Any] | None:
     """A `*_tokens_details` object: {} when absent or null, None when it is not an object."""
@@ -229,6 +233,17 @@ class OpenAIProvider(Provider):
         body = self._native_body(request, stream=False)
         data = checked_response(await self._post_json("/responses", body), self.config.name)
         return ChatResponse(body=data, usage=responses_usage(data.get("usage")))
+
+    async def count_tokens_native(self, request: NativeRequest) -> int | None:
+        # OpenAI's POST /v1/responses/input_tokens (only with native_responses).
+        if request.protocol not in self.native_protocols:
+            return None
+        body = {name: request.body[name] for name in _COUNTED if name in request.body}
+        body["model"] = request.model
+        count = (await self._post_json("/responses/input_tokens", body)).get("input_tokens")
+        if type(count) is not int or count < 0:
+            raise UpstreamError(502, f"{self.config.name}: malformed input token count")
+        return count
 
     def stream_native(self, request: NativeRequest) -> AsyncIterator[StreamItem]:
         body = self._native_body(request, stream=True)

@@ -33,6 +33,10 @@ from aiohttp import web
 from tests.fakes import openai_responses as wire
 
 REPLY = "Hello from the fake upstream model"
+# The body of OpenAI's POST /v1/responses/input_tokens; anything else is refused.
+_INPUT_TOKENS_FIELDS = {"model", "input", "instructions", "tools", "tool_choice",
+                        "parallel_tool_calls", "reasoning", "text", "truncation", "conversation",
+                        "previous_response_id"}  # fmt: skip
 REPLY_JSON = '{"city": "Paris"}'  # the "json" behaviour's answer (a stream: word by word)
 _MARKER = re.compile(
     r"\[\[(ok|error:\d+|slow:[\d.]+|broken|malformed|nousage|tools|gated|reasoning|failed"
@@ -65,6 +69,8 @@ class FakeOpenAI:
     omit_usage: bool = False  # answers carry no `usage` at all (streams: no usage chunk)
     requests: list[dict[str, Any]] = field(default_factory=list)
     responses_requests: list[dict[str, Any]] = field(default_factory=list)
+    count_requests: list[dict[str, Any]] = field(default_factory=list)  # input_tokens
+    input_tokens_base: int = 500  # /v1/responses/input_tokens answers this plus input bytes/4
     headers: list[dict[str, str]] = field(default_factory=list)
     gate: asyncio.Event = field(default_factory=asyncio.Event)  # releases "gated" streams
     gate_after: int = 2
@@ -83,6 +89,7 @@ class FakeOpenAI:
         app = web.Application()
         app.router.add_post("/v1/chat/completions", self._chat)
         app.router.add_post("/v1/responses", self._responses)
+        app.router.add_post("/v1/responses/input_tokens", self._input_tokens)
         app.router.add_post("/v1/embeddings", self._embeddings)
         app.router.add_get("/v1/models", self._models)
         self._runner = web.AppRunner(app, access_log=None)
@@ -321,6 +328,25 @@ class FakeOpenAI:
         await resp.write(b"data: [DONE]\n\n")
         await resp.write_eof()
         return resp
+
+    async def _input_tokens(self, request: web.Request) -> web.Response:
+        """As OpenAI's: the prompt's fields only, {"object": "response.input_tokens",
+        "input_tokens": N}, N here `input_tokens_base` plus the input's bytes / 4."""
+        denied = self._auth_failed(request)
+        if denied:
+            return denied
+        body = orjson.loads(await request.read())
+        self.count_requests.append(body)
+        unknown = sorted(set(body) - _INPUT_TOKENS_FIELDS)
+        if unknown or "model" not in body:
+            message = f"Unknown parameter: '{unknown[0]}'." if unknown else "Missing 'model'."
+            error = {"message": message, "type": "invalid_request_error",
+                     "param": unknown[0] if unknown else "model", "code": "unknown_parameter"}  # fmt: skip
+            return web.json_response({"error": error}, status=400,
+                                     headers=self._upstream_headers())  # fmt: skip
+        count = self.input_tokens_base + len(orjson.dumps(body.get("input"))) // 4
+        return web.json_response({"object": "response.input_tokens", "input_tokens": count},
+                                 headers=self._upstream_headers())  # fmt: skip
 
     async def _responses(self, request: web.Request) -> web.StreamResponse:
         denied = self._auth_failed(request)
