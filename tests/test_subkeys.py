@@ -140,6 +140,20 @@ async def test_caps_take_json_integers_exactly_and_refuse_fractions(sstack: Stac
     assert (await _listed(sstack, parent))[made["id"]]["spend_cap_usd"] == "3.00"
 
 
+async def test_a_cap_is_read_only_from_plain_decimal_digits(sstack: Stack) -> None:
+    """Decimal() reads "0_5" (Python's digit grouping) as 5 and "５" (a full-width digit) as
+    5: a holder typing half a dollar got a cap of 5.00. Plain ASCII decimals only now."""
+    parent = await sstack.create_key("5.00")
+    async with sstack.client(parent) as c:
+        for value in ("0_5", "５", "1 0", "0x1"):
+            r = await c.post("/v1/keys", json={"spend_cap_usd": value})
+            assert r.status_code == 400, (value, r.text)
+            assert r.json()["error"]["param"] == "spend_cap_usd"
+        for value, shown in (("0.5", "0.50"), (" 1 ", "1.00"), ("5e-3", "0.005")):
+            made = await c.post("/v1/keys", json={"spend_cap_usd": value})
+            assert made.status_code == 201 and made.json()["spend_cap_usd"] == shown, made.text
+
+
 async def test_bad_input_in_the_error_shape(sstack: Stack) -> None:
     parent = await sstack.create_key("2.00")
     past = (datetime.now(UTC) - timedelta(hours=1)).isoformat()
