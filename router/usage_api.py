@@ -18,6 +18,7 @@ from apifast.errors import ApiError
 from apifast.money import format_usd, json_number
 from apifast.receipts import receipt_fields
 from apifast.router.state import RouterState
+from apifast.router.usage_dates import days_before, parse_day
 
 api = APIRouter(tags=["usage"])
 Q = Queries("apifast.router")
@@ -42,13 +43,7 @@ def _store(state: RouterState) -> Any:
 
 
 def _parse_day(value: str | None, name: str, default: date) -> date:
-    if value is None or value == "":
-        return default
-    try:
-        return date.fromisoformat(value[:10]) if len(value) >= 10 else date.fromisoformat(value)
-    except ValueError:
-        raise ApiError(400, f"{name}: must be a date such as 2026-01-31", param=name,
-                       code="invalid_value") from None  # fmt: skip
+    return default if value is None or value == "" else parse_day(value, name)
 
 
 @api.get("/v1/usage")
@@ -58,7 +53,7 @@ async def usage(request: Request, start: str | None = None, end: str | None = No
     hashes = await history_hashes(request, state.pool, state.secret)
     today = datetime.now(UTC).date()
     end_day = _parse_day(end, "end", today)
-    start_day = _parse_day(start, "start", end_day - timedelta(days=29))
+    start_day = _parse_day(start, "start", days_before(end_day, 29))
     if start_day > end_day:
         raise ApiError(400, "start: must not be after end", param="start", code="invalid_value")
     if (end_day - start_day).days > _MAX_RANGE_DAYS:

@@ -168,6 +168,46 @@ async def test_receipts_take_start_and_end_and_default_to_the_usage_window(stack
         assert wide.status_code == 400 and wide.json()["error"]["param"] == "end"
 
 
+async def test_receipt_and_usage_days_are_utc_dates_and_nothing_else(stack: Stack) -> None:
+    """`/v1/receipts` and `/v1/usage` read a day as its first ten characters: "2026-12-07x"
+    passed, a time at another offset silently became the local date, and a day near the
+    ends of the calendar was a 500 (end=9999-12-31 cut the stream short, end=0001-01-05
+    took its default start below year 1). Now a date, or a date-time in UTC, else a 400
+    naming the parameter."""
+    key = await stack.create_key("1.00")
+    async with stack.client(key) as c:
+        r = await c.post("/v1/chat/completions", json=BODY)
+        await stack.wait_metered([r.json()["id"]])
+        now = datetime.now(UTC)
+        today = now.date().isoformat()
+        for path in ("/v1/receipts", "/v1/usage"):
+            for params, param in (
+                ({"start": today + "garbage"}, "start"),
+                ({"end": f"{today}T23:00:00-05:00"}, "end"),
+                ({"start": f"{today}T01:00:00+02:00"}, "start"),
+                ({"start": "9999-12-31", "end": "9999-12-31"}, "end"),
+                ({"end": "0001-01-05"}, "end"),
+                ({"start": "1800-01-01"}, "start"),
+            ):
+                got = await c.get(path, params=params)
+                assert got.status_code == 400, (path, params, got.text)
+                assert got.json()["error"]["param"] == param, got.text
+                assert got.json()["error"]["type"] == "invalid_request_error"
+            # A UTC time names its UTC day; the compact ISO date is still a date.
+            for day in (f"{today}T{now:%H:%M:%S}Z", f"{today}T00:00:00+00:00", f"{now:%Y%m%d}"):
+                got = await c.get(path, params={"start": day, "end": day})
+                assert got.status_code == 200, (path, day, got.text)
+                if path == "/v1/receipts":
+                    assert [orjson.loads(x)["id"] for x in got.text.splitlines()] == [
+                        r.json()["id"]
+                    ]
+                else:
+                    assert got.json()["total_requests"] == 1
+        # The default start of a window that ends on the first day stops there.
+        first = await c.get("/v1/usage", params={"end": "1970-01-05"})
+        assert first.status_code == 200 and first.json()["start"] == "1970-01-01", first.text
+
+
 def test_libsodium_signs_the_same_bytes_as_cryptography() -> None:
     """Receipts are signed with libsodium for speed; Ed25519 is deterministic, so the
     signature must be byte for byte what `cryptography` (OpenSSL) makes of the same seed."""
