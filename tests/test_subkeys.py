@@ -596,3 +596,50 @@ async def test_counting_endpoints_refuse_what_the_hold_would(
     assert r.status_code == 200 and r.json()["input_tokens"] > 0, r.text
     assert len(fake_openai.requests) == before  # nothing went upstream
     assert await sstack.pool.fetchval("SELECT count(*) FROM reservations") == 0
+
+
+async def test_a_child_that_no_longer_works_reads_nothing_either(sstack: Stack) -> None:
+    """An expired child, one its holder disabled, and one whose parent is disabled got 401
+    on every request, yet still read /v1/key, /v1/usage, /v1/generations, its generations
+    and /v1/receipts (a leaked child key kept showing what it had been used for). Now each
+    of these is the same 401 its requests get; enabled again, it reads its history again."""
+    parent = await sstack.create_key("5.00")
+    other = await sstack.create_key("5.00")
+    made = {name: await _child(sstack, p, label=name)
+            for name, p in (("expired", parent), ("disabled", parent), ("orphan", other))}  # fmt: skip
+    gens = {}
+    for name, child in made.items():
+        async with sstack.client(child["key"]) as c:
+            r = await c.post("/v1/chat/completions", json=BODY)
+            assert r.status_code == 200, r.text
+            gens[name] = r.json()["id"]
+    await sstack.wait_metered(list(gens.values()))
+    paths = ["/v1/key", "/v1/usage", "/v1/generations", "/v1/receipts"]
+
+    async def answers(name: str) -> list[httpx.Response]:
+        async with sstack.client(made[name]["key"]) as c:
+            return [await c.get(p) for p in [*paths, f"/v1/generation/{gens[name]}"]]
+
+    for response in await answers("orphan"):  # working: all of it readable
+        assert response.status_code == 200, response.text
+    await sstack.pool.execute(
+        "UPDATE api_keys SET expires_at = now() - interval '1 second' WHERE public_id = $1",
+        made["expired"]["id"],
+    )
+    async with sstack.client(parent) as c:
+        r = await c.patch(f"/v1/keys/{made['disabled']['id']}", json={"disabled": True})
+        assert r.status_code == 200, r.text
+    await sstack.pool.execute(
+        "UPDATE api_keys SET disabled = true WHERE key_hash = $1", hash_key(SECRET.encode(), other)
+    )
+    for name, code in (("expired", "key_expired"), ("disabled", "key_disabled"),
+                       ("orphan", "key_disabled")):  # fmt: skip
+        for response in await answers(name):
+            assert response.status_code == 401, (name, response.url, response.text)
+            assert response.json()["error"]["code"] == code, response.text
+            assert response.json()["error"]["type"] == "authentication_error"
+    async with sstack.client(parent) as c:
+        r = await c.patch(f"/v1/keys/{made['disabled']['id']}", json={"disabled": False})
+        assert r.status_code == 200, r.text
+    for response in await answers("disabled"):
+        assert response.status_code == 200, response.text
