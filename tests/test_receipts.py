@@ -5,9 +5,11 @@ the same one GET /v1/generation/{id} gives, and a key holder can download them b
 from __future__ import annotations
 
 import base64
+import secrets
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
+from typing import Any
 
 import orjson
 import pytest
@@ -16,7 +18,8 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from apifast.cli.main import main as cli
 from apifast.keys import hash_key
 from apifast.receipts import ReceiptError, ReceiptSigner, public_keys, verify
-from tests.harness import SECRET, Stack
+from tests.fakes.openai_upstream import FakeOpenAI
+from tests.harness import SECRET, Stack, free_port, models_toml, running_stack
 
 BODY = {"model": "fast-chat", "messages": [{"role": "user", "content": "canary-receipt"}]}
 
@@ -206,6 +209,54 @@ async def test_receipt_and_usage_days_are_utc_dates_and_nothing_else(stack: Stac
         # The default start of a window that ends on the first day stops there.
         first = await c.get("/v1/usage", params={"end": "1970-01-05"})
         assert first.status_code == 200 and first.json()["start"] == "1970-01-01", first.text
+
+
+def _seed() -> str:
+    return base64.urlsafe_b64encode(secrets.token_bytes(32)).rstrip(b"=").decode()
+
+
+async def test_a_receipt_verifies_offline_after_the_signing_key_is_rotated(
+    stack_settings_factory: Any, fake_openai: FakeOpenAI, tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:  # fmt: skip
+    """The operator rotates the receipt key (a new one first in APIFAST_RECEIPT_KEYS, the
+    old one kept listed): a receipt issued before verifies offline with the keys published
+    after, by its kid; the stored request is signed afresh by the new key, saying the same."""
+    old, new = _seed(), _seed()
+    before = stack_settings_factory(models_toml(fake_openai.url), receipt_keys=f"old:{old}")
+    async with running_stack(before) as stack:
+        key = await stack.create_key("1.00")
+        async with stack.client(key) as c:
+            r = await c.post("/v1/chat/completions", json=BODY)
+        assert r.status_code == 200, r.text
+        issued = r.headers["x-apifast-receipt"]
+        await stack.wait_metered([r.json()["id"]])
+    after = before.model_copy(update={"receipt_keys": f"new:{new},old:{old}", "port": free_port()})
+    async with running_stack(after) as stack, stack.client(key) as c:
+        document = (await c.get("/.well-known/apifast-receipts.json")).json()
+        stored = (await c.get(f"/v1/generation/{r.json()['id']}")).json()["receipt"]
+    assert [k["kid"] for k in document["keys"]] == ["new", "old"]
+    saved = tmp_path / "published.json"
+    saved.write_bytes(orjson.dumps(document))
+    assert cli(["receipts", "verify", issued, "--keys", str(saved)]) == 0
+    assert orjson.loads(capsys.readouterr().out)["kid"] == "old"
+    keys = public_keys(document)
+    first, again = verify(issued, keys), verify(stored, keys)
+    assert (first.pop("kid"), again.pop("kid")) == ("old", "new") and first == again
+    # Without the old key listed, the old receipt no longer verifies: keep it published.
+    alone = tmp_path / "new-only.json"
+    alone.write_bytes(orjson.dumps({"keys": [document["keys"][0]]}))
+    assert cli(["receipts", "verify", issued, "--keys", str(alone)]) == 1
+
+
+def test_a_kid_given_twice_is_refused_at_start_up(tmp_path: Path) -> None:
+    """Two keys under one kid: the first signed, the second was published under that kid,
+    and no receipt verified. Now the setting is refused, naming the kid."""
+    with pytest.raises(ValueError, match="'k1' is given twice"):
+        ReceiptSigner.from_settings(f"k1:{_seed()},k1:{_seed()}", tmp_path)
+    signer = ReceiptSigner.from_settings(f"k1:{_seed()},k2:{_seed()}", tmp_path)
+    keys = public_keys(signer.public_document())
+    assert verify(signer.sign({"v": 1, "id": "gen-x"}), keys)["kid"] == "k1"
 
 
 def test_libsodium_signs_the_same_bytes_as_cryptography() -> None:
