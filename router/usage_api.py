@@ -56,7 +56,7 @@ async def usage(request: Request, start: str | None = None, end: str | None = No
     start_day = _parse_day(start, "start", days_before(end_day, 29))
     if start_day > end_day:
         raise ApiError(400, "start: must not be after end", param="start", code="invalid_value")
-    if (end_day - start_day).days > _MAX_RANGE_DAYS:
+    if (end_day - start_day).days >= _MAX_RANGE_DAYS:  # both days included
         raise ApiError(400, f"start: the range may span at most {_MAX_RANGE_DAYS} days",
                        param="start", code="invalid_value")  # fmt: skip
     # The per-key daily rollup (a materialized view) keeps this fast as events grow.
@@ -112,8 +112,9 @@ async def generation(generation_id: str, request: Request) -> Response:
         {"key_hashes": hex_list(hashes), "generation_id": stored_generation_id(generation_id)},
     )
     if not rows:
-        raise ApiError(404, f"No generation '{generation_id}' for this key (metering may take "
-                       "a moment).", param="id", code="generation_not_found")  # fmt: skip
+        shown = generation_id[:80]  # not the whole of what a client sent, echoed
+        raise ApiError(404, f"No generation '{shown}' for this key (metering may take a "
+                       "moment).", param="id", code="generation_not_found")  # fmt: skip
     body = generation_json(rows[0])
     if state.receipts is not None:
         body["receipt"] = state.receipts.sign(row_receipt(rows[0]))

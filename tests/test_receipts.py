@@ -206,6 +206,15 @@ async def test_receipt_and_usage_days_are_utc_dates_and_nothing_else(stack: Stac
                     ]
                 else:
                     assert got.json()["total_requests"] == 1
+        # 366 days, both included, at most: /v1/usage let 367 through (2025-01-01..2026-01-02).
+        for path, param in (("/v1/usage", "start"), ("/v1/receipts", "end")):
+            wide = await c.get(path, params={"start": "2025-01-01", "end": "2026-01-02"})
+            assert wide.status_code == 400 and wide.json()["error"]["param"] == param, wide.text
+            full = await c.get(path, params={"start": "2025-01-01", "end": "2026-01-01"})
+            assert full.status_code == 200, full.text
+        # An unknown id is named in the 404, cut short: not echoed whole.
+        missing = await c.get("/v1/generation/" + "x" * 5000)
+        assert missing.status_code == 404 and len(missing.text) < 400, missing.text[:200]
         # The default start of a window that ends on the first day stops there.
         first = await c.get("/v1/usage", params={"end": "1970-01-05"})
         assert first.status_code == 200 and first.json()["start"] == "1970-01-01", first.text

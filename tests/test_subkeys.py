@@ -167,6 +167,8 @@ async def test_bad_input_in_the_error_shape(sstack: Stack) -> None:
             ({"allowed_models": ["no-such-model"]}, "allowed_models"),
             ({"rpm_limit": 0}, "rpm_limit"),
             ({"label": "x" * 101}, "label"),
+            ({"label": "a\u0000b"}, "label"),  # NUL: a 500 when stored, before
+            ({"label": "line\nbreak"}, "label"),
             ({"colour": "red"}, "colour"),
         ):
             r = await c.post("/v1/keys", json=body)
