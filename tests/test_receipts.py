@@ -220,6 +220,46 @@ async def test_receipt_and_usage_days_are_utc_dates_and_nothing_else(stack: Stac
         assert first.status_code == 200 and first.json()["start"] == "1970-01-01", first.text
 
 
+async def test_every_protocol_and_embeddings_get_the_same_receipt_in_the_header_and_the_list(
+    stack: Stack,
+) -> None:
+    """Chat, Messages, Responses and embeddings: each answer's X-ApiFast-Receipt is, to the
+    byte, the line /v1/receipts lists for it, names its protocol (embeddings as chat), the
+    generation id each protocol's own id wraps, and no content (pinned, no change needed)."""
+    key = await stack.create_key("1.00")
+    text = "canary-every-protocol"
+    async with stack.client(key) as c:
+        answers = {
+            "chat": await c.post("/v1/chat/completions", json={**BODY, "messages": [
+                {"role": "user", "content": text}]}),
+            "messages": await c.post("/v1/messages", json={**BODY, "max_tokens": 20, "messages": [
+                {"role": "user", "content": text}]}),
+            "responses": await c.post("/v1/responses", json={"model": "fast-chat", "input": text}),
+            "embeddings": await c.post("/v1/embeddings", json={"model": "embed-small",
+                                                               "input": text}),
+        }  # fmt: skip
+        for name, r in answers.items():
+            assert r.status_code == 200, (name, r.text)
+        headers = {n: r.headers["x-apifast-receipt"] for n, r in answers.items()}
+        keys = public_keys((await c.get("/.well-known/apifast-receipts.json")).json())
+        fields = {n: verify(h, keys) for n, h in headers.items()}
+        await stack.wait_metered([f["id"] for f in fields.values()])
+        today = datetime.now(UTC).date().isoformat()
+        listed = await c.get("/v1/receipts", params={"start": today, "end": today})
+    lines = {orjson.loads(x)["id"]: orjson.loads(x)["receipt"] for x in listed.text.splitlines()}
+    assert sorted(lines.values()) == sorted(headers.values())
+    apis = {n: f["api"] for n, f in fields.items()}
+    assert apis == {"chat": "chat", "messages": "messages", "responses": "responses",
+                    "embeddings": "chat"}  # fmt: skip
+    assert answers["messages"].json()["id"] == "msg_" + fields["messages"]["id"]
+    assert answers["responses"].json()["id"] == "resp_" + fields["responses"]["id"]
+    prefix = hash_key(SECRET.encode(), key).hex()[:16]
+    for f in fields.values():
+        assert f["key"] == prefix and text not in orjson.dumps(f).decode()
+        assert set(f) == {"v", "kid", "id", "model", "api", "input_tokens", "output_tokens",
+                          "cached_tokens", "cost_usd", "ts", "key"}  # fmt: skip
+
+
 def _seed() -> str:
     return base64.urlsafe_b64encode(secrets.token_bytes(32)).rstrip(b"=").decode()
 
