@@ -73,6 +73,23 @@ def refuse_sub_key(row: dict[str, Any]) -> None:
         )
 
 
+# A sub-key that no longer works answers 401 wherever it is used, as its requests are
+# refused (the holds' messages: router/reservations.py), reading its history included.
+_SUB_KEY_GONE = {
+    "disabled": ("This API key has been disabled.", "key_disabled"),
+    "expired": ("This sub-key has expired.", "key_expired"),
+    "parent_disabled": ("The key this sub-key draws on has been disabled.", "key_disabled"),
+}
+
+
+def refuse_inactive_sub_key(row: Any) -> None:
+    """401 for a disabled or expired sub-key, or one whose parent is disabled: its holder
+    turned it off, so it reads nothing either (`sub_key_status` of key_summary.sql)."""
+    gone = _SUB_KEY_GONE.get(row["sub_key_status"] or "")
+    if gone is not None:
+        raise ApiError(401, gone[0], code=gone[1])
+
+
 async def history_hashes(request: Request, pool: asyncpg.Pool, secret: bytes) -> list[bytes]:
     """The hashes whose history the calling key reads: its own first, then those of the keys
     it was rotated from (a rotation moves the history with the balance). 401 for an unknown
@@ -83,6 +100,7 @@ async def history_hashes(request: Request, pool: asyncpg.Pool, secret: bytes) ->
         raise ApiError(401, "Invalid API key.", code="invalid_api_key")
     if row["rotated"]:
         raise ApiError(401, "This API key has been rotated; use the new key.", code="key_disabled")
+    refuse_inactive_sub_key(row)
     return [key_hash, *(bytes(h) for h in row["predecessors"])]
 
 

@@ -6,6 +6,7 @@ price divided by 10**6 is exact at 12 decimal places.
 
 from __future__ import annotations
 
+import re
 from decimal import ROUND_CEILING, Context, Decimal, InvalidOperation
 
 USD_PLACES = 12
@@ -13,6 +14,14 @@ _QUANTUM = Decimal(1).scaleb(-USD_PLACES)
 _CTX = Context(prec=40)
 _MTOK = Decimal(1_000_000)
 ZERO = Decimal(0)
+# The largest amount accepted from outside: the NUMERIC(30, 12) columns (balances, ledger,
+# thresholds) hold below 10**18, and this leaves room for sums of a few. Above it, a 400 at
+# the door, not a database error (500) when the amount is stored.
+MAX_USD = Decimal(10) ** 15
+# What Decimal() is allowed to read: plain ASCII digits, an optional sign, fraction and
+# exponent. Decimal() on its own also takes "1_000" (Python's digit grouping) and non-ASCII
+# digits, so "0_5" meant to be 0.5 became a cap of 5.00.
+_USD_TEXT = re.compile(r"[+-]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][+-]?[0-9]+)?")
 
 
 # Why a JSON number with a fraction is refused as money, and what to send instead.
@@ -32,15 +41,18 @@ def parse_usd(value: object, *, field: str, max_places: int = USD_PLACES) -> Dec
     rounded to binary by the parser (orjson), so its digits cannot be trusted as money."""
     if isinstance(value, float):
         raise MoneyError(f"{field} {NO_FRACTION}")
+    exact = isinstance(value, (str, int, Decimal)) and not isinstance(value, bool)
+    text = str(value).strip() if exact else ""
     try:
-        exact = isinstance(value, (str, int, Decimal)) and not isinstance(value, bool)
-        amount = Decimal(str(value).strip()) if exact else None
+        amount = Decimal(text) if _USD_TEXT.fullmatch(text) else None
     except InvalidOperation:
         amount = None
     if amount is None or not amount.is_finite():
         raise MoneyError(f'{field} must be an amount in USD: send a decimal string like "5.00"')
     if amount < 0:
         raise MoneyError(f"{field} must not be negative")
+    if amount > MAX_USD:
+        raise MoneyError(f"{field} is too large: at most {format_usd(MAX_USD)}")
     exponent = amount.as_tuple().exponent
     if isinstance(exponent, int) and -exponent > max_places:
         raise MoneyError(f"{field} has more than {max_places} decimal places")

@@ -98,12 +98,16 @@ class ReceiptSigner:
     @classmethod
     def from_settings(cls, receipt_keys: str, data_dir: Path) -> ReceiptSigner:
         if receipt_keys.strip():
-            seeds = []
+            seeds: list[tuple[str, bytes]] = []
             for item in receipt_keys.split(","):
                 kid, _, seed = item.strip().partition(":")
                 raw = _unb64(seed)
                 if not kid or len(raw) != 32:
                     raise ValueError("APIFAST_RECEIPT_KEYS: each entry is kid:base64url(32 bytes)")
+                if any(kid == seen for seen, _ in seeds):
+                    # One kid, two keys: the later one was published, the first signed, and
+                    # no receipt verified.
+                    raise ValueError(f"APIFAST_RECEIPT_KEYS: the kid {kid!r} is given twice")
                 seeds.append((kid, raw))
             return cls.from_seeds(seeds)
         return cls.from_seeds(_data_dir_seeds(_key_file(data_dir)))

@@ -86,6 +86,9 @@ async def apply_update(
         order = await conn.fetchrow(Q.order_lock, order_id, update.processor) if order_id else None
         if order is None:
             return ApplyResult("unknown_order")
+        # The key credited: the order's, or the key it was rotated to since.
+        moved = await conn.fetchval(Q.order_follow_rotation, order_id)
+        key_id = order["key_id"] if moved is None else moved
         payment = await conn.fetchrow(Q.payment_lock, update.processor, update.payment_id)
         if payment is not None and payment["order_id"] != order_id:
             log.warning(
@@ -112,7 +115,7 @@ async def apply_update(
             if already > 0:
                 ref += f":{update.status}"  # the top-up of an earlier partial credit
             balance = await conn.fetchval(
-                CORE.credit_key, order["key_id"], "payment", ref, delta, f"order {order_id}"
+                CORE.credit_key, key_id, "payment", ref, delta, f"order {order_id}"
             )
             if balance is None:
                 delta = ZERO  # already in the ledger; the lock makes this unreachable

@@ -198,6 +198,11 @@ async def create_order(request: Request) -> Response:
         if row is None:
             raise ApiError(401, "Invalid API key.", code="invalid_api_key")
         refuse_sub_key(dict(row))  # a sub-key has no balance of its own to top up
+        if row["disabled"]:
+            # A rotated-away (or disabled) key cannot spend what it is paid: the payment
+            # would sit on a dead key. Refused before any payment is made.
+            raise ApiError(401, "This API key has been disabled; top up the key you use now.",
+                           code="key_disabled")  # fmt: skip
         key_id = row["id"]
 
     order_id = "ord_" + secrets.token_hex(12)

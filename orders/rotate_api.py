@@ -59,6 +59,15 @@ def _in_flight() -> ApiError:
     )
 
 
+def _in_progress() -> ApiError:
+    return ApiError(
+        409,
+        "This key is being rotated by another request; retry to see how it ended.",
+        code="rotation_in_progress",
+        headers={"Retry-After": "2"},
+    )
+
+
 async def _move_alert(
     rt: PaymentsRuntime, conn: asyncpg.Connection, old_id: int, new_id: int
 ) -> None:
@@ -112,7 +121,10 @@ async def rotate(request: Request) -> Response:
     _, old = await holder_summary(request, pool, secret)
     if old["disabled"]:
         raise ApiError(401, "This API key has been disabled.", code="key_disabled")
-    await pool.execute(Q.key_set_disabled, old["id"], True)
+    if await pool.fetchval(Q.rotate_key_claim, old["id"]) is None:
+        # Another rotation of this key disabled it after our read: that one goes on alone.
+        # Re-enabling on our way out would give the rotated-away key back its life.
+        raise _in_progress()
     try:
         key, balance, email_saved = await _move(rt, old["id"])
     except BaseException:

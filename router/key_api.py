@@ -1,5 +1,6 @@
 """GET /v1/key: the calling key's balance and spend, as exact decimal strings. A sub-key sees
-only itself: its caps and spend, never its parent's balance."""
+only itself: its caps and spend, never its parent's balance; a disabled or expired one gets
+401, as its requests do."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ from fastapi import APIRouter
 from starlette.requests import Request
 from starlette.responses import Response
 
-from apifast.auth import key_summary
+from apifast.auth import key_summary, refuse_inactive_sub_key
 from apifast.db import Queries
 from apifast.money import format_usd
 from apifast.router.state import RouterState
@@ -24,6 +25,7 @@ async def get_key(request: Request) -> Response:
     state: RouterState = request.app.state.apifast
     _, row = await key_summary(request, state.pool, state.secret)
     if row["parent_id"] is not None:
+        refuse_inactive_sub_key(row)
         own = await state.pool.fetchrow(Q.subkey_self, row["id"])
         return Response(orjson.dumps(sub_key_json(own, with_label=False)),
                         media_type="application/json")  # fmt: skip

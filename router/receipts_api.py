@@ -17,6 +17,7 @@ from apifast.errors import ApiError, bad
 from apifast.receipts import ReceiptSigner
 from apifast.router.state import RouterState
 from apifast.router.usage_api import hex_list, row_receipt
+from apifast.router.usage_dates import days_before, parse_day
 
 api = APIRouter(tags=["receipts"])
 
@@ -55,10 +56,7 @@ def _day(request: Request, name: str, alias: str) -> tuple[date | None, str]:
     if not given:
         return None, name
     used, value = next(iter(given.items()))
-    try:
-        return date.fromisoformat(value[:10]), used
-    except ValueError:
-        raise bad(used, "must be a date, YYYY-MM-DD") from None
+    return parse_day(value, used), used
 
 
 @api.get("/v1/receipts")
@@ -72,7 +70,7 @@ async def receipts(request: Request) -> Response:
     last, end_name = _day(request, "end", "to")
     last = last or datetime.now(UTC).date()
     first, start_name = _day(request, "start", "from")
-    first = first or last - timedelta(days=_DEFAULT_DAYS - 1)
+    first = first or days_before(last, _DEFAULT_DAYS - 1)
     if last < first:
         raise bad(end_name, f"must not be before {start_name}")
     if (last - first).days >= _MAX_DAYS:

@@ -5,6 +5,7 @@ metering/sql/settle_usage_batch.sql) and docs/billing.md."""
 
 from __future__ import annotations
 
+import unicodedata
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from decimal import Decimal
@@ -48,6 +49,9 @@ def parse_settings(
     if label is not None:
         if not isinstance(label, str) or len(label) > MAX_LABEL:
             raise bad("label", f"a string of at most {MAX_LABEL} characters")
+        # A control character is no part of a note, and NUL cannot be stored at all (a 500).
+        if any(unicodedata.category(ch) == "Cc" for ch in label):
+            raise bad("label", "must not contain control characters")
         out.label = label
     for name in ("spend_cap_usd", "daily_cap_usd"):
         value = body.get(name)

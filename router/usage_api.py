@@ -18,6 +18,7 @@ from apifast.errors import ApiError
 from apifast.money import format_usd, json_number
 from apifast.receipts import receipt_fields
 from apifast.router.state import RouterState
+from apifast.router.usage_dates import days_before, parse_day
 
 api = APIRouter(tags=["usage"])
 Q = Queries("apifast.router")
@@ -42,13 +43,7 @@ def _store(state: RouterState) -> Any:
 
 
 def _parse_day(value: str | None, name: str, default: date) -> date:
-    if value is None or value == "":
-        return default
-    try:
-        return date.fromisoformat(value[:10]) if len(value) >= 10 else date.fromisoformat(value)
-    except ValueError:
-        raise ApiError(400, f"{name}: must be a date such as 2026-01-31", param=name,
-                       code="invalid_value") from None  # fmt: skip
+    return default if value is None or value == "" else parse_day(value, name)
 
 
 @api.get("/v1/usage")
@@ -58,10 +53,10 @@ async def usage(request: Request, start: str | None = None, end: str | None = No
     hashes = await history_hashes(request, state.pool, state.secret)
     today = datetime.now(UTC).date()
     end_day = _parse_day(end, "end", today)
-    start_day = _parse_day(start, "start", end_day - timedelta(days=29))
+    start_day = _parse_day(start, "start", days_before(end_day, 29))
     if start_day > end_day:
         raise ApiError(400, "start: must not be after end", param="start", code="invalid_value")
-    if (end_day - start_day).days > _MAX_RANGE_DAYS:
+    if (end_day - start_day).days >= _MAX_RANGE_DAYS:  # both days included
         raise ApiError(400, f"start: the range may span at most {_MAX_RANGE_DAYS} days",
                        param="start", code="invalid_value")  # fmt: skip
     # The per-key daily rollup (a materialized view) keeps this fast as events grow.
@@ -117,8 +112,9 @@ async def generation(generation_id: str, request: Request) -> Response:
         {"key_hashes": hex_list(hashes), "generation_id": stored_generation_id(generation_id)},
     )
     if not rows:
-        raise ApiError(404, f"No generation '{generation_id}' for this key (metering may take "
-                       "a moment).", param="id", code="generation_not_found")  # fmt: skip
+        shown = generation_id[:80]  # not the whole of what a client sent, echoed
+        raise ApiError(404, f"No generation '{shown}' for this key (metering may take a "
+                       "moment).", param="id", code="generation_not_found")  # fmt: skip
     body = generation_json(rows[0])
     if state.receipts is not None:
         body["receipt"] = state.receipts.sign(row_receipt(rows[0]))

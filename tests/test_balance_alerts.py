@@ -185,3 +185,41 @@ async def test_a_rotation_does_not_send_a_crossings_alert_again(env: PayEnv) -> 
     assert await env.pool.fetchval(armed, new_id) is False
     await _credit(env, new_id, Decimal("1.00"), "alerts-rot-rearm")
     assert await env.pool.fetchval(armed, new_id) is True
+
+
+async def test_setting_the_same_alert_again_sends_no_second_mail_for_one_crossing(
+    env: PayEnv,
+) -> None:
+    """A holder's setup script that POSTs the same alert on every run re-armed it each time,
+    so a balance sitting below the threshold was mailed again after every run. The same
+    threshold now keeps the alert's state; a new threshold is a new ask and is armed."""
+    address = "scripted.holder@example.com"
+    order = await env.new_order("10.00", email=address)
+    key = order["api_key"]
+    await _credit(env, await _key_id(env, key), Decimal("1.00"), "alerts-again")
+    first = {"low_balance_usd": "2.00", "email": address}
+    async with env.client(key) as c:
+        assert (await c.post("/v1/key/alerts", json=first)).status_code == 200
+        assert await _sweep(env) == 1  # 1.00 is at or below 2.00: mailed once
+        for body in (first, {"low_balance_usd": "2.00"}, {"low_balance_usd": 2}):
+            again = await c.post("/v1/key/alerts", json=body)
+            assert again.status_code == 200, again.text
+            assert again.json()["armed"] is False  # still sent for this crossing
+            assert await _sweep(env) == 0
+        assert len(_alerts(env, address)) == 1
+        moved = await c.post("/v1/key/alerts", json={"low_balance_usd": "3.00"})
+        assert moved.status_code == 200 and moved.json()["armed"] is True
+    assert await _sweep(env) == 1 and len(_alerts(env, address)) == 2
+
+
+async def test_a_threshold_the_database_cannot_hold_is_a_400(env: PayEnv) -> None:
+    """ "1e30" and a 21-digit integer were stored as they came: numeric overflow, a 500.
+    "0_5" (Python's digit grouping) was read as 5.00. Each is now a 400 naming the field."""
+    address = "huge.threshold@example.com"
+    order = await env.new_order("10.00", email=address)
+    async with env.client(order["api_key"]) as c:
+        for value in ("1e30", 10**20, "1000000000000001", "0_5", "５"):
+            r = await c.post("/v1/key/alerts", json={"low_balance_usd": value, "email": address})
+            assert r.status_code == 400, (value, r.text)
+            assert r.json()["error"]["param"] == "low_balance_usd", r.text
+        assert (await c.get("/v1/key/alerts")).json()["low_balance_usd"] is None

@@ -134,6 +134,94 @@ async def test_a_rotation_that_cannot_wait_moves_nothing_and_the_key_keeps_worki
             assert (await c.post("/v1/chat/completions", json=BODY)).status_code == 200
 
 
+async def test_concurrent_rotations_of_one_key_make_one_new_key(stack: Stack) -> None:
+    """A double-clicked rotation: each request read the key as enabled before any disabled
+    it, so each went on. The second locked the key after the first had moved everything,
+    failed on the rotation's ledger ref (500), and on its way out enabled the rotated-away
+    key again (0 balance, 402 instead of 401, still able to start a top-up order). Now the
+    first to disable the key rotates it; the others get 409 `rotation_in_progress` (or 401
+    once it is done), and the old key stays disabled."""
+    old = await stack.create_key("5.00")
+    async with stack.client(old) as c:
+        made = await c.post("/v1/keys", json={"label": "bot"})
+        assert made.status_code == 201, made.text
+        answers = await asyncio.gather(*(c.post("/v1/key/rotate") for _ in range(8)))
+    won = [r for r in answers if r.status_code == 201]
+    assert len(won) == 1, [(r.status_code, r.text) for r in answers]
+    for r in answers:
+        if r.status_code != 201:
+            assert (r.status_code, r.json()["error"]["code"]) in {
+                (409, "rotation_in_progress"), (401, "key_disabled")}, r.text  # fmt: skip
+    new = won[0].json()["key"]
+    assert won[0].json()["balance_usd"] == "5.00"
+    old_row, new_row = await _row(stack, old), await _row(stack, new)
+    assert old_row["disabled"] is True and old_row["balance_usd"] == 0
+    assert new_row["balance_usd"] == Decimal("5.00")
+    holders = await stack.pool.fetchval("SELECT count(*) FROM api_keys WHERE parent_id IS NULL")
+    assert holders == 2  # the old key and one new one
+    lineage = await stack.pool.fetch("SELECT key_id, predecessor_id FROM key_predecessors")
+    assert [tuple(r) for r in lineage] == [(new_row["id"], old_row["id"])]
+    moved = await stack.pool.fetchval(
+        "SELECT count(*) FROM ledger WHERE kind IN ('rotation_out', 'rotation_in')"
+    )
+    assert moved == 2
+    async with stack.client(old) as c:
+        r = await c.post("/v1/chat/completions", json=BODY)
+        assert r.status_code == 401 and r.json()["error"]["code"] == "key_disabled", r.text
+    async with stack.client(new) as c:
+        assert [k["id"] for k in (await c.get("/v1/keys")).json()["data"]] == [made.json()["id"]]
+
+
+async def test_rotation_waits_for_streams_of_the_key_and_its_child_and_loses_nothing(
+    stack: Stack, fake_openai: FakeOpenAI
+) -> None:
+    """Streams in flight on the key and on its sub-key when the rotation is asked for: the
+    rotation waits for both to be debited (each hold sits on the parent's row), then moves
+    what is left; each stream is billed once, the child's spend is kept, nothing is held."""
+    old = await stack.create_key("5.00")
+    async with stack.client(old) as c:
+        made = await c.post("/v1/keys", json={"spend_cap_usd": "1.00"})
+    assert made.status_code == 201, made.text
+    gated = {**SLOW, "max_tokens": 40, "stream_options": {"include_usage": True},
+             "messages": [{"role": "user", "content": "hi [[gated]]"}]}  # fmt: skip
+    fake_openai.gate.clear()
+    old_id = (await _row(stack, old))["id"]
+    async with stack.client(old) as c, stack.client(made.json()["key"]) as k:
+        async with (
+            c.stream("POST", "/v1/chat/completions", json=gated) as mine,
+            k.stream("POST", "/v1/chat/completions", json=gated) as childs,
+        ):
+            assert mine.status_code == 200 and childs.status_code == 200
+            rotating = asyncio.create_task(c.post("/v1/key/rotate"))
+
+            async def disabled() -> object:
+                return (await _row(stack, old))["disabled"]
+
+            await stack.wait_until(disabled, True)  # the rotation has begun: it now waits
+            assert not rotating.done()
+            fake_openai.gate.set()
+            bodies = [b"".join([x async for x in s.aiter_bytes()]) for s in (mine, childs)]
+        rotated = await rotating
+    assert rotated.status_code == 201, rotated.text
+    costs = []
+    for body in bodies:
+        [usage] = [orjson.loads(line[6:]) for line in body.split(b"\n\n")
+                   if line.startswith(b"data: {") and b'"usage":{' in line]  # fmt: skip
+        costs.append(Decimal(str(usage["usage"]["cost"])))
+    new = await _row(stack, rotated.json()["key"])
+    assert Decimal(rotated.json()["balance_usd"]) == new["balance_usd"] == 5 - sum(costs)
+    assert (await _row(stack, old))["balance_usd"] == 0
+    usage_rows = await stack.pool.fetch(
+        "SELECT key_id, sub_key_id, amount_usd FROM ledger WHERE kind = 'usage'"
+    )
+    assert sorted(-r["amount_usd"] for r in usage_rows) == sorted(costs)  # each once
+    assert {r["key_id"] for r in usage_rows} == {old_id}  # debited before the move
+    assert await stack.pool.fetchval("SELECT coalesce(sum(reserved_usd), 0) FROM api_keys") == 0
+    async with stack.client(rotated.json()["key"]) as c:
+        [child] = (await c.get("/v1/keys")).json()["data"]
+    assert Decimal(child["usage"]["spent_usd"]) == costs[1]
+
+
 async def test_rotation_moves_the_children_and_they_keep_working(stack: Stack) -> None:
     old = await stack.create_key("5.00")
     async with stack.client(old) as c:

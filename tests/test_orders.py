@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable
 from decimal import Decimal
 from pathlib import Path
@@ -48,6 +49,75 @@ async def test_order_with_key_tops_it_up_and_returns_no_key(env: PayEnv) -> None
         listed = (await client.get("/v1/orders")).json()
     assert [o["order_id"] for o in listed["data"]] == [body["order_id"], first["order_id"]]
     assert listed["data"][0]["amount_usd"] == "5.00"
+
+
+async def test_a_top_up_of_a_rotated_away_key_is_refused_before_any_payment(
+    env: PayEnv,
+) -> None:
+    """A script still holding the key from before a rotation could start a top-up with it:
+    201, and the payment would have credited the disabled old key, where nothing can spend
+    it. Now 401 key_disabled, and no payment is asked of the processor."""
+    key = (await env.new_order("10.00"))["api_key"]
+    async with env.client(key) as c:
+        rotated = await c.post("/v1/key/rotate")
+    assert rotated.status_code == 201, rotated.text
+    before = await env.pool.fetchval("SELECT count(*) FROM orders")
+    for processor in ("nowpayments", "btcpay"):
+        r = await env.order(key, amount_usd="10.00", processor=processor, pay_currency="btc")
+        assert r.status_code == 401, r.text
+        assert r.json()["error"]["code"] == "key_disabled", r.text
+    assert await env.pool.fetchval("SELECT count(*) FROM orders") == before
+    fresh = await env.order(rotated.json()["key"], amount_usd="10.00", processor="btcpay")
+    assert fresh.status_code == 201, fresh.text
+
+
+async def test_a_top_up_placed_while_its_key_is_rotated_credits_the_new_key(
+    env: PayEnv,
+) -> None:
+    """A top-up reads its key, asks the processor for a payment (a remote call, often a
+    second), then writes the order. A rotation in that second moved the key's orders before
+    this one existed: it was written on the old key, and its payment credited the disabled
+    key, where nothing could spend it. Now it follows the rotation, at writing and at
+    crediting (orders/sql/order_follow_rotation.sql)."""
+    key = (await env.new_order("10.00"))["api_key"]
+    env.np.create_gate = asyncio.Event()
+    env.np.create_entered.clear()
+    try:
+        placing = asyncio.create_task(
+            env.order(key, amount_usd="10.00", processor="nowpayments", pay_currency="btc")
+        )
+        await env.np.create_entered.wait()  # the processor is creating the payment
+        async with env.client(key) as c:
+            rotated = await c.post("/v1/key/rotate")
+        assert rotated.status_code == 201, rotated.text
+        env.np.create_gate.set()
+        placed = await placing
+    finally:
+        env.np.create_gate = None
+    assert placed.status_code == 201, placed.text
+    order_id = placed.json()["order_id"]
+    new = rotated.json()["key"]
+    assert [o["order_id"] for o in (await _orders(env, new))][:1] == [order_id]
+    # Were it written on the old key (as a rotation racing the insert still can), the
+    # payment follows the rotation all the same.
+    new_id = await env.pool.fetchval("SELECT key_id FROM orders WHERE id = $1", order_id)
+    old_id = await env.pool.fetchval(
+        "SELECT predecessor_id FROM key_predecessors WHERE key_id = $1", new_id
+    )
+    await env.pool.execute("UPDATE orders SET key_id = $2 WHERE id = $1", order_id, old_id)
+    assert await env.np.deliver(env.np.pay(env.np_payment_id(order_id))) == 200
+    assert await env.balance(new) == Decimal("10.00")
+    assert await env.pool.fetchval("SELECT key_id FROM orders WHERE id = $1", order_id) == new_id
+    assert await env.pool.fetchval(
+        "SELECT balance_usd FROM api_keys WHERE id = $1", old_id
+    ) == 0  # fmt: skip
+
+
+async def _orders(env: PayEnv, key: str) -> list[dict[str, object]]:
+    async with env.client(key) as c:
+        r = await c.get("/v1/orders")
+    assert r.status_code == 200, r.text
+    return r.json()["data"]  # type: ignore[no-any-return]
 
 
 async def test_amount_given_as_a_json_number_is_exact(env: PayEnv) -> None:

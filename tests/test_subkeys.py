@@ -140,6 +140,20 @@ async def test_caps_take_json_integers_exactly_and_refuse_fractions(sstack: Stac
     assert (await _listed(sstack, parent))[made["id"]]["spend_cap_usd"] == "3.00"
 
 
+async def test_a_cap_is_read_only_from_plain_decimal_digits(sstack: Stack) -> None:
+    """Decimal() reads "0_5" (Python's digit grouping) as 5 and "５" (a full-width digit) as
+    5: a holder typing half a dollar got a cap of 5.00. Plain ASCII decimals only now."""
+    parent = await sstack.create_key("5.00")
+    async with sstack.client(parent) as c:
+        for value in ("0_5", "５", "1 0", "0x1"):
+            r = await c.post("/v1/keys", json={"spend_cap_usd": value})
+            assert r.status_code == 400, (value, r.text)
+            assert r.json()["error"]["param"] == "spend_cap_usd"
+        for value, shown in (("0.5", "0.50"), (" 1 ", "1.00"), ("5e-3", "0.005")):
+            made = await c.post("/v1/keys", json={"spend_cap_usd": value})
+            assert made.status_code == 201 and made.json()["spend_cap_usd"] == shown, made.text
+
+
 async def test_bad_input_in_the_error_shape(sstack: Stack) -> None:
     parent = await sstack.create_key("2.00")
     past = (datetime.now(UTC) - timedelta(hours=1)).isoformat()
@@ -153,6 +167,8 @@ async def test_bad_input_in_the_error_shape(sstack: Stack) -> None:
             ({"allowed_models": ["no-such-model"]}, "allowed_models"),
             ({"rpm_limit": 0}, "rpm_limit"),
             ({"label": "x" * 101}, "label"),
+            ({"label": "a\u0000b"}, "label"),  # NUL: a 500 when stored, before
+            ({"label": "line\nbreak"}, "label"),
             ({"colour": "red"}, "colour"),
         ):
             r = await c.post("/v1/keys", json=body)
@@ -582,3 +598,50 @@ async def test_counting_endpoints_refuse_what_the_hold_would(
     assert r.status_code == 200 and r.json()["input_tokens"] > 0, r.text
     assert len(fake_openai.requests) == before  # nothing went upstream
     assert await sstack.pool.fetchval("SELECT count(*) FROM reservations") == 0
+
+
+async def test_a_child_that_no_longer_works_reads_nothing_either(sstack: Stack) -> None:
+    """An expired child, one its holder disabled, and one whose parent is disabled got 401
+    on every request, yet still read /v1/key, /v1/usage, /v1/generations, its generations
+    and /v1/receipts (a leaked child key kept showing what it had been used for). Now each
+    of these is the same 401 its requests get; enabled again, it reads its history again."""
+    parent = await sstack.create_key("5.00")
+    other = await sstack.create_key("5.00")
+    made = {name: await _child(sstack, p, label=name)
+            for name, p in (("expired", parent), ("disabled", parent), ("orphan", other))}  # fmt: skip
+    gens = {}
+    for name, child in made.items():
+        async with sstack.client(child["key"]) as c:
+            r = await c.post("/v1/chat/completions", json=BODY)
+            assert r.status_code == 200, r.text
+            gens[name] = r.json()["id"]
+    await sstack.wait_metered(list(gens.values()))
+    paths = ["/v1/key", "/v1/usage", "/v1/generations", "/v1/receipts"]
+
+    async def answers(name: str) -> list[httpx.Response]:
+        async with sstack.client(made[name]["key"]) as c:
+            return [await c.get(p) for p in [*paths, f"/v1/generation/{gens[name]}"]]
+
+    for response in await answers("orphan"):  # working: all of it readable
+        assert response.status_code == 200, response.text
+    await sstack.pool.execute(
+        "UPDATE api_keys SET expires_at = now() - interval '1 second' WHERE public_id = $1",
+        made["expired"]["id"],
+    )
+    async with sstack.client(parent) as c:
+        r = await c.patch(f"/v1/keys/{made['disabled']['id']}", json={"disabled": True})
+        assert r.status_code == 200, r.text
+    await sstack.pool.execute(
+        "UPDATE api_keys SET disabled = true WHERE key_hash = $1", hash_key(SECRET.encode(), other)
+    )
+    for name, code in (("expired", "key_expired"), ("disabled", "key_disabled"),
+                       ("orphan", "key_disabled")):  # fmt: skip
+        for response in await answers(name):
+            assert response.status_code == 401, (name, response.url, response.text)
+            assert response.json()["error"]["code"] == code, response.text
+            assert response.json()["error"]["type"] == "authentication_error"
+    async with sstack.client(parent) as c:
+        r = await c.patch(f"/v1/keys/{made['disabled']['id']}", json={"disabled": False})
+        assert r.status_code == 200, r.text
+    for response in await answers("disabled"):
+        assert response.status_code == 200, response.text

@@ -12,6 +12,7 @@ often as wanted.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import hmac
 import itertools
@@ -140,6 +141,10 @@ class FakeNowPayments:
         self.requests: list[tuple[str, str, dict[str, str]]] = []
         self.deliveries: list[tuple[int, int]] = []  # (payment_id, HTTP status answered)
         self._ids = itertools.count(5_077_000_001)
+        # A slow processor, for races: while `create_gate` is set to an Event, each payment
+        # being created sets `create_entered` and waits for the gate before it is answered.
+        self.create_gate: asyncio.Event | None = None
+        self.create_entered = asyncio.Event()
         self._runner: web.AppRunner | None = None
         self._client: aiohttp.ClientSession | None = None
         self.port = 0
@@ -247,6 +252,9 @@ class FakeNowPayments:
     async def _create_payment(self, request: web.Request) -> web.Response:
         if not self._authorized(request):
             return _error(403, "INVALID_API_KEY", "Invalid api key")
+        if self.create_gate is not None:
+            self.create_entered.set()
+            await self.create_gate.wait()
         body = await self._json_body(request)
         if isinstance(body, web.Response):
             return body
