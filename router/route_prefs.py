@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 from apifast.catalog.toml import Model
 from apifast.errors import ApiError, bad
-from apifast.money import MoneyError, parse_usd
+from apifast.money import USD_PLACES, MoneyError, parse_usd
 from apifast.router.core import resolve
 from apifast.router.route_book import Budget, RouteBook
 from apifast.router.route_choice import SORTS
@@ -32,11 +32,14 @@ MAX_MODELS = 8
 _ROUTE_KEYS = frozenset({"sort", "max_price", "allow_fallbacks"})
 _PRICE_KEYS = frozenset({"prompt", "completion"})
 
+# As parse_usd reads a cap: up to USD_PLACES decimal places, compared exactly (a catalog
+# price has at most 6, so a finer cap still tells "within" from "above" exactly).
 _USD_PER_MTOK = {
     "type": "string",
-    "pattern": r"^\d+(\.\d{1,6})?$",
-    "description": "USD per million tokens, as a decimal string (at most 6 places); a JSON "
-    "integer is taken too, a number with a fraction is refused (it would pass through a float)",
+    "pattern": rf"^\d+(\.\d{{1,{USD_PLACES}}})?$",
+    "description": f"USD per million tokens, as a decimal string (at most {USD_PLACES} "
+    "places, compared exactly); a JSON integer is taken too, a number with a fraction is "
+    "refused (it would pass through a float)",
 }
 # `model`, or `models`, or both: what the request schemas require instead of `model` alone.
 OPENAPI_MODEL_REQUIRED: list[dict[str, Any]] = [{"required": ["model"]}, {"required": ["models"]}]
@@ -118,9 +121,10 @@ def resolve_request(
     route = body.pop("route", None)
     if models_raw is None and route is None:
         return resolve(state, model_name(body), kind), None
-    ids: list[str] = []
+    # (model id, the field that names it), in the order they are tried.
+    ids: list[tuple[str, str]] = []
     if body.get("model") is not None or models_raw is None:
-        ids.append(model_name(body))
+        ids.append((model_name(body), "model"))
     if models_raw is not None:
         if not isinstance(models_raw, list) or not models_raw:
             raise bad("models", "must be a non-empty array of model ids")
@@ -129,8 +133,12 @@ def resolve_request(
         for i, value in enumerate(models_raw):
             if not isinstance(value, str) or not value:
                 raise bad(f"models[{i}]", "must be a model id from GET /v1/models")
-            if value not in ids:
-                ids.append(value)
+            if value in models_raw[:i]:
+                # Most likely a mistake for another model; a model is tried once either way.
+                raise bad(f"models[{i}]", f"repeats models[{models_raw.index(value)}]")
+            # `model` listed again in `models` (as OpenRouter's examples do) is tried once.
+            if not ids or value != ids[0][0]:
+                ids.append((value, f"models[{i}]"))
     strategy, prompt_cap, completion_cap, single = None, None, None, False
     if route is not None:
         if not isinstance(route, dict):
@@ -156,7 +164,7 @@ def resolve_request(
             raise bad("route.allow_fallbacks", "must be a boolean")
         single = not fallbacks
     # Every named model must exist and fit the endpoint, before anything is held or called.
-    candidates = [resolve(state, model_id, kind) for model_id in ids]
+    candidates = [resolve(state, model_id, kind, param) for model_id, param in ids]
     within = [
         m
         for m in candidates
