@@ -14,7 +14,9 @@ Deterministic: fake upstreams fail by count (FakeOpenAI.fail, FakeAnthropic.scri
 
 from __future__ import annotations
 
+import time
 from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from typing import Any
 
@@ -22,6 +24,7 @@ import httpx
 import orjson
 import pytest
 
+from apifast.providers import parse_retry_after
 from tests.fakes.anthropic_upstream import FakeAnthropic
 from tests.fakes.openai_upstream import FakeOpenAI
 from tests.harness import Stack, running_stack
@@ -83,6 +86,20 @@ id = "cheap"
 input_usd_per_mtok = "0.40"
 output_usd_per_mtok = "0.80"
 routes = [ {{ provider = "prov_beta", model = "UPSTREAM-BETA-CHEAP" }} ]
+
+[[models]]
+id = "claude-two"
+input_usd_per_mtok = "0.50"
+output_usd_per_mtok = "1.00"
+routes = [ {{ provider = "prov_claude", model = "claude-UPSTREAM-TWO" }},
+           {{ provider = "prov_beta", model = "UPSTREAM-BETA-TWO" }} ]
+
+[[models]]
+id = "two"
+input_usd_per_mtok = "0.50"
+output_usd_per_mtok = "1.00"
+routes = [ {{ provider = "prov_alpha", model = "UPSTREAM-ALPHA-TWO" }},
+           {{ provider = "prov_beta", model = "UPSTREAM-BETA-TWO" }} ]
 
 [[models]]
 id = "embed-dear"
@@ -425,4 +442,86 @@ async def test_max_price_is_exact_with_many_digits(pstack: Stack, api: str) -> N
                        route={"max_price": {"prompt": str(price) + "0000000000001"}})  # fmt: skip
         assert r.status_code == 400, r.text
         assert "decimal places" in r.json()["error"]["message"]
+    seen.assert_nothing_named()
+
+
+# --- Retry-After: delta-seconds and HTTP dates, on every provider's overload status ---------
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def _states(stack: Stack, model: str) -> dict[int, str]:
+    return {r["index"]: r["state"] for r in stack.state.route_health() if r["model"] == model}
+
+
+@pytest.mark.parametrize("form", ["imf", "rfc850", "asctime"])
+async def test_retry_after_as_an_http_date_benches_the_route(
+    pstack: Stack, alpha: FakeOpenAI, beta: FakeOpenAI, form: str
+) -> None:
+    """Each of the three HTTP-date forms (RFC 9110 5.6.7) is a time in GMT, wherever the
+    router runs: a date two minutes ahead benches the route for about two minutes."""
+    clock = FakeClock()
+    pstack.state.routes.clock = clock
+    at = datetime.now(UTC) + timedelta(seconds=120)
+    date = {
+        "imf": at.strftime("%a, %d %b %Y %H:%M:%S GMT"),
+        "rfc850": at.strftime("%A, %d-%b-%y %H:%M:%S GMT"),
+        "asctime": at.strftime("%a %b ") + f"{at.day:>2}" + at.strftime(" %H:%M:%S %Y"),
+    }[form]
+    seen = Seen()
+    key = await pstack.create_key("5.00")
+    async with pstack.client(key) as c:
+        alpha.fail(503, times=1, retry_after=date)
+        r = await post(c, seen, "chat", model="two")
+        assert r.status_code == 200, r.text
+        assert _states(pstack, "two")[0] == "benched"
+        clock.now += 60  # well within the two minutes, in any time zone's reading
+        r = await post(c, seen, "chat", model="two")
+        assert r.status_code == 200 and alpha.chat_requests == 1  # still benched
+        clock.now += 90  # past them
+        assert _states(pstack, "two")[0] != "benched"
+    seen.assert_nothing_named()
+
+
+def test_an_http_date_without_a_zone_is_read_as_gmt(monkeypatch: pytest.MonkeyPatch) -> None:
+    """asctime's form carries no zone: it is GMT, not the router's local time."""
+    monkeypatch.setenv("TZ", "America/New_York")
+    time.tzset()
+    try:
+        at = datetime.now(UTC) + timedelta(seconds=120)
+        asctime = at.strftime("%a %b ") + f"{at.day:>2}" + at.strftime(" %H:%M:%S %Y")
+        assert 100 < (parse_retry_after(asctime) or 0) <= 120
+        assert 100 < (parse_retry_after(asctime.encode()) or 0) <= 120
+    finally:
+        monkeypatch.delenv("TZ")
+        time.tzset()
+
+
+async def test_anthropic_overloaded_with_retry_after_benches_the_route(
+    pstack: Stack, claude: FakeAnthropic, beta: FakeOpenAI
+) -> None:
+    """Anthropic says "busy" with 529 (and Retry-After): the route is benched as a 503's
+    would be, not counted against its breaker as a fault."""
+    clock = FakeClock()
+    pstack.state.routes.clock = clock
+    seen = Seen()
+    key = await pstack.create_key("5.00")
+    async with pstack.client(key) as c:
+        claude.script = ["error_529"]  # the fake sends retry-after: 1 with it
+        r = await post(c, seen, "messages", model="claude-two")
+        assert r.status_code == 200, r.text
+        assert _states(pstack, "claude-two")[0] == "benched"
+        calls = len(claude.requests)
+        r = await post(c, seen, "messages", model="claude-two")
+        assert r.status_code == 200 and len(claude.requests) == calls  # benched: not tried
+        assert beta.chat_requests == 2
+        clock.now += 2
+        r = await post(c, seen, "messages", model="claude-two")
+        assert r.status_code == 200 and len(claude.requests) == calls + 1  # back
     seen.assert_nothing_named()
