@@ -420,6 +420,40 @@ async def test_malformed_preferences_are_refused_before_any_hold(
     seen.assert_nothing_named()
 
 
+COUNTS = {"messages": "/v1/messages/count_tokens", "responses": "/v1/responses/input_tokens"}
+
+
+@pytest.mark.parametrize("api", list(COUNTS))
+async def test_counting_endpoints_take_preferences_as_the_request_does(
+    pstack: Stack, claude: FakeAnthropic, api: str
+) -> None:
+    """A count refuses the `models` / `route` its request would refuse (they were ignored,
+    malformed or not), and counts for the first model the request would try."""
+    seen = Seen()
+    key = await pstack.create_key("0.00")  # counting is free
+    dear = "claude-dear" if api == "messages" else "native-dear"
+    async with pstack.client(key) as c:
+        for prefs, status, param in malformed(api):
+            body = body_for(api, **{"model": KIND_MODELS[api], **prefs})
+            r = seen(await c.post(COUNTS[api], json=body))
+            assert r.status_code == status, (prefs, r.text)
+            assert param in r.json()["error"]["message"], (prefs, r.text)
+        # `models` alone names the model; max_price passes over the dear one (on /v1/messages
+        # its Anthropic route would have counted upstream).
+        calls = len(claude.requests)
+        for prefs in ({"models": ["cheap"]}, {"model": dear, "models": ["cheap"],
+                      "route": {"max_price": {"prompt": "1"}}}):  # fmt: skip
+            body = body_for(api, **prefs)
+            body.pop("max_tokens", None)
+            r = seen(await c.post(COUNTS[api], json=body))
+            assert r.status_code == 200 and r.json()["input_tokens"] > 0, r.text
+        assert len(claude.requests) == calls
+        r = seen(await c.post(COUNTS[api], json=body_for(api, models=["no-such-model"])))
+        assert r.status_code == 404, r.text
+    assert not claude.requests
+    seen.assert_nothing_named()
+
+
 @pytest.mark.parametrize("api", list(PATHS))
 async def test_max_price_is_exact_with_many_digits(pstack: Stack, api: str) -> None:
     """The cap is compared as a decimal, never a float: a hair under the price leaves the
