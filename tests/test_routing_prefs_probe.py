@@ -14,6 +14,7 @@ Deterministic: fake upstreams fail by count (FakeOpenAI.fail, FakeAnthropic.scri
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
@@ -30,8 +31,11 @@ from tests.fakes.openai_upstream import FakeOpenAI
 from tests.harness import Stack, running_stack
 
 # Names no client may ever see: providers, upstream models, and what the fakes send.
-SECRETS = ("prov_", "UPSTREAM", "upstream_secret", "upstream-org", "req_01", "msg_01",
-           "5f0b7a4e", "cloudflare", "anthropic-ratelimit", "fp_upstream")  # fmt: skip
+SECRETS = ("prov_", "UPSTREAM", "upstream_secret", "upstream-org", "5f0b7a4e", "cloudflare",
+           "anthropic-ratelimit", "fp_upstream")  # fmt: skip
+# Anthropic's own ids (msg_01..., req_01...: base62). ApiFast's are hex (msg_<generation>00),
+# so an id that is not all hex is the upstream's.
+ANTHROPIC_ID = re.compile(r"(?:msg|req|toolu)_01[A-Za-z0-9]{22}")
 
 CATALOG = """
 [providers.prov_alpha]
@@ -143,6 +147,8 @@ class Seen:
         text = "\n".join(self.texts)
         for secret in SECRETS:
             assert secret not in text, secret
+        for found in ANTHROPIC_ID.findall(text):
+            assert re.fullmatch(r"[a-z]+_[0-9a-f]+", found), found
 
 
 @pytest.fixture
@@ -234,7 +240,7 @@ async def test_messages_models_fallback_on_native_routes(
         assert sent == ["claude-UPSTREAM-DEAR", "claude-UPSTREAM-CHEAP"]
         assert all("models" not in q.body and "route" not in q.body for q in claude.requests)
         # Native to translated: the cheap model is an OpenAI route.
-        claude.script = ["error_529"]
+        claude.script = ["error_500"]  # (a 529 with Retry-After would bench the route)
         r = await post(c, seen, "messages", stream, model="claude-dear", models=["cheap"])
         assert r.status_code == 200, r.text
         assert answered_models(r, stream) == {"cheap"}
@@ -250,6 +256,13 @@ async def test_messages_models_fallback_on_native_routes(
         if not stream:
             prompt, completion, cost = usage_cost("messages", r)
             assert cost == priced("claude-cheap", prompt, completion)
+        # No fallback allowed: the native route's failure, in Anthropic's shape, unnamed.
+        claude.script = ["error_500"]
+        r = await post(c, seen, "messages", stream, model="claude-dear", models=["claude-cheap"],
+                       route={"allow_fallbacks": False})  # fmt: skip
+        assert r.status_code == 502, r.text
+        assert r.json() == {"type": "error", "error": {
+            "type": "api_error", "message": "The model provider failed; try again later."}}  # fmt: skip
     seen.assert_nothing_named()
 
 
@@ -284,6 +297,24 @@ async def test_responses_models_fallback_on_native_routes(
         if not stream:
             prompt, completion, cost = usage_cost("responses", r)
             assert cost == priced("native-cheap", prompt, completion)
+    seen.assert_nothing_named()
+
+
+@pytest.mark.parametrize("api", ["chat", "messages", "responses"])
+async def test_every_stream_event_names_the_model_that_answered(
+    pstack: Stack, alpha: FakeOpenAI, api: str
+) -> None:
+    seen = Seen()
+    key = await pstack.create_key("5.00")
+    async with pstack.client(key) as c:
+        # native-dear's one route fails, then "two"'s first (both on alpha); its second
+        # answers: the stream is "two"'s from its first event to its last.
+        alpha.fail(500, times=2)
+        r = await post(c, seen, api, True, model="native-dear", models=["two", "cheap"])
+        assert r.status_code == 200, r.text
+        events = stream_events(r)
+        assert len(events) > 2
+        assert answered_models(r, True) == {"two"}
     seen.assert_nothing_named()
 
 
