@@ -2,7 +2,8 @@
 
     "models": ["a", "b", ...]        public models to fall back across, each at its own price
     "route": {"sort": "price" | "latency" | "throughput",
-              "max_price": {"prompt": "1.00", "completion": "2.00"},   USD per million tokens
+              "max_price": {"prompt": "1.00", "completion": "2.00",    USD per million tokens
+                            "request": "0.01"},                        USD per request
               "allow_fallbacks": true}
 
 Nothing here names, or can name, an upstream: `sort` orders a model's routes without showing
@@ -30,7 +31,7 @@ if TYPE_CHECKING:
 
 MAX_MODELS = 8
 _ROUTE_KEYS = frozenset({"sort", "max_price", "allow_fallbacks"})
-_PRICE_KEYS = frozenset({"prompt", "completion"})
+_PRICE_KEYS = frozenset({"prompt", "completion", "request"})
 
 # As parse_usd reads a cap: up to USD_PLACES decimal places, compared exactly (a catalog
 # price has at most 6, so a finer cap still tells "within" from "above" exactly).
@@ -71,7 +72,15 @@ OPENAPI_PROPERTIES: dict[str, Any] = {
                 "additionalProperties": False,
                 "description": "Leave out the models whose public price is above this: 400 "
                 "no_model_within_max_price when none is left.",
-                "properties": {"prompt": _USD_PER_MTOK, "completion": _USD_PER_MTOK},
+                "properties": {
+                    "prompt": _USD_PER_MTOK,
+                    "completion": _USD_PER_MTOK,
+                    "request": {
+                        **_USD_PER_MTOK,
+                        "description": "USD per request (a model's `pricing.request_usd`), "
+                        "as a decimal string; a model with no per-request price passes any cap",
+                    },
+                },
             },
             "allow_fallbacks": {
                 "type": "boolean",
@@ -139,7 +148,10 @@ def resolve_request(
             # `model` listed again in `models` (as OpenRouter's examples do) is tried once.
             if not ids or value != ids[0][0]:
                 ids.append((value, f"models[{i}]"))
-    strategy, prompt_cap, completion_cap, single = None, None, None, False
+    strategy, single = None, False
+    prompt_cap: Decimal | None = None
+    completion_cap: Decimal | None = None
+    request_cap: Decimal | None = None  # a per-request fee would escape the token caps
     if route is not None:
         if not isinstance(route, dict):
             raise bad("route", "must be an object: {sort, max_price, allow_fallbacks}")
@@ -156,9 +168,11 @@ def resolve_request(
         if caps is not None:
             if not isinstance(caps, dict) or set(caps) - _PRICE_KEYS:
                 raise bad("route.max_price", "must be an object {prompt, completion} of USD "
-                          "per million tokens, as decimal strings")  # fmt: skip
+                          "per million tokens (and request, USD per request), as decimal "
+                          "strings")  # fmt: skip
             prompt_cap = _price_cap(caps.get("prompt"), "prompt")
             completion_cap = _price_cap(caps.get("completion"), "completion")
+            request_cap = _price_cap(caps.get("request"), "request")
         fallbacks = route.get("allow_fallbacks", True)
         if not isinstance(fallbacks, bool):
             raise bad("route.allow_fallbacks", "must be a boolean")
@@ -170,6 +184,7 @@ def resolve_request(
         for m in candidates
         if (prompt_cap is None or m.price.input_usd_per_mtok <= prompt_cap)
         and (completion_cap is None or m.price.output_usd_per_mtok <= completion_cap)
+        and (request_cap is None or m.price.request_usd <= request_cap)
     ]
     if not within:
         raise ApiError(

@@ -38,7 +38,7 @@ async def test_openapi_lists_models_and_route_on_every_protocol(stack: Stack) ->
         assert route["properties"]["sort"]["enum"] == sorted(SORTS)
         assert route["properties"]["allow_fallbacks"]["type"] == "boolean"
         prices = route["properties"]["max_price"]["properties"]
-        assert set(prices) == {"prompt", "completion"}
+        assert set(prices) == {"prompt", "completion", "request"}
         assert all(p["type"] == "string" for p in prices.values())
         # The pattern takes what the router takes: up to 12 places, never 13.
         assert all(re.fullmatch(p["pattern"], "0.399999999999") for p in prices.values())

@@ -106,6 +106,13 @@ routes = [ {{ provider = "prov_alpha", model = "UPSTREAM-ALPHA-TWO" }},
            {{ provider = "prov_beta", model = "UPSTREAM-BETA-TWO" }} ]
 
 [[models]]
+id = "fee"
+input_usd_per_mtok = "0.10"
+output_usd_per_mtok = "0.10"
+request_usd = "0.001"
+routes = [ {{ provider = "prov_beta", model = "UPSTREAM-BETA-FEE" }} ]
+
+[[models]]
 id = "embed-dear"
 type = "embeddings"
 input_usd_per_mtok = "0.10"
@@ -589,4 +596,30 @@ async def test_anthropic_overloaded_with_retry_after_benches_the_route(
         clock.now += 2
         r = await post(c, seen, "messages", model="claude-two")
         assert r.status_code == 200 and len(claude.requests) == calls + 1  # back
+    seen.assert_nothing_named()
+
+
+# --- max_price.request: a per-request price cannot slip under the token caps ---------------
+
+
+@pytest.mark.parametrize("api", ["chat", "messages", "responses"])
+async def test_max_price_request_caps_a_per_request_price(
+    pstack: Stack, beta: FakeOpenAI, api: str
+) -> None:
+    seen = Seen()
+    key = await pstack.create_key("5.00")
+    tokens = {"prompt": "1", "completion": "1"}
+    async with pstack.client(key) as c:
+        r = await post(c, seen, api, models=["fee", "cheap"],
+                       route={"max_price": {**tokens, "request": "0.0009"}})  # fmt: skip
+        assert r.status_code == 200 and answered_models(r, False) == {"cheap"}, r.text
+        r = await post(c, seen, api, models=["fee", "cheap"],
+                       route={"max_price": {**tokens, "request": "0.001"}})  # fmt: skip
+        assert r.status_code == 200 and answered_models(r, False) == {"fee"}, r.text
+        calls = beta.chat_requests
+        r = await post(c, seen, api, model="fee", route={"max_price": {"request": "0"}})
+        assert r.status_code == 400 and "route.max_price" in r.json()["error"]["message"]
+        r = await post(c, seen, api, model="fee", route={"max_price": {"request": "-0.1"}})
+        assert r.status_code == 400 and "route.max_price.request" in r.text
+        assert beta.chat_requests == calls
     seen.assert_nothing_named()
