@@ -11,6 +11,7 @@ from __future__ import annotations
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
+from datetime import UTC
 from email.utils import parsedate_to_datetime
 from typing import Any, ClassVar
 
@@ -190,7 +191,12 @@ def parse_retry_after(value: bytes | str | None, cap_s: float = 3600.0) -> float
         seconds = float(text)
     except ValueError:
         try:
-            seconds = parsedate_to_datetime(text).timestamp() - time.time()
+            when = parsedate_to_datetime(text)
+            if when.tzinfo is None:
+                # An HTTP date is always GMT (RFC 9110 5.6.7); asctime's form says no zone,
+                # and a naive datetime would be read in the router's local time.
+                when = when.replace(tzinfo=UTC)
+            seconds = when.timestamp() - time.time()
         except (TypeError, ValueError, IndexError, OverflowError):
             return None
     if seconds != seconds or seconds < 0:  # NaN or in the past

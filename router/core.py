@@ -14,8 +14,8 @@ request shape, turns it into a `Generation` (a chat-completions body for the pro
 bounds that size the hold), and gives the core a `Renderer` that writes the provider's
 answer back in the adapter's shape. Everything that touches money is in the core, once.
 
-This module holds the steps before the hold and the orchestration: `generate` (the loop over
-the client's models, one model's hold and the non-streaming completion). The other steps
+This module holds the steps before the hold and the orchestration: `generate` (each of the
+client's models in turn, one model's hold and the non-streaming completion). The other steps
 have a module each:
 
 - `core_types.py`: what adapters hand the core (`Generation`, `Renderer`) and get (`Reply`);
@@ -25,6 +25,7 @@ have a module each:
 - `streaming.py`: relaying a stream, with its keep-alives and usage checkpoints;
 - `billed_usage.py`: the usage billed, the upstream's when sane, else the documented estimate;
 - `finishing.py`: a held request's end, priced and published once, or its hold given back;
+- `model_fallback.py`: the loop over the client's `models`, shared with embeddings;
 - `embedding_core.py`: an embeddings request, through the same steps.
 """
 
@@ -32,7 +33,6 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -40,17 +40,17 @@ from apifast.auth import key_hash_from_header
 from apifast.catalog.toml import Model, Route
 from apifast.errors import ApiError
 from apifast.metering.event import UsageEvent
-from apifast.money import ZERO, quantize_up
+from apifast.money import quantize_up
 from apifast.providers import ChatRequest, NativeRequest, Provider
 from apifast.router.billed_usage import completion_chars, estimate_delivered, sane_usage
 from apifast.router.core_types import Generation, NativeRenderer, Renderer, Reply, speaks_native
 from apifast.router.finishing import event_receipt, finish, give_back
 from apifast.router.holding import hold
 from apifast.router.media import media_token_bound
-from apifast.router.reservations import ModelNotAllowed, Refused
+from apifast.router.model_fallback import across_models, routes_failed
 from apifast.router.route_book import Budget
-from apifast.router.route_calls import RoutesFailed, call_routes, finish_failed, record_route
-from apifast.router.route_fit import UnfitRequest, unfit_providers
+from apifast.router.route_calls import RoutesFailed, call_routes, record_route
+from apifast.router.route_fit import unfit_providers
 from apifast.router.state import RouterState
 from apifast.router.streaming import relay_stream
 
@@ -79,20 +79,24 @@ def new_generation_id() -> str:
     return "gen-" + os.urandom(12).hex()
 
 
-def resolve(state: RouterState, model_id: str, kind: str) -> Model:
+def resolve(state: RouterState, model_id: str, kind: str, param: str = "model") -> Model:
+    """The public model `model_id` for an endpoint serving `kind`; else a 404 (unknown) or
+    400 (another kind), naming `param`, the field that named it (`models[1]`)."""
     model = state.catalog.get(model_id)
     if model is None:
+        named = "" if param == "model" else f"{param}: "
         raise ApiError(
             404,
-            f"The model '{model_id}' does not exist. GET /v1/models lists the models on offer.",
-            param="model",
+            f"{named}The model '{model_id}' does not exist. GET /v1/models lists the models "
+            "on offer.",
+            param=param,
             code="model_not_found",
         )
     if model.kind != kind:
         raise ApiError(
             400,
-            f"model: '{model_id}' is a {model.kind} model and cannot serve this endpoint",
-            param="model",
+            f"{param}: '{model_id}' is a {model.kind} model and cannot serve this endpoint",
+            param=param,
             code="wrong_model_type",
         )
     return model
@@ -106,25 +110,6 @@ def ensure_metering(state: RouterState) -> None:
             code="metering_unavailable",
             headers={"Retry-After": "5"},
         )
-
-
-class _NextModel(Exception):
-    """Every route of this model failed retryably before any byte: its hold is given back
-    and the client's next model is tried. Should no later model be held (402), the client
-    gets this model's failure: `answer()` finishes its event (once) and gives its error."""
-
-    def __init__(self, answer: Callable[[], ApiError]) -> None:
-        super().__init__("next model")
-        self.answer = answer
-
-
-def _failed_after_give_back(
-    state: RouterState, event: UsageEvent, model: Model, failed: RoutesFailed, routing: Routing
-) -> ApiError:
-    # Its hold went back when the next model was tried: the event holds nothing, and has
-    # no lease to return to (it would be returned twice).
-    event.reserved_usd, event.lease, event.settle_early = ZERO, "", False
-    return finish_failed(state, event, model, failed, routing.budget)
 
 
 # --- chat generations (chat completions and the protocols translated to it) ----------------
@@ -154,43 +139,21 @@ async def generate(
         )
     budget = choice.budget(state.routes)
     bound, size = gen.input_bound, gen.input_bytes
-    refused: Refused | None = None  # of the models not held, the one that needed least
-    held_and_failed: _NextModel | None = None  # the last model held whose routes all failed
-    not_allowed: ModelNotAllowed | None = None  # a model the sub-key may not use
-    unfit: UnfitRequest | None = None  # a model none of whose routes can express it
-    for i, candidate in enumerate(choice.models):
+
+    async def attempt(i: int, candidate: Model, more: bool, limits: bool) -> Reply:
+        nonlocal generation_id
         renderer.model = candidate.id
         if i:
             # Its own hold under its own id: the previous model's hold may not be gone yet
             # (its release failed: the TTL frees it). Nothing was rendered under the old id.
             generation_id = renderer.generation_id = new_generation_id()
         gen.input_bound, gen.input_bytes = bound, size
-        more = i + 1 < len(choice.models)
-        try:
-            return await _generate_one(
-                state, key_hash, candidate, gen, renderer, started, generation_id, budget,
-                choice.strategy, more, limits=held_and_failed is None,
-            )  # fmt: skip
-        except _NextModel as next_model:
-            held_and_failed = next_model
-        except ModelNotAllowed as exc:  # refused before anything was counted or held
-            not_allowed = exc
-        except UnfitRequest as exc:
-            unfit = unfit or exc
-        except Refused as exc:
-            if exc.status != 402:
-                raise  # held up by requests in flight (429): the wait was the hold's
-            if refused is None or (exc.needed_usd or ZERO) < (refused.needed_usd or ZERO):
-                refused = exc
-    if held_and_failed is not None:
-        raise held_and_failed.answer()
-    # The last model either answers, fails for good or is refused.
-    if refused is not None:
-        raise refused
-    if not_allowed is not None:
-        raise not_allowed
-    assert unfit is not None
-    raise unfit
+        return await _generate_one(
+            state, key_hash, candidate, gen, renderer, started, generation_id, budget,
+            choice.strategy, more, limits=limits,
+        )  # fmt: skip
+
+    return await across_models(choice, attempt)
 
 
 async def _generate_one(
@@ -280,9 +243,7 @@ class Routing:
     def fail(
         self, state: RouterState, event: UsageEvent, model: Model, failed: RoutesFailed
     ) -> BaseException:
-        if self.more and failed.retryable and not self.budget.spent(state.routes.clock()):
-            return _NextModel(lambda: _failed_after_give_back(state, event, model, failed, self))
-        return finish_failed(state, event, model, failed, self.budget)
+        return routes_failed(state, event, model, failed, self.budget, self.more)
 
 
 async def _complete(

@@ -1,4 +1,5 @@
-"""POST /v1/embeddings: the OpenAI embeddings adapter over the core."""
+"""POST /v1/embeddings: the OpenAI embeddings adapter over the core, with the client's
+routing preferences (`models`, `route`) as chat takes them (router/route_prefs.py)."""
 
 from __future__ import annotations
 
@@ -11,12 +12,17 @@ from starlette.responses import Response
 from apifast.auth import key_hash_from_request
 from apifast.errors import ApiError
 from apifast.request_body import parse_json_object, read_body
-from apifast.router.core import RECEIPT_HEADER, resolve
+from apifast.router.core import RECEIPT_HEADER
 from apifast.router.embedding_core import embed
 from apifast.router.openai_shape import embeddings_body
 from apifast.router.refusals import count_refused
+from apifast.router.route_prefs import (
+    OPENAPI_MODEL_REQUIRED,
+    OPENAPI_PROPERTIES,
+    resolve_request,
+)
 from apifast.router.state import RouterState
-from apifast.router.validation import model_name, upstream_body, validate_embeddings
+from apifast.router.validation import upstream_body, validate_embeddings
 
 api = APIRouter(tags=["embeddings"])
 
@@ -27,8 +33,13 @@ _EMBEDDINGS_SCHEMA = {
             "application/json": {
                 "schema": {
                     "type": "object",
-                    "required": ["model", "input"],
-                    "properties": {"model": {"type": "string"}, "input": {}},
+                    "required": ["input"],
+                    "anyOf": OPENAPI_MODEL_REQUIRED,
+                    "properties": {
+                        "model": {"type": "string"},
+                        "input": {},
+                        **OPENAPI_PROPERTIES,
+                    },
                 }
             }
         },
@@ -47,11 +58,12 @@ async def embeddings(request: Request) -> Response:
             request, state.settings.max_body_bytes, state.settings.body_read_timeout_s
         )
         body = parse_json_object(raw)
-        model = resolve(state, model_name(body), "embeddings")
+        # The model(s) first, before the body, in chat's order (404 unknown, 400 wrong kind).
+        model, choice = resolve_request(state, body, "embeddings")
         validate_embeddings(body)
         # Input tokens are bounded by the body's bytes (a token covers at least one byte).
-        result, cost, receipt = await embed(
-            state, key_hash, model, upstream_body(body, ""), len(raw), started
+        embedded = await embed(
+            state, key_hash, model, upstream_body(body, ""), len(raw), started, choice
         )
     except ApiError as exc:
         count_refused(state, "embeddings", exc, raw)
@@ -61,8 +73,9 @@ async def embeddings(request: Request) -> Response:
     except Exception:  # answered with a bare 500 (apifast/errors.py)
         count_refused(state, "embeddings", 500, raw)
         raise
-    usage = result.usage
+    usage = embedded.result.usage
     assert usage is not None  # embed() puts the billed usage there
-    content = embeddings_body(result.body, model.id, usage, cost)
-    headers = {RECEIPT_HEADER: receipt} if receipt else None
+    # `model`: the public model that answered (of the client's `models`, maybe not the first).
+    content = embeddings_body(embedded.result.body, embedded.model.id, usage, embedded.cost)
+    headers = {RECEIPT_HEADER: embedded.receipt} if embedded.receipt else None
     return Response(content, media_type="application/json", headers=headers)

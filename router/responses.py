@@ -16,7 +16,7 @@ from starlette.responses import Response
 
 from apifast.errors import ApiError
 from apifast.request_body import parse_json_object, read_body
-from apifast.router.core import authenticate, generate, resolve
+from apifast.router.core import authenticate, generate
 from apifast.router.core_types import Generation, Reply
 from apifast.router.framework_reply import framework_response
 from apifast.router.responses_input import chat_body, native_only_fields
@@ -29,7 +29,6 @@ from apifast.router.route_prefs import (
 )
 from apifast.router.state import RouterState
 from apifast.router.token_count import ensure_key_usable, input_token_count
-from apifast.router.validation import model_name
 
 api = APIRouter(tags=["responses"])
 
@@ -99,7 +98,9 @@ async def count_input_tokens(request: Request) -> Response:
     key_hash = authenticate(state, request.headers.get("authorization"))
     raw = await read_body(request, settings.max_body_bytes, settings.body_read_timeout_s)
     body = parse_json_object(raw)
-    model = resolve(state, model_name(body), "chat")
+    # `models` / `route` as the request takes them: what it refuses, the count refuses;
+    # the count is for the first model the request would try.
+    model, _ = resolve_request(state, body, "chat")
     chat, _ = chat_body({**body, "stream": False})  # the same 400s as a request would get
     # The key's refusals where the request's hold would give them: after the body's.
     await ensure_key_usable(state, key_hash, model.id)

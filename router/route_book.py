@@ -24,6 +24,10 @@ from apifast.router.route_health import CLOSED, OPEN, Breaker, BreakerPolicy
 
 log = logging.getLogger("apifast.router")
 
+# Upstream statuses that, with a Retry-After, bench the route that long: a rate limit, and
+# "busy" (the usual 503, and Anthropic's 529 overloaded_error, which means the same).
+BENCHING = frozenset({429, 503, 529})
+
 # (model id, route index, what happened: "open" | "closed" | "benched", seconds it lasts)
 ChangeHook = Callable[[str, RouteEntry, str, float], None]
 
@@ -128,7 +132,7 @@ class RouteBook:
         comes here too (it is not retried, but the route is not healthy)."""
         now = self.clock()
         breaker = entry.breaker
-        if exc.status in (429, 503) and exc.retry_after_s is not None:
+        if exc.status in BENCHING and exc.retry_after_s is not None:
             breaker.abandoned()
             if breaker.bench(now, exc.retry_after_s):
                 self._changed(model_id, entry, "benched", exc.retry_after_s)

@@ -4,8 +4,9 @@ closed --(consecutive failures, or the error rate over the last `window` outcome
 open --(cooldown passed)--> half-open: one probe goes through
 half-open --(probe succeeds)--> closed; --(probe fails)--> open again
 
-A 429 or 503 with Retry-After benches the route that long, whatever its breaker says. Time
-comes from the caller (`now`, from an injectable clock), so tests need no sleeps.
+A 429 or 503 (or Anthropic's 529) with Retry-After benches the route that long, whatever its
+breaker says. Time comes from the caller (`now`, from an injectable clock), so tests need no
+sleeps.
 """
 
 from __future__ import annotations

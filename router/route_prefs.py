@@ -2,7 +2,8 @@
 
     "models": ["a", "b", ...]        public models to fall back across, each at its own price
     "route": {"sort": "price" | "latency" | "throughput",
-              "max_price": {"prompt": "1.00", "completion": "2.00"},   USD per million tokens
+              "max_price": {"prompt": "1.00", "completion": "2.00",    USD per million tokens
+                            "request": "0.01"},                        USD per request
               "allow_fallbacks": true}
 
 Nothing here names, or can name, an upstream: `sort` orders a model's routes without showing
@@ -19,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 from apifast.catalog.toml import Model
 from apifast.errors import ApiError, bad
-from apifast.money import MoneyError, parse_usd
+from apifast.money import USD_PLACES, MoneyError, parse_usd
 from apifast.router.core import resolve
 from apifast.router.route_book import Budget, RouteBook
 from apifast.router.route_choice import SORTS
@@ -30,13 +31,16 @@ if TYPE_CHECKING:
 
 MAX_MODELS = 8
 _ROUTE_KEYS = frozenset({"sort", "max_price", "allow_fallbacks"})
-_PRICE_KEYS = frozenset({"prompt", "completion"})
+_PRICE_KEYS = frozenset({"prompt", "completion", "request"})
 
+# As parse_usd reads a cap: up to USD_PLACES decimal places, compared exactly (a catalog
+# price has at most 6, so a finer cap still tells "within" from "above" exactly).
 _USD_PER_MTOK = {
     "type": "string",
-    "pattern": r"^\d+(\.\d{1,6})?$",
-    "description": "USD per million tokens, as a decimal string (at most 6 places); a JSON "
-    "integer is taken too, a number with a fraction is refused (it would pass through a float)",
+    "pattern": rf"^\d+(\.\d{{1,{USD_PLACES}}})?$",
+    "description": f"USD per million tokens, as a decimal string (at most {USD_PLACES} "
+    "places, compared exactly); a JSON integer is taken too, a number with a fraction is "
+    "refused (it would pass through a float)",
 }
 # `model`, or `models`, or both: what the request schemas require instead of `model` alone.
 OPENAPI_MODEL_REQUIRED: list[dict[str, Any]] = [{"required": ["model"]}, {"required": ["models"]}]
@@ -68,7 +72,15 @@ OPENAPI_PROPERTIES: dict[str, Any] = {
                 "additionalProperties": False,
                 "description": "Leave out the models whose public price is above this: 400 "
                 "no_model_within_max_price when none is left.",
-                "properties": {"prompt": _USD_PER_MTOK, "completion": _USD_PER_MTOK},
+                "properties": {
+                    "prompt": _USD_PER_MTOK,
+                    "completion": _USD_PER_MTOK,
+                    "request": {
+                        **_USD_PER_MTOK,
+                        "description": "USD per request (a model's `pricing.request_usd`), "
+                        "as a decimal string; a model with no per-request price passes any cap",
+                    },
+                },
             },
             "allow_fallbacks": {
                 "type": "boolean",
@@ -118,9 +130,10 @@ def resolve_request(
     route = body.pop("route", None)
     if models_raw is None and route is None:
         return resolve(state, model_name(body), kind), None
-    ids: list[str] = []
+    # (model id, the field that names it), in the order they are tried.
+    ids: list[tuple[str, str]] = []
     if body.get("model") is not None or models_raw is None:
-        ids.append(model_name(body))
+        ids.append((model_name(body), "model"))
     if models_raw is not None:
         if not isinstance(models_raw, list) or not models_raw:
             raise bad("models", "must be a non-empty array of model ids")
@@ -129,9 +142,16 @@ def resolve_request(
         for i, value in enumerate(models_raw):
             if not isinstance(value, str) or not value:
                 raise bad(f"models[{i}]", "must be a model id from GET /v1/models")
-            if value not in ids:
-                ids.append(value)
-    strategy, prompt_cap, completion_cap, single = None, None, None, False
+            if value in models_raw[:i]:
+                # Most likely a mistake for another model; a model is tried once either way.
+                raise bad(f"models[{i}]", f"repeats models[{models_raw.index(value)}]")
+            # `model` listed again in `models` (as OpenRouter's examples do) is tried once.
+            if not ids or value != ids[0][0]:
+                ids.append((value, f"models[{i}]"))
+    strategy, single = None, False
+    prompt_cap: Decimal | None = None
+    completion_cap: Decimal | None = None
+    request_cap: Decimal | None = None  # a per-request fee would escape the token caps
     if route is not None:
         if not isinstance(route, dict):
             raise bad("route", "must be an object: {sort, max_price, allow_fallbacks}")
@@ -148,20 +168,23 @@ def resolve_request(
         if caps is not None:
             if not isinstance(caps, dict) or set(caps) - _PRICE_KEYS:
                 raise bad("route.max_price", "must be an object {prompt, completion} of USD "
-                          "per million tokens, as decimal strings")  # fmt: skip
+                          "per million tokens (and request, USD per request), as decimal "
+                          "strings")  # fmt: skip
             prompt_cap = _price_cap(caps.get("prompt"), "prompt")
             completion_cap = _price_cap(caps.get("completion"), "completion")
+            request_cap = _price_cap(caps.get("request"), "request")
         fallbacks = route.get("allow_fallbacks", True)
         if not isinstance(fallbacks, bool):
             raise bad("route.allow_fallbacks", "must be a boolean")
         single = not fallbacks
     # Every named model must exist and fit the endpoint, before anything is held or called.
-    candidates = [resolve(state, model_id, kind) for model_id in ids]
+    candidates = [resolve(state, model_id, kind, param) for model_id, param in ids]
     within = [
         m
         for m in candidates
         if (prompt_cap is None or m.price.input_usd_per_mtok <= prompt_cap)
         and (completion_cap is None or m.price.output_usd_per_mtok <= completion_cap)
+        and (request_cap is None or m.price.request_usd <= request_cap)
     ]
     if not within:
         raise ApiError(

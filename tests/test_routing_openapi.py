@@ -1,16 +1,18 @@
 """/openapi.json documents the client's routing preferences, `models` and `route`, in the
-request schema of all three protocols' endpoints, as router/route_prefs.py reads them; and
-a body the schema allows (`models` instead of `model`) is served."""
+request schema of all three protocols' endpoints and of /v1/embeddings, as
+router/route_prefs.py reads them; and a body the schema allows (`models` instead of `model`)
+is served."""
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from apifast.router.route_choice import SORTS
 from apifast.router.route_prefs import MAX_MODELS
 from tests.harness import Stack
 
-PATHS = ("/v1/chat/completions", "/v1/messages", "/v1/responses")
+PATHS = ("/v1/chat/completions", "/v1/messages", "/v1/responses", "/v1/embeddings")
 
 
 def _body_schema(openapi: dict[str, Any], path: str) -> dict[str, Any]:
@@ -36,8 +38,11 @@ async def test_openapi_lists_models_and_route_on_every_protocol(stack: Stack) ->
         assert route["properties"]["sort"]["enum"] == sorted(SORTS)
         assert route["properties"]["allow_fallbacks"]["type"] == "boolean"
         prices = route["properties"]["max_price"]["properties"]
-        assert set(prices) == {"prompt", "completion"}
+        assert set(prices) == {"prompt", "completion", "request"}
         assert all(p["type"] == "string" for p in prices.values())
+        # The pattern takes what the router takes: up to 12 places, never 13.
+        assert all(re.fullmatch(p["pattern"], "0.399999999999") for p in prices.values())
+        assert not any(re.fullmatch(p["pattern"], "0.3999999999999") for p in prices.values())
         # `model` or `models`: either one names what may serve the request.
         assert "model" not in schema["required"]
         assert schema["anyOf"] == [{"required": ["model"]}, {"required": ["models"]}]

@@ -12,7 +12,7 @@ a stream's third chunk), "json" (chat answers `REPLY_JSON`, as to a `response_fo
 event after response.in_progress). Its requests are in `responses_requests` (and `requests`).
 
 For routing tests, by counts rather than wall-clock: `fail(status, times, retry_after)` makes
-the next `times` chat requests fail and then recovers; `retry_after` adds a Retry-After
+the next `times` chat, Responses or embeddings requests fail and then recovers; `retry_after` adds a Retry-After
 header to error answers; `on_request` is called with each chat body before it is answered
 (a test advances its fake clock there, to make this upstream "slow").
 """
@@ -81,7 +81,7 @@ class FakeOpenAI:
     # `provider_specific_fields`, OpenRouter's `reasoning_details`).
     vendor_fields: dict[str, Any] = field(default_factory=dict)
     fail_status: int = 0
-    fail_times: int = 0  # the next this many chat requests fail with fail_status
+    fail_times: int = 0  # the next this many inference requests fail with fail_status
     url: str = ""
     _runner: web.AppRunner | None = None
 
@@ -101,7 +101,8 @@ class FakeOpenAI:
         return self
 
     def fail(self, status: int, times: int = 1_000_000, retry_after: str | None = None) -> None:
-        """Fail the next `times` chat requests with `status` (then recover)."""
+        """Fail the next `times` chat, Responses or embeddings requests with `status` (then
+        recover)."""
         self.fail_status, self.fail_times, self.retry_after = status, times, retry_after
 
     def recover(self) -> None:
@@ -434,6 +435,9 @@ class FakeOpenAI:
         body = orjson.loads(await request.read())
         self.requests.append(body)
         self.headers.append(dict(request.headers))
+        if self.fail_times > 0:
+            self.fail_times -= 1
+            return self._error(self.fail_status)
         inputs = body["input"] if isinstance(body["input"], list) else [body["input"]]
         tokens = sum(len(str(i)) // 4 + 1 for i in inputs)
         out = {
