@@ -54,16 +54,28 @@ async def hold(
             leases.consider(key_hash, held, max_usd)
     if not limits:
         return held
-    settings = state.settings
-    wait = state.key_limits.check_request(
-        held.key_id, held.rpm_limit or settings.default_rpm_limit
-    ) or state.key_limits.check_tokens(held.key_id, held.tpm_limit or settings.default_tpm_limit)
+    wait = _limits_wait(state, held)
     if wait:
         await give_back(state, generation_id, held.lease, held.reserved)
         if state.metrics is not None:
             state.metrics.hold_refusals.labels("rate_limit_exceeded").inc()
         raise rate_limited(wait)
     return held
+
+
+def _limits_wait(state: RouterState, held: Hold) -> float:
+    """This router's own windows: 0 when the request may go (and counts it). A sub-key's
+    request counts in its parent's window too, whose limits (the parent's own, else the
+    defaults) are the total of the key and its sub-keys; its tokens are checked there."""
+    limits, settings = state.key_limits, state.settings
+    rpm = held.rpm_limit or settings.default_rpm_limit
+    tpm = held.tpm_limit or settings.default_tpm_limit
+    if held.parent_id is None:
+        return limits.check_request(held.key_id, rpm) or limits.check_tokens(held.key_id, tpm)
+    parent_rpm = held.parent_rpm_limit or settings.default_rpm_limit
+    return limits.check_sub_key_request(
+        held.key_id, rpm, held.parent_id, parent_rpm
+    ) or limits.check_tokens(held.parent_id, tpm)
 
 
 async def _hold_in_postgres(

@@ -6,6 +6,7 @@ import time
 from collections import deque
 
 _WINDOW_S = 60.0
+_PARENT_KEEP_S = 3600.0  # longer than a request runs (its hold lives 900 s by default)
 
 
 class KeyRateLimiter:
@@ -15,6 +16,9 @@ class KeyRateLimiter:
     the same round trip that reserves its funds. Tokens are those of finished requests in
     the window. This is each router's own window; the same round trip also counts the
     request in Postgres, which holds the limits across routers (docs/billing.md, "Limits").
+
+    A sub-key's requests and tokens count in its parent's window too (`check_sub_key_request`):
+    the parent's limits are the total of the key and its sub-keys.
     """
 
     def __init__(self, window_s: float = _WINDOW_S) -> None:
@@ -22,6 +26,8 @@ class KeyRateLimiter:
         self._requests: dict[int, deque[float]] = {}
         self._tokens: dict[int, deque[tuple[float, int]]] = {}
         self._token_sums: dict[int, int] = {}
+        # sub-key id -> (parent id, last request): where its finished tokens count too.
+        self._parents: dict[int, tuple[int, float]] = {}
         self._next_prune = 0.0
 
     def check_request(self, key_id: int, rpm: int | None, now: float | None = None) -> float:
@@ -29,12 +35,42 @@ class KeyRateLimiter:
         if not rpm:
             return 0.0
         now = self._now(now)
+        wait = self._request_wait(key_id, rpm, now)
+        if not wait:
+            self._requests[key_id].append(now)
+        return wait
+
+    def check_sub_key_request(
+        self,
+        key_id: int,
+        rpm: int | None,
+        parent_id: int,
+        parent_rpm: int | None,
+        now: float | None = None,
+    ) -> float:
+        """`check_request` for a sub-key: it goes only when both its own window (`rpm`) and
+        its parent's (`parent_rpm`, the family's total) have room, and then counts in both.
+        Its finished tokens count toward the parent's window too (`record_tokens`)."""
+        now = self._now(now)
+        self._parents[key_id] = (parent_id, now)
+        wait = self._request_wait(key_id, rpm, now) or self._request_wait(
+            parent_id, parent_rpm, now
+        )
+        if not wait:
+            for limited, limit in ((key_id, rpm), (parent_id, parent_rpm)):
+                if limit:
+                    self._requests[limited].append(now)
+        return wait
+
+    def _request_wait(self, key_id: int, rpm: int | None, now: float) -> float:
+        """The seconds until the key's window has room for one more request (0: now)."""
+        if not rpm:
+            return 0.0
         window = self._requests.setdefault(key_id, deque())
         while window and window[0] <= now - self.window_s:
             window.popleft()
         if len(window) >= rpm:
             return max(0.001, window[0] + self.window_s - now)
-        window.append(now)
         return 0.0
 
     def check_tokens(self, key_id: int, tpm: int | None, now: float | None = None) -> float:
@@ -57,10 +93,14 @@ class KeyRateLimiter:
         return 0.001  # unreachable: the loop empties `used`
 
     def record_tokens(self, key_id: int, tokens: int, now: float | None = None) -> None:
+        """Count a finished request's tokens: toward its key, and a sub-key's toward its
+        parent too."""
         if tokens > 0:
             now = self._now(now)
-            self._tokens.setdefault(key_id, deque()).append((now, tokens))
-            self._token_sums[key_id] = self._token_sums.get(key_id, 0) + tokens
+            parent = self._parents.get(key_id)
+            for counted in (key_id,) if parent is None else (key_id, parent[0]):
+                self._tokens.setdefault(counted, deque()).append((now, tokens))
+                self._token_sums[counted] = self._token_sums.get(counted, 0) + tokens
 
     def _expire_tokens(self, key_id: int, window: deque[tuple[float, int]], now: float) -> int:
         used = self._token_sums.get(key_id, 0)
@@ -83,4 +123,9 @@ class KeyRateLimiter:
         for key_id in [k for k, w in self._tokens.items() if not w or w[-1][0] <= cutoff]:
             del self._tokens[key_id]
             self._token_sums.pop(key_id, None)
+        # A sub-key's parent is kept longer than a window: a long stream's tokens come when
+        # it finishes, minutes after its request was counted.
+        parents_cutoff = now - _PARENT_KEEP_S
+        for key_id in [k for k, (_, seen) in self._parents.items() if seen <= parents_cutoff]:
+            del self._parents[key_id]
         self._next_prune = now + self.window_s

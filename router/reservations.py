@@ -38,6 +38,9 @@ class Hold:
     # A sub-key's hold: the parent whose balance it is held on (never leased). key_id is the
     # calling key (the child's own, for its rate limits).
     parent_id: int | None = None
+    # A sub-key's parent's own rpm_limit (NULL: the default applies): the parent's window
+    # counts its sub-keys' requests too. tpm_limit is already the parent's.
+    parent_rpm_limit: int | None = None
 
 
 class Refused(ApiError):
@@ -130,6 +133,7 @@ def _hold_or_refuse(row: Any, min_usd: Decimal) -> Hold:
             rpm_limit=row["rpm_limit"],
             tpm_limit=row["tpm_limit"],
             parent_id=row["parent_id"],
+            parent_rpm_limit=row["parent_rpm_limit"],
         )
     refusal = key_refusal(status)
     if refusal is not None:

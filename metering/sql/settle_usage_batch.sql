@@ -5,7 +5,7 @@
 -- event served from a router's balance lease ($6, '' for none) takes its cost out of that
 -- lease's hold: the money it held is spent now (docs/billing.md, "Balance leases").
 -- The tokens of rate-limited keys (those counting requests in key_rate_windows) are counted
--- toward this minute's tpm.
+-- toward this minute's tpm; a sub-key's toward its parent's window as well.
 -- A sub-key's event is debited to its parent (the ledger row names the child in
 -- sub_key_id) and added to the child's spent_usd and its UTC day in sub_key_daily, once:
 -- only for the ledger rows this statement inserted. A rotated key's event is billed to its
@@ -57,9 +57,15 @@ WITH ev AS (
     FROM lease_cut c WHERE r.generation_id = c.generation_id
     RETURNING r.key_id, c.amount
 ), used AS (
-    -- Counted toward the calling key's own window (a sub-key's, for a sub-key).
-    SELECT evk.own_id AS key_id, sum(evk.tokens) AS tokens
-    FROM ins JOIN evk ON evk.generation_id = ins.ref GROUP BY evk.own_id
+    -- Counted toward the calling key's own window and, for a sub-key, its parent's too:
+    -- the parent's tpm is the total of the key and its sub-keys.
+    SELECT x.key_id, sum(x.tokens) AS tokens
+    FROM ins JOIN evk ON evk.generation_id = ins.ref
+    CROSS JOIN LATERAL (VALUES (evk.own_id, evk.tokens, true),
+                               (evk.bill_id, evk.tokens, evk.sub_id IS NOT NULL))
+        AS x(key_id, tokens, counts)
+    WHERE x.counts
+    GROUP BY x.key_id
 ), sub_spent AS (
     SELECT sub_key_id, sum(-amount_usd) AS spent FROM ins
     WHERE sub_key_id IS NOT NULL GROUP BY sub_key_id
