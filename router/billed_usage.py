@@ -9,12 +9,29 @@ from typing import Any
 from apifast.metering.event import MAX_TOKEN_COUNT
 from apifast.providers import Usage
 
+Bounds = tuple[int, int]  # the most input and output tokens a usage is believed to count
+EVENT_BOUNDS: Bounds = (MAX_TOKEN_COUNT, MAX_TOKEN_COUNT)
 
-def sane_usage(usage: Any) -> Usage | None:
-    """`usage` if every count is a non-negative integer the usage event can carry, else None
-    (the caller estimates): the meter refuses an event with a count past MAX_TOKEN_COUNT,
-    which would leave the request unbilled and its hold stuck until its TTL. Parts (cached,
-    cache writes, reasoning) are clamped to the whole they belong to."""
+
+def count_bounds(context_window: int | None, outputs: int = 1, inputs: int = 1) -> Bounds:
+    """The sane upper bound of a request's counts (docs/billing.md): no model reads more
+    than its context window (for each of `inputs` embedded), nor writes more in each of its
+    `outputs` choices. A count past it is no overage to record but a faulty report, billed
+    the estimate. Without a declared window: what the usage event carries."""
+    if not context_window:
+        return EVENT_BOUNDS
+    return (
+        min(context_window * max(inputs, 1), MAX_TOKEN_COUNT),
+        min(context_window * max(outputs, 1), MAX_TOKEN_COUNT),
+    )
+
+
+def sane_usage(usage: Any, bounds: Bounds = EVENT_BOUNDS) -> Usage | None:
+    """`usage` if every count is a non-negative integer the usage event can carry, and the
+    input and output counts are within `bounds`, else None (the caller estimates): the meter
+    refuses an event with a count past MAX_TOKEN_COUNT, which would leave the request
+    unbilled and its hold stuck until its TTL. Parts (cached, cache writes, reasoning) are
+    clamped to the whole they belong to."""
     if not isinstance(usage, Usage):
         return None
     counts = (
@@ -25,6 +42,8 @@ def sane_usage(usage: Any) -> Usage | None:
         usage.reasoning_tokens,
     )
     if any(type(c) is not int or not 0 <= c <= MAX_TOKEN_COUNT for c in counts):
+        return None
+    if usage.input_tokens > bounds[0] or usage.output_tokens > bounds[1]:
         return None
     if (
         usage.cached_tokens + usage.cache_write_tokens > usage.input_tokens

@@ -42,7 +42,12 @@ from apifast.errors import ApiError
 from apifast.metering.event import UsageEvent
 from apifast.money import quantize_up
 from apifast.providers import ChatRequest, NativeRequest, Provider
-from apifast.router.billed_usage import completion_chars, estimate_delivered, sane_usage
+from apifast.router.billed_usage import (
+    completion_chars,
+    count_bounds,
+    estimate_delivered,
+    sane_usage,
+)
 from apifast.router.core_types import Generation, NativeRenderer, Renderer, Reply, speaks_native
 from apifast.router.finishing import event_receipt, finish, give_back
 from apifast.router.holding import hold
@@ -281,7 +286,7 @@ async def _complete(
     route = entry.route
     record_route(event, entry, routing.budget)
     relay: NativeRenderer | None = renderer if native[0] else None  # type: ignore[assignment]
-    usage = sane_usage(result.usage)
+    usage = sane_usage(result.usage, count_bounds(model.context_window, gen.n))
     if usage is None:
         # No usage, or counts not to believe: the documented estimate instead, as for a
         # stream, capped at the output sent upstream (x n) so that it stays within the hold.

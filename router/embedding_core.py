@@ -13,7 +13,7 @@ from apifast.catalog.toml import Model, Route
 from apifast.metering.event import UsageEvent
 from apifast.money import quantize_up
 from apifast.providers import EmbeddingsRequest, EmbeddingsResponse, Provider, Usage
-from apifast.router.billed_usage import sane_usage
+from apifast.router.billed_usage import count_bounds, sane_usage
 from apifast.router.core import SETTLE_EARLY_SHARE, ensure_metering, new_generation_id
 from apifast.router.finishing import event_receipt, finish, give_back
 from apifast.router.holding import hold
@@ -113,7 +113,9 @@ async def _embed_one(
     state.routes.release(entry)
     route = entry.route
     record_route(event, entry, budget)
-    usage = sane_usage(result.usage)
+    inputs = body.get("input")
+    embedded = len(inputs) if isinstance(inputs, list) else 1  # a token array: fewer
+    usage = sane_usage(result.usage, count_bounds(model.context_window, inputs=embedded))
     if usage is None:
         usage = Usage(input_tokens=input_bound)  # the hold's own bound
         event.usage_estimated = True

@@ -112,7 +112,8 @@ def item_chars(item: Any) -> int:
         return 0
     total = len(item["arguments"]) if isinstance(item.get("arguments"), str) else 0
     for name in ("content", "summary"):
-        for part in item.get(name) or ():
+        parts = item.get(name)
+        for part in parts if isinstance(parts, list) else ():  # a faulty upstream's 7: none
             if isinstance(part, dict):
                 for field in ("text", "refusal"):
                     if isinstance(part.get(field), str):

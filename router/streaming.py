@@ -24,7 +24,7 @@ from apifast.providers import (
     UpstreamTimeout,
     Usage,
 )
-from apifast.router.billed_usage import delta_chars, estimate_delivered, sane_usage
+from apifast.router.billed_usage import count_bounds, delta_chars, estimate_delivered, sane_usage
 from apifast.router.core_types import Generation, NativeRenderer, Renderer, Reply, speaks_native
 from apifast.router.finishing import finish, price
 from apifast.router.relay import Waiting, close_quietly, next_step
@@ -102,11 +102,12 @@ async def relay_stream(
     upstream_usage: list[Usage] = []
     finished = [False]
     input_bytes = gen.input_bytes
+    bounds = count_bounds(model.context_window, gen.n)
 
     def delivered() -> tuple[Usage, bool]:
         """The usage so far: the upstream's if it reported one, else the estimate."""
         last = upstream_usage[-1] if upstream_usage else None
-        usage = sane_usage(last)
+        usage = sane_usage(last, bounds)
         partial = type(last) is PartialUsage
         # Only a usage reported at a stream's end is final. Before it (a PartialUsage, or a
         # stream the upstream broke off) the input is known but the output only a floor.

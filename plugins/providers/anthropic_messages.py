@@ -65,6 +65,7 @@ from apifast.plugins.providers.http1 import (
     encode_headers,
 )
 from apifast.plugins.providers.sse import SseDecoder
+from apifast.plugins.providers.upstream_json import loads
 from apifast.providers import (
     ChatRequest,
     ChatResponse,
@@ -652,12 +653,20 @@ def _transport_error(exc: BaseException, stage: str) -> UpstreamError:
 
 def _parse_event(data: bytes) -> dict[str, Any]:
     try:
-        event = orjson.loads(data)
-    except orjson.JSONDecodeError:
+        event = loads(data)
+    except ValueError:
         event = None
     if not isinstance(event, dict):
         raise UpstreamError(502, "anthropic sent a malformed stream event")
     return event
+
+
+def _is_message(value: Any) -> bool:
+    """A Message object: type "message" and a list of content blocks (objects)."""
+    if not isinstance(value, dict) or value.get("type") != "message":
+        return False
+    content = value.get("content")
+    return isinstance(content, list) and all(isinstance(block, dict) for block in content)
 
 
 class AnthropicProvider(Provider):
@@ -739,8 +748,8 @@ class AnthropicProvider(Provider):
         except HttpError as exc:
             raise _transport_error(exc, "response") from None
         try:
-            return orjson.loads(raw)
-        except orjson.JSONDecodeError:
+            return loads(raw)
+        except ValueError:
             raise UpstreamError(502, "anthropic sent a malformed response") from None
 
     async def chat(self, request: ChatRequest) -> ChatResponse:
@@ -776,6 +785,8 @@ class AnthropicProvider(Provider):
         payload = {**request.body, "model": request.model}
         payload.pop("stream", None)
         message = await self._post_json("/v1/messages", orjson.dumps(payload))
+        if not _is_message(message):  # passed through: only a Message may reach the client
+            raise UpstreamError(502, "anthropic sent a malformed response")
         try:
             # No usage (or none to believe): None, and the router bills its estimate.
             return ChatResponse(body=message, usage=usage_from_anthropic(message.get("usage")))

@@ -28,6 +28,7 @@ from apifast.plugins.providers.openai_responses import (
     transport_failure,
 )
 from apifast.plugins.providers.sse import sse_data
+from apifast.plugins.providers.upstream_json import loads
 from apifast.providers import (
     ChatRequest,
     ChatResponse,
@@ -96,6 +97,16 @@ def parse_usage(usage: Any, *, completion: bool = True) -> Usage | None:
     )
 
 
+def _choices_readable(choices: Any, part: str) -> bool:
+    """Every choice an object whose `message` (`delta` in a stream chunk) is one: anything
+    else is passed through as is, so a faulty upstream's `[7]` would reach the client as a
+    chat answer no SDK reads (and be billed). Checked, not repaired: a 502 before the hold
+    is settled, or the stream's error."""
+    return type(choices) is list and all(
+        type(c) is dict and type(c.get(part, {})) is dict for c in choices
+    )
+
+
 class OpenAIProvider(Provider):
     type = "openai"
     supports_embeddings = True
@@ -154,8 +165,8 @@ class OpenAIProvider(Provider):
                 retry_after_s=parse_retry_after(retry_after) if retry_after else None,
             )  # fmt: skip
         try:
-            data = orjson.loads(payload)
-        except orjson.JSONDecodeError:
+            data = loads(payload)
+        except ValueError:
             raise UpstreamError(502, f"{self.config.name}: response is not JSON") from None
         if not isinstance(data, dict):
             raise UpstreamError(502, f"{self.config.name}: response is not an object")
@@ -163,8 +174,8 @@ class OpenAIProvider(Provider):
 
     async def chat(self, request: ChatRequest) -> ChatResponse:
         data = await self._post_json("/chat/completions", request.body)
-        if not isinstance(data.get("choices"), list):
-            raise UpstreamError(502, f"{self.config.name}: response has no choices")
+        if not _choices_readable(data.get("choices"), "message"):
+            raise UpstreamError(502, f"{self.config.name}: response has no readable choices")
         # No usage (or none to believe): None, and the router bills the documented estimate.
         return ChatResponse(body=data, usage=parse_usage(data.get("usage")))
 
@@ -193,8 +204,8 @@ class OpenAIProvider(Provider):
                     failure = None
                     break
                 try:
-                    chunk = orjson.loads(data)
-                except orjson.JSONDecodeError:
+                    chunk = loads(data)
+                except ValueError:
                     failure = UpstreamError(502, f"{name}: bad stream data")
                     break
                 if not isinstance(chunk, dict):
@@ -204,6 +215,9 @@ class OpenAIProvider(Provider):
                     break
                 reported = chunk.pop("usage", None)
                 if chunk.get("choices"):
+                    if not _choices_readable(chunk["choices"], "delta"):
+                        failure = UpstreamError(502, f"{name}: unreadable stream chunk")
+                        break
                     yield chunk
                 if reported:
                     # Yielded at once: a client gone before [DONE] is billed this, not a guess.

@@ -18,12 +18,14 @@ import orjson
 
 from apifast.plugins.providers.http1 import Http1Client, HttpError, HttpTimeout
 from apifast.plugins.providers.sse import sse_data
+from apifast.plugins.providers.upstream_json import loads
 from apifast.providers import (
     StreamItem,
     UpstreamError,
     UpstreamTimeout,
     Usage,
     parse_retry_after,
+    token_count,
 )
 
 OPTION = "native_responses"
@@ -44,9 +46,18 @@ def native_responses(options: dict[str, Any]) -> bool:
     return options.get(OPTION) is True
 
 
+def _count(value: Any, missing: int = -1) -> int:
+    """A count as chat's and Anthropic's are read (`token_count`: a float truncated); -1,
+    which the router does not believe, for one that is not a count."""
+    if value is None:
+        return missing
+    count = token_count(value)
+    return -1 if count is None else count
+
+
 def responses_usage(raw: Any) -> Usage:
-    """A Responses usage object as `Usage`. Counts are taken as they come: the router bills
-    the documented estimate instead when one is missing (-1) or not a sane integer."""
+    """A Responses usage object as `Usage`: the router bills the documented estimate instead
+    when a count is missing or not a count (-1). A missing or null part counts as 0."""
     if not isinstance(raw, dict):
         return Usage(input_tokens=-1, output_tokens=-1)
     inputs = raw.get("input_tokens_details")
@@ -54,11 +65,11 @@ def responses_usage(raw: Any) -> Usage:
     outputs = raw.get("output_tokens_details")
     outputs = outputs if isinstance(outputs, dict) else {}
     return Usage(
-        input_tokens=raw.get("input_tokens", -1),
-        output_tokens=raw.get("output_tokens", -1),
-        cached_tokens=inputs.get("cached_tokens") or 0,
-        cache_write_tokens=inputs.get("cache_write_tokens") or 0,
-        reasoning_tokens=outputs.get("reasoning_tokens") or 0,
+        input_tokens=_count(raw.get("input_tokens")),
+        output_tokens=_count(raw.get("output_tokens")),
+        cached_tokens=_count(inputs.get("cached_tokens"), 0),
+        cache_write_tokens=_count(inputs.get("cache_write_tokens"), 0),
+        reasoning_tokens=_count(outputs.get("reasoning_tokens"), 0),
     )
 
 
@@ -93,8 +104,8 @@ async def stream_events(
         failure = UpstreamError(None, f"{name}: stream ended before its end", cause="reset")
         async for data in sse_data(response.chunks()):
             try:
-                event = orjson.loads(data)
-            except orjson.JSONDecodeError:
+                event = loads(data)
+            except ValueError:
                 failure = UpstreamError(502, f"{name}: bad stream data")
                 break
             if not isinstance(event, dict):

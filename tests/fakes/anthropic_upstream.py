@@ -41,6 +41,8 @@ from typing import Any
 import orjson
 from aiohttp import web
 
+from tests.fakes.wire_json import RawAnswer, dumps, send_raw
+
 API_KEY = "sk-ant-fake-key"
 MODELS = ("claude-sonnet-4-5-20250929", "claude-haiku-4-5-20251001", "claude-opus-4-1-20250805")
 
@@ -101,6 +103,7 @@ class FakeAnthropic:
     delay_s: float = 30.0
     usage_override: Any = None  # reported as is (message and stream events), however wrong
     omit_usage: bool = False  # messages and stream events carry no `usage` at all
+    raw_answer: RawAnswer | None = None  # sent as is to every message request (wire_json.py)
     count_tokens_base: int = 1000  # count_tokens answers this plus the messages' bytes / 4
     # When set, stream bytes are written in pieces of this size, so events straddle reads.
     fragment_size: int | None = None
@@ -204,7 +207,7 @@ class FakeAnthropic:
             "request_id": request_id,
         }
         return web.Response(
-            status=status, body=orjson.dumps(body), content_type="application/json",
+            status=status, body=dumps(body), content_type="application/json",
             headers=headers,
         )  # fmt: skip
 
@@ -250,9 +253,7 @@ class FakeAnthropic:
             for m in MODELS
         ]
         body = {"data": data, "has_more": False, "first_id": MODELS[0], "last_id": MODELS[-1]}
-        return web.json_response(
-            body, headers=self._headers(), dumps=lambda v: orjson.dumps(v).decode()
-        )
+        return web.json_response(body, headers=self._headers(), dumps=lambda v: dumps(v).decode())
 
     async def _messages(self, request: web.Request) -> web.StreamResponse:
         body = await self._record(request)
@@ -263,6 +264,8 @@ class FakeAnthropic:
             _validate(body)
         except _Invalid as exc:
             return self._error(exc.status, exc.message)
+        if self.raw_answer is not None:
+            return await send_raw(request, self.raw_answer)
         behaviour = (self.script.pop(0) if self.script else self.behaviour) or _marker(body)
         behaviour = behaviour or "text"
         if behaviour.startswith("error_"):
@@ -272,7 +275,7 @@ class FakeAnthropic:
         message = self._message(body, behaviour)
         if body.get("stream"):
             return await self._stream(request, message, behaviour)
-        raw = orjson.dumps(message)
+        raw = dumps(message)
         if behaviour == "broken":
             response = web.StreamResponse(headers=self._headers())
             response.content_type = "application/json"
@@ -295,9 +298,9 @@ class FakeAnthropic:
             _validate_messages(body.get("messages"))
         except _Invalid as exc:
             return self._error(exc.status, exc.message)
-        count = self.count_tokens_base + len(orjson.dumps(body.get("messages"))) // 4
+        count = self.count_tokens_base + len(dumps(body.get("messages"))) // 4
         return web.Response(
-            body=orjson.dumps({"input_tokens": count}),
+            body=dumps({"input_tokens": count}),
             content_type="application/json",
             headers=self._headers(),
         )
@@ -378,7 +381,7 @@ class FakeAnthropic:
                 event = {**event, **self.extra_block_fields}
             later = self.extra_events if event["type"] == "message_start" else []
             for sent in (event, *later):
-                data = b"event: " + sent["type"].encode() + b"\ndata: " + orjson.dumps(sent)
+                data = b"event: " + sent["type"].encode() + b"\ndata: " + dumps(sent)
                 await self._write(response, data + b"\n\n")
             if event["type"] == "error":
                 break
@@ -419,7 +422,7 @@ async def _stream_events(message: dict[str, Any]) -> AsyncIterator[dict[str, Any
             yield {"type": "content_block_start", "index": index,
                    "content_block": {**block, "input": {}}}  # fmt: skip
             yield _delta(index, {"type": "input_json_delta", "partial_json": ""})
-            arguments = orjson.dumps(block["input"]).decode()
+            arguments = dumps(block["input"]).decode()
             third = max(1, len(arguments) // 3)
             for at in range(0, len(arguments), third):
                 piece = arguments[at : at + third]

@@ -12,7 +12,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
-import orjson
+from tests.fakes.wire_json import dumps
 
 REASONING = "Thinking it over upstream."
 
@@ -103,7 +103,7 @@ class EventWriter:
 
     def event(self, kind: str, **payload: Any) -> bytes:
         self.sequence += 1
-        data = orjson.dumps({"type": kind, "sequence_number": self.sequence, **payload})
+        data = dumps({"type": kind, "sequence_number": self.sequence, **payload})
         return b"event: " + kind.encode() + b"\ndata: " + data + b"\n\n"
 
 

@@ -31,6 +31,7 @@ import orjson
 from aiohttp import web
 
 from tests.fakes import openai_responses as wire
+from tests.fakes.wire_json import RawAnswer, dumps, send_raw
 
 REPLY = "Hello from the fake upstream model"
 # The body of OpenAI's POST /v1/responses/input_tokens; anything else is refused.
@@ -67,6 +68,8 @@ class FakeOpenAI:
     reasoning_tokens: int = 0
     usage_override: Any = None  # reported as is, however wrong (chat and embeddings)
     omit_usage: bool = False  # answers carry no `usage` at all (streams: no usage chunk)
+    # Sent as is to every chat, responses and embeddings request (tests/fakes/wire_json.py).
+    raw_answer: RawAnswer | None = None
     requests: list[dict[str, Any]] = field(default_factory=list)
     responses_requests: list[dict[str, Any]] = field(default_factory=list)
     count_requests: list[dict[str, Any]] = field(default_factory=list)  # input_tokens
@@ -139,7 +142,7 @@ class FakeOpenAI:
     def _error(self, status: int) -> web.Response:
         return web.Response(
             status=status,
-            body=orjson.dumps(
+            body=dumps(
                 {
                     "error": {
                         "message": "UPSTREAM-SECRET-ERROR-TEXT",
@@ -160,7 +163,7 @@ class FakeOpenAI:
         if self.api_key and request.headers.get("Authorization") != f"Bearer {self.api_key}":
             return web.Response(
                 status=401,
-                body=orjson.dumps({"error": {"message": "Incorrect API key provided",
+                body=dumps({"error": {"message": "Incorrect API key provided",
                                              "type": "invalid_request_error",
                                              "param": None, "code": "invalid_api_key"}}),
                 content_type="application/json",
@@ -207,6 +210,8 @@ class FakeOpenAI:
         if self.fail_times > 0:
             self.fail_times -= 1
             return self._error(self.fail_status)
+        if self.raw_answer is not None:
+            return await send_raw(request, self.raw_answer)
         behaviour = self._behaviour(body)
         if behaviour.startswith("error:"):
             return self._error(int(behaviour.split(":")[1]))
@@ -253,7 +258,7 @@ class FakeOpenAI:
         }
         if self.omit_usage:
             del out["usage"]
-        return web.Response(body=orjson.dumps(out), content_type="application/json",
+        return web.Response(body=dumps(out), content_type="application/json",
                             headers=self._upstream_headers())  # fmt: skip
 
     async def _stream(
@@ -288,7 +293,7 @@ class FakeOpenAI:
                     }
                 ],
             }
-            return b"data: " + orjson.dumps(c) + b"\n\n"
+            return b"data: " + dumps(c) + b"\n\n"
 
         await resp.write(chunk({"role": "assistant", "content": ""}))
         if behaviour == "tools":
@@ -325,7 +330,7 @@ class FakeOpenAI:
                 "choices": [],
                 "usage": self._usage(body, 8 if behaviour == "tools" else len(words)),
             }
-            await resp.write(b"data: " + orjson.dumps(u) + b"\n\n")
+            await resp.write(b"data: " + dumps(u) + b"\n\n")
         await resp.write(b"data: [DONE]\n\n")
         await resp.write_eof()
         return resp
@@ -360,6 +365,8 @@ class FakeOpenAI:
         if self.fail_times > 0:
             self.fail_times -= 1
             return self._error(self.fail_status)
+        if self.raw_answer is not None:
+            return await send_raw(request, self.raw_answer)
         found = _MARKER.search(wire.last_user_text(body))
         behaviour = found.group(1) if found else self.behaviour
         if behaviour.startswith("error:"):
@@ -392,7 +399,7 @@ class FakeOpenAI:
         )
         if not body.get("stream"):
             out = wire.response_object(body, status, output, used)
-            return web.Response(body=orjson.dumps(out), content_type="application/json",
+            return web.Response(body=dumps(out), content_type="application/json",
                                 headers=self._upstream_headers())  # fmt: skip
         resp = web.StreamResponse(
             headers={"Content-Type": "text/event-stream", **self._upstream_headers()}
@@ -438,6 +445,8 @@ class FakeOpenAI:
         if self.fail_times > 0:
             self.fail_times -= 1
             return self._error(self.fail_status)
+        if self.raw_answer is not None:
+            return await send_raw(request, self.raw_answer)
         inputs = body["input"] if isinstance(body["input"], list) else [body["input"]]
         tokens = sum(len(str(i)) // 4 + 1 for i in inputs)
         out = {
@@ -451,10 +460,10 @@ class FakeOpenAI:
             out["usage"] = copy.deepcopy(self.usage_override)
         if self.omit_usage:
             del out["usage"]
-        return web.Response(body=orjson.dumps(out), content_type="application/json")
+        return web.Response(body=dumps(out), content_type="application/json")
 
     async def _models(self, request: web.Request) -> web.Response:
-        return web.Response(body=orjson.dumps({"object": "list", "data": []}),
+        return web.Response(body=dumps({"object": "list", "data": []}),
                             content_type="application/json")  # fmt: skip
 
 
