@@ -13,7 +13,8 @@ any number of rotations up to MAX_ROTATIONS.
 Money in flight is never lost: the old key is disabled first (every router stops serving it
 within a second: NOTIFY, and their leases on it are given back), then the rotation waits for
 its holds to settle, up to APIFAST_ROTATE_WAIT_S. If they do not, the old key is enabled again
-and the answer is 409 with Retry-After; nothing has moved. A debit of the old key that comes
+(unless an operator disabled it meanwhile) and the answer is 409 with Retry-After; nothing
+has moved. A debit of the old key that comes
 later still (a spooled event replayed after its hold expired, a reconcile repair) is billed by
 the meter to the key it was rotated to (metering/sql/settle_usage_batch.sql).
 """
@@ -128,9 +129,10 @@ async def rotate(request: Request) -> Response:
     try:
         key, balance, email_saved = await _move(rt, old["id"])
     except BaseException:
-        # Nothing moved (the transaction rolled back): the old key serves again. Shielded, so
-        # that a cancelled request cannot leave its holder locked out.
-        await asyncio.shield(pool.execute(Q.key_set_disabled, old["id"], False))
+        # Nothing moved (the transaction rolled back): the old key serves again, unless an
+        # operator disabled it meanwhile. Shielded, so that a cancelled request cannot leave
+        # its holder locked out.
+        await asyncio.shield(pool.execute(Q.rotate_key_release, old["id"]))
         raise
     body = {
         "key": key,

@@ -134,6 +134,37 @@ async def test_a_rotation_that_cannot_wait_moves_nothing_and_the_key_keeps_worki
             assert (await c.post("/v1/chat/completions", json=BODY)).status_code == 200
 
 
+async def test_a_rotation_that_gives_up_leaves_an_operators_disable_in_place(
+    stack_settings_factory: Any, fake_openai: FakeOpenAI
+) -> None:
+    """An operator who disables a key while its rotation waits for a request in flight has
+    the last word: the rotation gives up (409) without enabling the key again."""
+    from apifast.db import Queries
+
+    settings = stack_settings_factory(models_toml(fake_openai.url), rotate_wait_s=3.0)
+    async with running_stack(settings) as stack:
+        key = await stack.create_key("5.00")
+        gated = {**SLOW, "messages": [{"role": "user", "content": "hi [[gated]]"}]}
+        async with stack.client(key) as c:
+            async with c.stream("POST", "/v1/chat/completions", json=gated) as streaming:
+                assert streaming.status_code == 200
+                rotation = asyncio.ensure_future(c.post("/v1/key/rotate"))
+                key_id = (await _row(stack, key))["id"]
+                claimed = "SELECT disabled FROM api_keys WHERE id = $1"
+                await stack.wait_until(lambda: stack.pool.fetchval(claimed, key_id), True)
+                admin = Queries("apifast.admin")
+                assert await stack.pool.fetchval(admin.admin_key_set_disabled, key_id, True)
+                refused = await rotation  # still waiting for the stream's hold
+                fake_openai.gate.set()
+                async for _ in streaming.aiter_bytes():
+                    pass
+            assert refused.status_code == 409
+            assert refused.json()["error"]["code"] == "requests_in_flight"
+            assert (await _row(stack, key))["disabled"] is True
+            assert (await c.post("/v1/chat/completions", json=BODY)).status_code == 401
+        assert await stack.pool.fetchval("SELECT count(*) FROM api_keys") == 1  # no new key
+
+
 async def test_concurrent_rotations_of_one_key_make_one_new_key(stack: Stack) -> None:
     """A double-clicked rotation: each request read the key as enabled before any disabled
     it, so each went on. The second locked the key after the first had moved everything,

@@ -9,7 +9,8 @@ WITH out_row AS (
     INSERT INTO ledger (key_id, kind, ref, amount_usd, reason)
     VALUES ($2, 'rotation_in', $3, $4::numeric, 'key rotated')
 ), old_key AS (
-    UPDATE api_keys SET balance_usd = balance_usd - $4::numeric, spent_usd = 0, disabled = true
+    UPDATE api_keys SET balance_usd = balance_usd - $4::numeric, spent_usd = 0, disabled = true,
+        rotating = false
     WHERE id = $1
 ), orders_moved AS (
     UPDATE orders SET key_id = $2 WHERE key_id = $1

@@ -1,1 +1,0 @@
-UPDATE api_keys SET disabled = $2 WHERE id = $1
