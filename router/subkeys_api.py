@@ -60,16 +60,19 @@ async def create_sub_key(request: Request) -> Response:
     state, parent = await _holder(request)
     settings = parse_settings(await _body(request, state), state.catalog, allow_disabled=False)
     check_caps(settings, parent["balance_usd"])  # type: ignore[arg-type]
-    if await state.pool.fetchval(Q.subkey_count, parent["id"]) >= MAX_SUB_KEYS:
-        raise ApiError(400, f"A key can have at most {MAX_SUB_KEYS} sub-keys; delete some first.",
-                       code="too_many_sub_keys")  # fmt: skip
     key = generate_key()
     public_id = "sk_" + secrets.token_hex(12)
-    await state.pool.execute(
-        Q.subkey_insert, parent["id"], hash_key(state.secret, key), key_prefix(key), public_id,
-        settings.label, settings.spend_cap_usd, settings.daily_cap_usd, settings.rpm_limit,
-        settings.expires_at, settings.allowed_models,
-    )  # fmt: skip
+    async with state.pool.acquire() as conn, conn.transaction():
+        # Counted under the parent's lock: concurrent creations cannot pass the cap together.
+        await conn.execute(Q.subkey_lock_parent, parent["id"])
+        if await conn.fetchval(Q.subkey_count, parent["id"]) >= MAX_SUB_KEYS:
+            raise ApiError(400, f"A key can have at most {MAX_SUB_KEYS} sub-keys; delete some "
+                           "first.", code="too_many_sub_keys")  # fmt: skip
+        await conn.execute(
+            Q.subkey_insert, parent["id"], hash_key(state.secret, key), key_prefix(key),
+            public_id, settings.label, settings.spend_cap_usd, settings.daily_cap_usd,
+            settings.rpm_limit, settings.expires_at, settings.allowed_models,
+        )  # fmt: skip
     row = await state.pool.fetchrow(Q.subkeys_list, parent["id"], public_id)
     body = {
         **sub_key_json(row),

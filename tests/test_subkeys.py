@@ -645,3 +645,24 @@ async def test_a_child_that_no_longer_works_reads_nothing_either(sstack: Stack) 
         assert r.status_code == 200, r.text
     for response in await answers("disabled"):
         assert response.status_code == 200, response.text
+
+
+async def test_concurrent_creations_never_pass_the_sub_key_cap(sstack: Stack) -> None:
+    """Counting a key's sub-keys and adding one happen under the parent's lock: of many
+    creations at once, only as many as the cap leaves room for get a key."""
+    from apifast.router.subkeys import MAX_SUB_KEYS
+
+    parent = await sstack.create_key("5.00")
+    parent_id = (await _row(sstack, parent))["id"]
+    await sstack.pool.execute(
+        "INSERT INTO api_keys (key_hash, prefix, parent_id, public_id) "
+        "SELECT sha256(('probe-' || i)::bytea), 'af-probe', $1, 'sk_probe' || i "
+        "FROM generate_series(1, $2) AS i", parent_id, MAX_SUB_KEYS - 2,
+    )  # fmt: skip
+    async with sstack.client(parent) as c:
+        made = await asyncio.gather(*(c.post("/v1/keys", json={}) for _ in range(8)))
+    assert sorted(r.status_code for r in made) == [201, 201] + [400] * 6
+    refused = next(r for r in made if r.status_code == 400)
+    assert refused.json()["error"]["code"] == "too_many_sub_keys"
+    count = "SELECT count(*) FROM api_keys WHERE parent_id = $1 AND deleted_at IS NULL"
+    assert await sstack.pool.fetchval(count, parent_id) == MAX_SUB_KEYS
