@@ -73,21 +73,28 @@ def refuse_sub_key(row: dict[str, Any]) -> None:
         )
 
 
-# A sub-key that no longer works answers 401 wherever it is used, as its requests are
-# refused (the holds' messages: router/reservations.py), reading its history included.
-_SUB_KEY_GONE = {
+# Why a key no longer works: 401 wherever it is used, the same for its requests (the holds'
+# statuses: router/reservations.py) as for reading its history.
+_GONE = {
     "disabled": ("This API key has been disabled.", "key_disabled"),
     "expired": ("This sub-key has expired.", "key_expired"),
     "parent_disabled": ("The key this sub-key draws on has been disabled.", "key_disabled"),
 }
 
 
+def gone_refusal(status: str | None) -> ApiError | None:
+    """The 401 of a disabled key, an expired sub-key or one whose parent is disabled; None
+    for any other status."""
+    gone = _GONE.get(status or "")
+    return None if gone is None else ApiError(401, gone[0], code=gone[1])
+
+
 def refuse_inactive_sub_key(row: Any) -> None:
     """401 for a disabled or expired sub-key, or one whose parent is disabled: its holder
     turned it off, so it reads nothing either (`sub_key_status` of key_summary.sql)."""
-    gone = _SUB_KEY_GONE.get(row["sub_key_status"] or "")
-    if gone is not None:
-        raise ApiError(401, gone[0], code=gone[1])
+    refusal = gone_refusal(row["sub_key_status"])
+    if refusal is not None:
+        raise refusal
 
 
 async def history_hashes(request: Request, pool: asyncpg.Pool, secret: bytes) -> list[bytes]:

@@ -10,6 +10,7 @@ from typing import Any
 
 import asyncpg
 
+from apifast.auth import gone_refusal
 from apifast.db import Queries
 from apifast.errors import ApiError
 from apifast.money import format_usd
@@ -92,32 +93,16 @@ def database_unavailable() -> ApiError:
     )
 
 
-_SUB_KEY_REFUSALS = {
-    "expired": (401, "This sub-key has expired.", "key_expired"),
-    "parent_disabled": (401, "The key this sub-key draws on has been disabled.", "key_disabled"),
-    "model_not_allowed": (
-        403,
-        "This sub-key is not allowed to use this model.",
-        "model_not_allowed",
-    ),
-}
-
-
 def key_refusal(status: str) -> ApiError | None:
     """The refusal of a hold's status that is about the key, not money or limits (unknown,
     disabled, a sub-key's expiry, allowed models, disabled parent); None for any other.
     Also what the free counting endpoints answer (router/token_count.py)."""
     if status == "unknown":
         return ApiError(401, "Invalid API key.", code="invalid_api_key")
-    if status == "disabled":
-        return ApiError(401, "This API key has been disabled.", code="key_disabled")
     if status == "model_not_allowed":
-        code_status, message, code = _SUB_KEY_REFUSALS[status]
-        return ModelNotAllowed(code_status, message, code=code, param="model")
-    if status in _SUB_KEY_REFUSALS:
-        code_status, message, code = _SUB_KEY_REFUSALS[status]
-        return ApiError(code_status, message, code=code)
-    return None
+        return ModelNotAllowed(403, "This sub-key is not allowed to use this model.",
+                               code="model_not_allowed", param="model")  # fmt: skip
+    return gone_refusal(status)
 
 
 _CAPS = {"spend_cap": "total spend cap", "daily_cap": "daily spend cap"}
