@@ -70,7 +70,18 @@ def _with_real_models(raw_schema: dict[str, Any]) -> dict[str, Any]:
     pinned = copy.deepcopy(raw_schema)
     for path, model in (("/v1/chat/completions", "fast-chat"), ("/v1/embeddings", "embed-small")):
         body = pinned["paths"][path]["post"]["requestBody"]["content"]["application/json"]
-        body["schema"]["properties"]["model"] = {"type": "string", "enum": [model]}
+        schema = body["schema"]
+        schema["properties"]["model"] = {"type": "string", "enum": [model]}
+        # Only `model`: generated `models` / `route` name unknown models or impossible caps,
+        # and would keep this run in the validation errors the first run already covers.
+        for name in ("models", "route"):
+            schema["properties"].pop(name, None)
+        schema.pop("anyOf", None)
+        schema["required"] = sorted({*schema.get("required", ()), "model"})
+    embeddings = pinned["paths"]["/v1/embeddings"]["post"]["requestBody"]["content"]
+    embeddings["application/json"]["schema"]["properties"]["input"] = {
+        "type": "string", "minLength": 1,
+    }  # fmt: skip
     chat = pinned["paths"]["/v1/chat/completions"]["post"]["requestBody"]["content"]
     chat["application/json"]["schema"]["properties"]["messages"]["items"] = {
         "type": "object",
